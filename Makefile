@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` and `make test`.
+# Each creates the virtual environment and installs what it needs, Debian
+# packages included when running as root, so a fresh clone works as it is.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= onnxruntime,dev
+# Debian packages the tests and the embedded default need (installed as root only).
+DEBS   := xvfb
+
+.PHONY: run test lint bench clean
+
+run: $(VENV)/.installed
+	$(BIN)/echod run
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest tests hil_tests
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check daemon tests hil_tests bench
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/ring_hop.py
+	$(BIN)/python bench/live_pipeline.py
+
+$(VENV)/.installed: pyproject.toml
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
+	fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

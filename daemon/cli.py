@@ -1,0 +1,124 @@
+"""The ``echod`` command line. The only place that configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__, config
+from daemon.errors import EchodError
+
+log = logging.getLogger("echod")
+
+# run's flags -> the config setting each one overrides (one place for the mapping)
+RUN_FLAGS: dict[str, str] = {
+    "source": "source.uri",
+    "pace": "source.pace",
+    "fps": "source.fps",
+    "frames": "source.frames",
+    "mode": "pipeline.mode",
+    "workers": "pipeline.workers",
+    "model": "model.path",
+    "engine": "model.engine",
+    "device": "model.device",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except EchodError as e:
+        print(f"echod: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="echod", description="Real-time ultrasound appliance daemon")
+    p.add_argument("--version", action="version", version=f"echod {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the live pipeline (the systemd service's command)")
+    run.add_argument("--config", type=Path, help="configuration file (default: config/echod.toml)")
+    run.add_argument("--source", help="'synthetic', a recording (.mha/.mhd) or a folder")
+    run.add_argument("--pace", choices=["timestamps", "fps", "none"], help="frame pacing")
+    run.add_argument("--fps", type=float, help="frame rate for --pace fps")
+    run.add_argument("--frames", type=int, help="stop after N frames")
+    run.add_argument("--mode", choices=["newest", "all"], help="newest: real time; all: every frame")
+    run.add_argument("--workers", choices=["processes", "threads"], help="stage isolation")
+    run.add_argument("--model", help="model file (default: the bundled ultrasound model)")
+    run.add_argument("--engine", help="inference engine (default: best available)")
+    run.add_argument("--device", help="engine device (default: cpu)")
+    run.add_argument("--headless", action="store_true", help="no display: status lines only")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any setting, e.g. --set source.loop=true (repeatable)")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON last")
+    run.set_defaults(func=cmd_run)
+
+    cfg = sub.add_parser("config", help="print the effective configuration as TOML")
+    cfg.add_argument("--config", type=Path, help="configuration file to validate and print")
+    cfg.add_argument("--defaults", action="store_true", help="print the documented defaults")
+    cfg.set_defaults(func=cmd_config)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise config.ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. source.loop=true")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw  # a bare string
+    for flag, key in RUN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out[key] = value
+    if args.headless:
+        out["sink.headless"] = True
+    return out
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s echod[%(process)d] %(levelname)s %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.supervisor import Supervisor
+
+    cfg = config.load(args.config, _overrides(args))
+    _setup_logging(cfg.logging.level)
+    summary = Supervisor(cfg).run()
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        lat = summary["latency_ms"]
+        print(
+            f"echod: {summary['frames_out']} of {summary['frames_in']} frames, "
+            f"{summary['dropped']} dropped, {summary['fps']} fps, latency p50 "
+            f"{lat.get('p50')} ms p99 {lat.get('p99')} ms ({summary['engine']} "
+            f"{summary['device']}, {summary['model']})",
+            flush=True,
+        )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = config.Config() if args.defaults else config.load(args.config)
+    print(config.to_toml(cfg), end="")
+    return 0

@@ -1,0 +1,200 @@
+"""Typed configuration: ``config/echod.toml`` and command-line overrides.
+
+Validation happens once, at load. A mistake becomes one :class:`ConfigError`
+line naming the field, the rule, the value received and, for unknown names,
+the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
+
+
+class Section(BaseModel):
+    """A configuration table: unknown keys are errors, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    width: int = Field(256, ge=64, le=2048, description="phantom width in pixels")
+    height: int = Field(256, ge=64, le=2048, description="phantom height in pixels")
+    seed: int = Field(0, description="random seed: same seed, same phantom")
+
+
+class SourceConfig(Section):
+    uri: str = Field(
+        "synthetic", description="'synthetic', a recording (.mha/.mhd) or a folder of images"
+    )
+    pace: Literal["timestamps", "fps", "none"] = Field(
+        "timestamps", description="release frames by recorded timestamps, at `fps`, or at once"
+    )
+    fps: float = Field(30.0, gt=0, le=10_000, description="frame rate for pace = 'fps'")
+    loop: bool = Field(False, description="replay the recording forever")
+    frames: int = Field(0, ge=0, description="stop after this many frames (0 = no limit)")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class PipelineConfig(Section):
+    mode: Literal["newest", "all"] = Field(
+        "newest", description="'newest': real time, skip to the latest frame; 'all': every frame"
+    )
+    workers: Literal["processes", "threads"] = Field(
+        "processes", description="each stage in its own process, or threads of one (tests)"
+    )
+    ring_slots: int = Field(8, ge=2, le=1024, description="slots per shared-memory ring")
+    max_frame_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest frame a ring slot holds (bytes)"
+    )
+    stage_timeout_s: float = Field(
+        60.0, gt=0, description="a stage must report ready (model loaded, warmed up) within this"
+    )
+    max_restarts: int = Field(5, ge=0, description="restarts of one crashed stage before giving up")
+
+
+class ModelConfig(Section):
+    path: str = Field("", description="model file; empty = the bundled ultrasound model")
+    engine: str = Field("", description="engine name; empty = best available for `device`")
+    device: str = Field("cpu", description="device for the engine: cpu, gpu, npu, ...")
+    threads: int = Field(0, ge=0, description="engine CPU threads (0 = engine default)")
+    warmup: int = Field(3, ge=0, description="warm-up inferences before READY")
+
+
+class SinkConfig(Section):
+    headless: bool = Field(True, description="no display: print a status line instead")
+    status_interval_s: float = Field(1.0, gt=0, description="seconds between status lines")
+
+
+class PathsConfig(Section):
+    runtime_dir: str = Field("", description="sockets; empty = $RUNTIME_DIRECTORY or /tmp")
+    state_dir: str = Field("", description="job store; empty = $STATE_DIRECTORY or ~/.local/state")
+    cache_dir: str = Field("", description="generated models; empty = $CACHE_DIRECTORY or ~/.cache")
+
+    def cache(self) -> Path:
+        return _dir(self.cache_dir, "CACHE_DIRECTORY", Path.home() / ".cache" / "echod")
+
+    def state(self) -> Path:
+        return _dir(self.state_dir, "STATE_DIRECTORY", Path.home() / ".local/state/echod")
+
+    def runtime(self) -> Path:
+        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", Path(f"/tmp/echod-{os.getuid()}"))
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+
+class Config(Section):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def _dir(value: str, env: str, default: Path) -> Path:
+    # systemd's RuntimeDirectory= etc. may list several paths separated by ':'.
+    chosen = Path(value) if value else Path(os.environ.get(env, "").split(":")[0] or default)
+    return chosen.expanduser()
+
+
+def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load ``path`` (default: the shipped ``config/echod.toml``) and apply dotted overrides.
+
+    ``overrides`` maps dotted names (``"source.uri"``) to values, as the command
+    line gives them; they are validated like the file.
+    """
+    data: dict[str, Any] = {}
+    source = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if source is not None:
+        try:
+            data = tomllib.loads(Path(source).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} not found: pass an existing --config") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def _describe(e: ValidationError, source: Path | None) -> str:
+    """One line for the first error: where, what rule, what value, what to use instead."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    field = ".".join(loc)
+    where = f"{source}: " if source else ""
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean '{'.'.join([*loc[:-1], near[0]])}'?" if near else (
+            f"valid keys: {', '.join(valid)}"
+        )
+        return f"{where}unknown setting '{field}': {hint}"
+    value = err.get("input")
+    msg = f"{where}setting '{field}' {err['msg'].lower()} (got {value!r})"
+    if err["type"] == "literal_error" and isinstance(value, str):
+        choices = err.get("ctx", {}).get("expected", "")
+        options = [c.strip(" '") for c in choices.replace(" or ", ",").split(",")]
+        near = difflib.get_close_matches(value, options, n=1)
+        if near:
+            msg += f": did you mean '{near[0]}'?"
+    return msg
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for name in path:
+        annotation = model.model_fields[name].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def to_toml(config: Config) -> str:
+    """The documented default file, generated from the field descriptions (one source of truth)."""
+    lines = ["# echod configuration. Every setting, its default and what it means.", ""]
+
+    def emit(model: BaseModel, prefix: str) -> None:
+        nested = []
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                nested.append((name, value))
+                continue
+            lines.append(f"# {info.description}")
+            lines.append(f"{name} = {_toml_value(value)}")
+        for name, value in nested:
+            lines.extend(["", f"[{prefix}{name}]"])
+            emit(value, f"{prefix}{name}.")
+
+    emit(config, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,1 @@
+"""What the bedside sees: the fullscreen GL display, or a headless status sink."""

@@ -1,0 +1,68 @@
+"""The headless sink: consumes results, keeps run statistics, prints a status line.
+
+It is the display's stand-in where no screen is attached (and the measuring
+end of every benchmark): frame latency is acquisition stamp -> read here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.frame import Timing
+from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.stage import POLL_S, Stage
+
+TABLE2 = {  # the paper's Table 2 columns, in the order they happen
+    "nn_input": Timing.NN_INPUT,
+    "nn_inference": Timing.NN_INFERENCE,
+    "nn_output": Timing.NN_OUTPUT,
+}
+
+
+class HeadlessSink(Stage):
+    def setup(self) -> dict[str, Any]:
+        self.reader = self.ctx.input("results")
+        self.latency = Percentiles()
+        self.stages = {name: RunningStats() for name in TABLE2}
+        self.count = 0
+        self.first_ns = self.last_ns = 0
+        now = time.monotonic()
+        self.meter = RateMeter(now)
+        self.next_status = now + self.config.sink.status_interval_s
+        return {}
+
+    def step(self) -> bool:
+        f = self.reader.read(timeout=POLL_S)
+        if f is not None:
+            now_ns = time.monotonic_ns()
+            meta = f.meta
+            self.latency.add((now_ns - meta.t_acquired_ns) / 1e6)
+            for name, idx in TABLE2.items():
+                self.stages[name].add(float(meta.timings_ms[idx]))
+            self.count += 1
+            self.first_ns = self.first_ns or now_ns
+            self.last_ns = now_ns
+            self.meter.tick()
+        now = time.monotonic()
+        if now >= self.next_status:
+            self.next_status = now + self.config.sink.status_interval_s
+            print(self.status_line(self.meter.rate(now)), flush=True)
+        return True
+
+    def status_line(self, fps: float) -> str:
+        lat = self.latency.summary()
+        inf = self.stages["nn_inference"]
+        return (
+            f"echod: {fps:6.1f} fps | latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms"
+            f" | inference {inf.mean:.1f} ms | frames {self.count} dropped {self.reader.dropped}"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        span = (self.last_ns - self.first_ns) / 1e9
+        return {
+            "frames_out": self.count,
+            "fps": round((self.count - 1) / span, 2) if span > 0 else 0.0,
+            "latency_ms": self.latency.summary(50, 90, 99),
+            "stages": {name: s.summary() for name, s in self.stages.items()},
+        }

@@ -1,0 +1,128 @@
+"""The live pipeline: acquire -> ring "frames" -> infer -> ring "results" -> sink.
+
+:func:`build` lays out the stages and their rings for a configuration; the
+stage classes here are the two that every run has (sinks live in
+``daemon.display``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from daemon.acquire import open_source, paced
+from daemon.config import Config
+from daemon.frame import Frame, Timing
+from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
+
+log = logging.getLogger(__name__)
+
+STAGES = {
+    "acquire": "daemon.pipeline:AcquireStage",
+    "infer": "daemon.pipeline:InferStage",
+    "headless": "daemon.display.headless:HeadlessSink",
+}
+
+
+def build(config: Config, ring_names: dict[str, str], frame_shape: tuple[int, ...]
+          ) -> list[StageSpec]:
+    """Stage specs, downstream first (readers must exist before the writer starts)."""
+    every = config.pipeline.mode == "all"
+    policy = "block" if every else "overwrite"
+    frames, results = ring_names["frames"], ring_names["results"]
+    return [
+        StageSpec("sink", "headless", inputs={"results": InputPort(results, "all")}),
+        StageSpec(
+            "infer",
+            "infer",
+            inputs={"frames": InputPort(frames, config.pipeline.mode)},
+            outputs={"results": OutputPort(results, policy)},
+            params={"frame_shape": frame_shape},
+        ),
+        StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}),
+    ]
+
+
+class AcquireStage(Stage):
+    """Reads the source, paces it, stamps acquisition time, writes the frames ring."""
+
+    def setup(self) -> dict[str, Any]:
+        src = self.config.source
+        self.source = open_source(src.uri, synthetic=src.synthetic)
+        self.ctx.output("frames")
+        self.frames: Iterator[Frame] = paced(
+            self.source.frames(), pace=src.pace, fps=src.fps,
+            loop_source=self.source.frames if src.loop else None, stop=self.ctx.stop,
+        )
+        self.limit = src.frames or None
+        self.count = 0
+        return {"source": self.source.description}
+
+    def step(self) -> bool:
+        if self.limit is not None and self.count >= self.limit:
+            return False
+        frame = next(self.frames, None)
+        if frame is None:
+            return False
+        self.ctx.send("frames", frame.image, frame.meta)
+        self.count += 1
+        return True
+
+    def teardown(self) -> None:
+        if hasattr(self, "source"):
+            self.source.close()
+
+    def summary(self) -> dict[str, Any]:
+        return {"frames": self.count}
+
+
+class InferStage(Stage):
+    """Pre-process, run the network, post-process; label maps go to the results ring."""
+
+    def setup(self) -> dict[str, Any]:
+        from daemon.engines.segmenter import Segmenter
+        from daemon.models import default_model
+
+        m = self.config.model
+        path = Path(m.path) if m.path else default_model(self.config.paths.cache())
+        options = {"threads": m.threads} if m.threads else {}
+        self.seg = Segmenter.open(path, engine=m.engine or None, device=m.device, **options)
+        self.seg.check_frame(tuple(self.spec.params["frame_shape"]))
+        self.seg.warmup(m.warmup)
+        self.reader = self.ctx.input("frames")
+        self.ctx.output("results")
+        self.count = 0
+        self.torn = 0
+        return self.seg.describe()
+
+    def step(self) -> bool:
+        f = self.reader.read(timeout=POLL_S)
+        if f is None:
+            return True
+        t0 = time.perf_counter()
+        x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
+        if not f.valid():  # overwritten while we read it: "newest" mode under load
+            self.torn += 1
+            return True
+        t1 = time.perf_counter()
+        out = self.seg.infer(x)
+        t2 = time.perf_counter()
+        labels = self.seg.finish(out, f.meta.shape)
+        t3 = time.perf_counter()
+        meta = f.meta
+        meta.timings_ms[Timing.NN_INPUT] = (t1 - t0) * 1e3
+        meta.timings_ms[Timing.NN_INFERENCE] = (t2 - t1) * 1e3
+        meta.timings_ms[Timing.NN_OUTPUT] = (t3 - t2) * 1e3
+        self.ctx.send("results", labels, meta)
+        self.count += 1
+        return True
+
+    def teardown(self) -> None:
+        if hasattr(self, "seg"):
+            self.seg.close()
+
+    def summary(self) -> dict[str, Any]:
+        return {"frames": self.count, "torn": self.torn}

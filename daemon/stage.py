@@ -1,0 +1,181 @@
+"""Pipeline stages with named ports, and the loop that runs one.
+
+A stage (Holoscan's operator) declares named input and output ports; the
+supervisor wires each port to a shared-memory ring. The stage creates its
+heavy resources in :meth:`Stage.setup` (inside its own process), reports
+``ready``, then :meth:`Stage.step` runs until it returns ``False`` (its input
+ended) or the supervisor asks it to stop. Events travel to the supervisor on a
+small queue; frames never do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from daemon.config import Config
+from daemon.errors import EchodError
+from daemon.frame import FrameMeta
+from daemon.ring import EndOfStream, Ring, RingReader, RingWriter
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # how often a waiting stage re-checks the stop flag
+HEARTBEAT_S = 0.5
+
+
+@dataclass(frozen=True)
+class InputPort:
+    ring: str
+    mode: Literal["all", "newest"] = "all"
+
+
+@dataclass(frozen=True)
+class OutputPort:
+    ring: str
+    policy: Literal["overwrite", "block"] = "overwrite"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the supervisor needs to start (and restart) a stage anywhere."""
+
+    name: str
+    kind: str  # key of STAGES
+    inputs: dict[str, InputPort] = field(default_factory=dict)
+    outputs: dict[str, OutputPort] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # facts the supervisor learned (frame shape)
+
+
+class Events(Protocol):
+    def put(self, obj: Any) -> None: ...
+
+
+class StopFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class Stage(ABC):
+    """One step of the pipeline. Subclasses implement setup/step; teardown is optional."""
+
+    def __init__(self, spec: StageSpec, config: Config, context: StageContext) -> None:
+        self.spec = spec
+        self.config = config
+        self.ctx = context
+
+    @abstractmethod
+    def setup(self) -> dict[str, Any]:
+        """Acquire resources; return facts for the ready event (engine, model...)."""
+
+    @abstractmethod
+    def step(self) -> bool:
+        """Do one unit of work; ``False`` when the input has ended."""
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (always called)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Facts for the done event."""
+        return {}
+
+
+class StageContext:
+    """A stage's view of its rings, the stop flag and the supervisor's event queue."""
+
+    def __init__(self, spec: StageSpec, events: Events, stop: StopFlag) -> None:
+        self.spec = spec
+        self.events = events
+        self.stop = stop
+        self._rings: dict[str, Ring] = {}
+        self._readers: dict[str, RingReader] = {}
+        self._writers: dict[str, RingWriter] = {}
+
+    def _ring(self, name: str) -> Ring:
+        if name not in self._rings:
+            self._rings[name] = Ring.attach(name)
+        return self._rings[name]
+
+    def input(self, port: str) -> RingReader:
+        if port not in self._readers:
+            p = self.spec.inputs[port]
+            self._readers[port] = self._ring(p.ring).reader(self.spec.name, p.mode)
+        return self._readers[port]
+
+    def output(self, port: str) -> RingWriter:
+        if port not in self._writers:
+            p = self.spec.outputs[port]
+            self._writers[port] = self._ring(p.ring).writer(p.policy)
+        return self._writers[port]
+
+    def send(self, port: str, image: np.ndarray, meta: FrameMeta) -> bool:
+        """Write a frame to an output port, waiting for slow "all" readers (``block``)
+        but never past a stop request. ``False`` if stopped before it was written."""
+        writer = self.output(port)
+        while not self.stop.is_set():
+            try:
+                writer.write(image, meta, timeout=POLL_S)
+                return True
+            except TimeoutError:
+                continue
+        return False
+
+    def report(self, event: str, **data: Any) -> None:
+        self.events.put({"stage": self.spec.name, "event": event, "t": time.time(), **data})
+
+    def close(self, finished: bool) -> None:
+        """Unmap the rings. ``finished``: the stage ended its stream (not a crash), so
+        downstream is told the stream ended and this stage's reader entries are released;
+        after a crash they stay, and the restarted stage resumes their cursors."""
+        if finished:
+            for reader in self._readers.values():
+                reader.close()
+            for writer in self._writers.values():
+                writer.close_stream()
+        for ring in self._rings.values():
+            ring.close()
+
+
+def run_stage(stage_cls: type[Stage], spec: StageSpec, config: Config, events: Events,
+              stop: StopFlag) -> int:
+    """Run one stage to completion; the body of a stage process or thread.
+
+    Returns the exit code: 0 when done or stopped, the error's exit code when
+    setup or a step failed (the failure is reported first).
+    """
+    ctx = StageContext(spec, events, stop)
+    stage: Stage | None = None
+    finished = False
+    try:
+        stage = stage_cls(spec, config, ctx)
+        ctx.report("ready", **stage.setup())
+        beat = time.monotonic()
+        while not stop.is_set():
+            try:
+                if not stage.step():
+                    break
+            except EndOfStream:
+                break
+            now = time.monotonic()
+            if now - beat >= HEARTBEAT_S:
+                ctx.report("heartbeat")
+                beat = now
+        finished = True
+        ctx.report("done", **stage.summary())
+        return 0
+    except EchodError as e:
+        ctx.report("failed", error=e.to_dict(), fatal=e.fatal)
+        return e.exit_code
+    except Exception as e:  # a bug: report it with its type, the supervisor decides
+        log.exception("stage %s crashed", spec.name)
+        ctx.report("failed", error={"code": "internal", "message": f"{type(e).__name__}: {e}"},
+                   fatal=False)
+        return 70
+    finally:
+        if stage is not None:
+            stage.teardown()
+        ctx.close(finished)

@@ -1,0 +1,338 @@
+"""The supervisor (gunicorn's arbiter): owns the rings, starts, watches and stops stages.
+
+It is the systemd main process: it alone installs signal handlers, sends
+``READY=1`` once every stage has loaded and warmed up, pings the watchdog only
+while every stage's heartbeat is fresh, restarts a crashed stage (the others
+keep running), and on every exit path removes the shared-memory segments it
+created, also when a stage was killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon import pipeline
+from daemon.acquire import open_source
+from daemon.config import Config
+from daemon.errors import EchodError, StageError, from_dict
+from daemon.notify import notify, watchdog_interval
+from daemon.ring import Ring, remove_segments, remove_stale_segments
+from daemon.stage import Stage, StageSpec, StopFlag, run_stage
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2  # the monitor loop's period
+JOIN_S = 5.0  # how long a stopping stage may take before it is killed
+HEARTBEAT_STALE_S = 5.0
+
+
+@dataclass
+class Worker:
+    spec: StageSpec
+    handle: mp.process.BaseProcess | threading.Thread | None = None
+    ready: bool = False
+    done: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+    restarts: int = 0
+    heartbeat: float = field(default_factory=time.monotonic)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.handle is not None and self.handle.is_alive()
+
+
+class Supervisor:
+    """Runs the live pipeline of ``config`` until its source ends or it is told to stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.threads = config.pipeline.workers == "threads"
+        self._mp = mp.get_context("spawn")
+        self.events: Any = queue.Queue() if self.threads else self._mp.Queue()
+        self.stop: Any = threading.Event() if self.threads else self._mp.Event()
+        self.rings: dict[str, Ring] = {}
+        self.workers: dict[str, Worker] = {}
+        self.stop_reason: str | None = None
+        self.started = time.monotonic()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Start, watch until the stream ends or a stop is asked, stop; return the summary."""
+        for name in remove_stale_segments():
+            log.info("removed stale shared-memory segment %s", name)
+        source = self._probe_source()
+        previous = self._install_signals()
+        try:
+            self._create_rings(source["shape"], source["dtype"])
+            specs = pipeline.build(self.config, {n: r.name for n, r in self.rings.items()},
+                                   source["shape"])
+            self.workers = {s.name: Worker(s) for s in specs}
+            self._start_all()
+            notify("READY=1", f"STATUS=running: {source['description']}")
+            self._watch()
+            return self._summary(source)
+        finally:
+            notify("STOPPING=1")
+            self._stop_all()
+            self._remove_rings()
+            self._restore_signals(previous)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.stop.set()
+
+    def _probe_source(self) -> dict[str, Any]:
+        """Open the source once here so a bad one fails before anything starts."""
+        src = open_source(self.config.source.uri, synthetic=self.config.source.synthetic)
+        try:
+            return {"shape": tuple(src.max_shape), "dtype": src.dtype,
+                    "description": src.description}
+        finally:
+            src.close()
+
+    def _create_rings(self, shape: tuple[int, ...], dtype: Any) -> None:
+        import numpy as np
+
+        frame_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        label_bytes = int(np.prod(shape[:2]))
+        limit = self.config.pipeline.max_frame_bytes
+        if frame_bytes > limit:
+            raise StageError(
+                f"frames of {shape} {np.dtype(dtype)} need {frame_bytes} bytes, more than "
+                f"pipeline.max_frame_bytes = {limit}: raise it"
+            )
+        slots = self.config.pipeline.ring_slots
+        for name, size in (("frames", frame_bytes), ("results", label_bytes)):
+            self.rings[name] = Ring.create(f"{os.getpid()}-{name}", slots=slots,
+                                           payload_bytes=size)
+
+    def _remove_rings(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
+            with contextlib.suppress(FileNotFoundError):
+                ring.unlink()
+        self.rings.clear()
+        remove_segments(os.getpid())
+
+    # -- starting ---------------------------------------------------------------
+
+    def _start_all(self) -> None:
+        """Downstream stages first: their readers exist before the first frame is written."""
+        order = list(self.workers.values())
+        downstream, sources = order[:-1], order[-1:]
+        for wave in (downstream, sources):
+            for w in wave:
+                self._spawn(w)
+            self._await_ready(wave)
+
+    def _spawn(self, w: Worker) -> None:
+        args = (w.spec, self.config, self.events, self.stop)
+        if self.threads:
+            w.handle = threading.Thread(target=_thread_main, args=args,
+                                        name=f"echod-{w.spec.name}", daemon=True)
+        else:
+            w.handle = self._mp.Process(target=_process_main, args=args,
+                                        name=f"echod-{w.spec.name}")
+        w.ready, w.failure, w.heartbeat = False, None, time.monotonic()
+        w.handle.start()
+        log.debug("started stage %s", w.spec.name)
+
+    def _await_ready(self, wave: list[Worker]) -> None:
+        deadline = time.monotonic() + self.config.pipeline.stage_timeout_s
+        while not all(w.ready for w in wave):
+            if self.stop.is_set():
+                raise StageError(f"stopped while starting ({self.stop_reason})")
+            self._drain_events(TICK_S)
+            for w in wave:
+                if w.failure is not None:
+                    raise from_dict(w.failure["error"])
+                if not w.ready and not w.alive and not self._pending_events():
+                    raise StageError(
+                        f"stage '{w.spec.name}' exited with code {_exitcode(w)} while starting;"
+                        " see its log above"
+                    )
+            if time.monotonic() > deadline:
+                late = ", ".join(w.spec.name for w in wave if not w.ready)
+                raise StageError(
+                    f"stage(s) {late} did not report ready within "
+                    f"{self.config.pipeline.stage_timeout_s:g} s: raise pipeline.stage_timeout_s"
+                    " or check the model and the engine"
+                )
+
+    # -- watching ---------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Until the sink has seen the end of the stream, or a stop is requested."""
+        ping = watchdog_interval()
+        last_ping = 0.0
+        sink = self.workers["sink"]
+        while sink.done is None and not self.stop.is_set():
+            self._drain_events(TICK_S)
+            for w in self.workers.values():
+                if w.failure is not None and w.failure.get("fatal"):
+                    raise from_dict(w.failure["error"])
+                if w.done is None and not w.alive and not self._pending_events():
+                    self._restart(w)
+            now = time.monotonic()
+            if ping and now - last_ping >= ping and self._healthy(now):
+                notify("WATCHDOG=1")
+                last_ping = now
+
+    def _restart(self, w: Worker) -> None:
+        reason = (w.failure or {}).get("error", {}).get("message") or f"exit code {_exitcode(w)}"
+        if self.threads or w.restarts >= self.config.pipeline.max_restarts:
+            raise StageError(f"stage '{w.spec.name}' died ({reason}) and is not restarted again"
+                             f" after {w.restarts} restart(s)")
+        w.restarts += 1
+        log.warning("stage %s died (%s): restart %d of %d", w.spec.name, reason, w.restarts,
+                    self.config.pipeline.max_restarts)
+        self._spawn(w)
+
+    def _healthy(self, now: float) -> bool:
+        return all(w.done is not None or now - w.heartbeat < HEARTBEAT_STALE_S
+                   for w in self.workers.values())
+
+    def _pending_events(self) -> bool:
+        try:
+            return not self.events.empty()
+        except (OSError, ValueError):
+            return False
+
+    def _drain_events(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        w = self.workers.get(event["stage"])
+        if w is None:
+            return
+        kind = event["event"]
+        w.heartbeat = time.monotonic()
+        data = {k: v for k, v in event.items() if k not in ("stage", "event", "t")}
+        if kind == "ready":
+            w.ready = True
+            w.info.update(data)
+            log.info("stage %s ready %s", w.spec.name, data or "")
+        elif kind == "done":
+            w.done = data
+        elif kind == "failed":
+            w.failure = data
+            log.error("stage %s failed: %s", w.spec.name, data["error"]["message"])
+
+    # -- stopping ---------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + JOIN_S
+        for w in self.workers.values():
+            if w.handle is None:
+                continue
+            w.handle.join(max(0.0, deadline - time.monotonic()))
+            if isinstance(w.handle, mp.process.BaseProcess) and w.handle.is_alive():
+                log.warning("stage %s did not stop within %g s: killed", w.spec.name, JOIN_S)
+                w.handle.kill()
+                w.handle.join(1.0)
+        with contextlib.suppress(Exception):
+            while True:
+                self._handle(self.events.get_nowait())
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum: int, _frame: object) -> None:
+            self.request_stop(signal.Signals(signum).name)
+
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    # -- reporting --------------------------------------------------------------
+
+    def _summary(self, source: dict[str, Any]) -> dict[str, Any]:
+        self._stop_all()  # collect the final "done" events
+        stats = {name: ring.stats() for name, ring in self.rings.items()}
+        sink = self.workers["sink"].done or {}
+        infer = self.workers["infer"]
+        dropped = sum(r["dropped"] for s in stats.values() for r in s["readers"].values())
+        dropped += (infer.done or {}).get("torn", 0)
+        return {
+            "frames_in": stats["frames"]["written"],
+            "frames_out": sink.get("frames_out", 0),
+            "dropped": dropped,
+            "fps": sink.get("fps", 0.0),
+            "latency_ms": sink.get("latency_ms", {}),
+            "stages": sink.get("stages", {}),
+            "engine": infer.info.get("engine"),
+            "device": infer.info.get("device"),
+            "model": infer.info.get("model"),
+            "mode": self.config.pipeline.mode,
+            "source": source["description"],
+            "restarts": {w.spec.name: w.restarts for w in self.workers.values() if w.restarts},
+            "stopped_by": self.stop_reason,
+            "duration_s": round(time.monotonic() - self.started, 3),
+        }
+
+
+def _exitcode(w: Worker) -> int | None:
+    return w.handle.exitcode if isinstance(w.handle, mp.process.BaseProcess) else None
+
+
+def _stage_class(spec: StageSpec) -> type[Stage]:
+    module, _, name = pipeline.STAGES[spec.kind].partition(":")
+    cls: type[Stage] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def _thread_main(spec: StageSpec, config: Config, events: Any, stop: StopFlag) -> None:
+    run_stage(_stage_class(spec), spec, config, events, stop)
+
+
+def _process_main(spec: StageSpec, config: Config, events: Any, stop: StopFlag) -> None:
+    """Entry of a stage process: dies with the supervisor, leaves signals to it."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops us via `stop`
+    logging.basicConfig(level=config.logging.level, stream=sys.stderr,
+                        format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s")
+    try:
+        cls = _stage_class(spec)
+    except EchodError as e:
+        events.put({"stage": spec.name, "event": "failed", "error": e.to_dict(), "fatal": True})
+        sys.exit(e.exit_code)
+    code = run_stage(cls, spec, config, events, stop)
+    events.close()
+    events.join_thread()
+    sys.exit(code)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: if the supervisor is killed, its stages go too (nothing left running)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1

@@ -1,0 +1,70 @@
+"""Configuration: the shipped file, validation messages, command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.errors import ConfigError
+
+
+def test_shipped_file_documents_every_setting_with_its_default() -> None:
+    shipped = config.DEFAULT_CONFIG.read_text()
+    assert shipped == config.to_toml(config.Config()), "regenerate: echod config --defaults"
+    assert config.load() == config.Config()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "echod.toml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_the_field_and_the_nearest_valid_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, "[source]\nfpss = 30.0\n"))
+    msg = str(e.value)
+    assert "source.fpss" in msg and "did you mean 'source.fps'" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_table_suggests_the_nearest_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'pipeline'"):
+        config.load(write(tmp_path, "[pipelin]\nmode = 'all'\n"))
+
+
+def test_wrong_type_names_field_rule_and_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, '[source]\nfps = "fast"\n'))
+    msg = str(e.value)
+    assert "source.fps" in msg and "'fast'" in msg and "number" in msg
+
+
+def test_out_of_range_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"pipeline\.ring_slots.*greater than or equal to 2"):
+        config.load(write(tmp_path, "[pipeline]\nring_slots = 1\n"))
+
+
+def test_choice_suggests_nearest_option() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'newest'"):
+        config.load(None, {"pipeline.mode": "newst"})
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[source\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "[source]\nfps = 12.5\n"), {"pipeline.mode": "all"})
+    assert cfg.source.fps == 12.5 and cfg.pipeline.mode == "all"
+
+
+def test_paths_follow_systemd_directories(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/echod:/other")
+    assert config.Config().paths.cache() == Path("/var/cache/echod")
+    assert config.load(None, {"paths.cache_dir": "/x"}).paths.cache() == Path("/x")
