@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from daemon.engines.base import Engine, Probe, TensorSpec, detect_layout, device_kind, import_library
+from daemon.engines.base import (
+    Engine,
+    Probe,
+    TensorSpec,
+    detect_layout,
+    device_kind,
+    import_library,
+)
 from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
@@ -51,12 +59,14 @@ _DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(bool)": np.bool_,
 }
-# Errors that mean the file is not a usable model (rather than an engine failure).
-_MODEL_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NotImplemented", "Fail")
+# ONNX Runtime errors that mean the file is not a usable model (not an engine failure).
+_MODEL_ERRORS = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile")
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The first line of an ONNX Runtime error, without its ``[ONNXRuntimeError] : N :``."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", str(exc).strip())
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class OnnxRuntimeEngine(Engine):
@@ -77,7 +87,9 @@ class OnnxRuntimeEngine(Engine):
             providers = ort.get_available_providers()
         except Exception as exc:  # a broken install may fail here too
             return Probe(cls.name, ort.__version__, False, (), f"{type(exc).__name__}: {exc}")
-        devices = tuple(dict.fromkeys(_PROVIDER_DEVICE[p] for p in providers if p in _PROVIDER_DEVICE))
+        devices = tuple(
+            dict.fromkeys(_PROVIDER_DEVICE[p] for p in providers if p in _PROVIDER_DEVICE)
+        )
         if not devices:
             return Probe(cls.name, ort.__version__, False, (), f"no usable provider in {providers}")
         return Probe(cls.name, ort.__version__, True, devices, "")
@@ -131,13 +143,16 @@ class OnnxRuntimeEngine(Engine):
         level = str(options.get("graph_optimisation", "all"))
         if level not in _OPTIMISATION:
             raise EngineError(
-                f"onnxruntime: graph_optimisation {level!r} is not one of {', '.join(_OPTIMISATION)}"
+                f"onnxruntime: graph_optimisation {level!r} is not one of "
+                f"{', '.join(_OPTIMISATION)}"
             )
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMISATION[level])
         threads = options.get("intra_op_threads")
         if threads is not None:
             if not isinstance(threads, int) or threads < 0:
-                raise EngineError(f"onnxruntime: intra_op_threads must be an int >= 0, got {threads!r}")
+                raise EngineError(
+                    f"onnxruntime: intra_op_threads must be an int >= 0, got {threads!r}"
+                )
             so.intra_op_num_threads = threads
         if not options.get("spin", False):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

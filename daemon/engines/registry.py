@@ -36,7 +36,9 @@ def _third_party() -> dict[str, str]:
     found: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in BUILTINS:
-            log.warning("entry point %s = %s ignored: %r is a built-in engine", ep.name, ep.value, ep.name)
+            log.warning(
+                "entry point %s = %s ignored: %r is a built-in engine", ep.name, ep.value, ep.name
+            )
         else:
             found[ep.name] = ep.value
     return found
@@ -70,11 +72,13 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def probe(name: str) -> Probe:
-    """Probe one engine by name; an engine that cannot be imported is reported, not raised."""
+    """Probe one engine by name; an engine that fails to import or probe is reported."""
     try:
         return engine_class(name).probe()
     except EngineError as exc:
         return Probe(name, None, False, (), str(exc))
+    except Exception as exc:  # a third-party probe broke its promise not to raise
+        return Probe(name, None, False, (), f"probe failed: {type(exc).__name__}: {exc}")
 
 
 def probe_all() -> list[Probe]:

@@ -1,0 +1,211 @@
+"""Model cards: what a model file cannot say about itself, in TOML beside it.
+
+``unet.onnx`` has its card in ``unet.toml``::
+
+    task = "segmentation"
+    engines = ["onnxruntime"]          # preferred engines, in order
+    provenance = "trained on ..., see ..."
+
+    [input]
+    size = [256, 256]                  # (h, w); leave out to take it from the model
+    layout = "NCHW"                    # only when it cannot be detected
+    channels = 1                       # 1 or 3; leave out to take it from the model
+
+    [input.normalisation]              # x = (clip(v) * scale - mean) / std
+    scale = 0.00392156862745098        # default 1/255
+    clip = [0, 255]
+    mean = [0.5]                       # one value, or one per channel
+    std = [0.25]
+
+    [output]
+    layout = "NCHW"                    # only when it differs from the input's
+    activation = "softmax"             # what the model applied already: softmax, sigmoid, none
+    threshold = 0.5                    # single-channel outputs: foreground above this probability
+
+    [[classes]]
+    name = "background"
+    colour = [0, 0, 0]
+    opacity = 0.0
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from daemon.engines.base import Layout
+from daemon.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Byte = Annotated[int, Field(ge=0, le=255)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalisation(_Strict):
+    """``x = (clip(v) * scale - mean) / std``, per channel for mean and std."""
+
+    scale: PositiveFloat = 1 / 255
+    clip: tuple[float, float] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[PositiveFloat, ...] | None = None
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _one_or_per_channel(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, int | float) else v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _length(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and len(v) not in (1, 3):
+            raise ValueError(f"needs 1 or 3 values, got {len(v)}")
+        return v
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError("clip must be [min, max] with min < max")
+        return v
+
+
+class InputCard(_Strict):
+    size: tuple[PositiveInt, PositiveInt] | None = None  # (h, w); None = from the model
+    layout: Layout | None = None  # None = detected from the model
+    channels: Literal[1, 3] | None = None  # None = from the model
+    normalisation: Normalisation = Normalisation()
+
+
+class OutputCard(_Strict):
+    layout: Literal["NCHW", "NHWC"] | None = None  # None = the input's layout
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+
+
+class ClassCard(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    colour: tuple[Byte, Byte, Byte]
+    opacity: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class ModelCard(_Strict):
+    """Everything about a model that its file does not say."""
+
+    task: Literal["segmentation", "classification"] = "segmentation"
+    input: InputCard = InputCard()
+    output: OutputCard = OutputCard()
+    classes: tuple[ClassCard, ...] = ()
+    engines: tuple[str, ...] = ()  # preferred engines, in order; () = the device's default
+    provenance: str = ""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelCard:
+        names = [c.name for c in self.classes]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"class name {dup!r} appears more than once")
+        return self
+
+    def class_list(self, n: int) -> tuple[ClassCard, ...]:
+        """The card's classes, or ``n`` default ones (class 0 is transparent background)."""
+        if self.classes:
+            return self.classes
+        return tuple(
+            ClassCard(
+                name="background" if i == 0 else f"class{i}",
+                colour=_PALETTE[i % len(_PALETTE)],
+                opacity=0.0 if i == 0 else 0.5,
+            )
+            for i in range(n)
+        )
+
+
+_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+)
+
+
+def card_path(model: Path) -> Path:
+    return Path(model).with_suffix(".toml")
+
+
+def load_card(model: Path) -> ModelCard:
+    """The card beside ``model``, or the defaults (logged) when there is none."""
+    path = card_path(model)
+    if not path.is_file():
+        card = ModelCard()
+        log.warning(
+            "no model card beside %s; using defaults: %s",
+            model,
+            json.dumps(card.model_dump(mode="json"), separators=(",", ":")),
+        )
+        return card
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ModelError(f"model card {path} cannot be read: {exc}") from exc
+    try:
+        return ModelCard.model_validate(data)
+    except ValidationError as exc:
+        raise ModelError(f"model card {path}: {_explain(exc)}") from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per card mistake: field, rule, value received, nearest valid field."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(card)"
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            parts.append(f"{loc}: unknown field ({hint})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {err['input']!r})")
+    return "; ".join(parts)
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the card section at ``loc`` (list indices skipped)."""
+    model: type[BaseModel] = ModelCard
+    for part in loc:
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        nested = _model_in(model.model_fields[part].annotation)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

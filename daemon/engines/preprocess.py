@@ -1,0 +1,109 @@
+"""Frame -> network input, on the CPU (numpy/OpenCV); runs once per frame.
+
+``prepare(image, spec, card)`` means, for each output element::
+
+    v = bilinear_resize(image)[y, x, channel]            # half-pixel centres
+    x = (clip(v, *card.clip) * card.scale - mean[c]) / std[c]
+
+with gray replicated when the model wants 3 channels, RGB -> gray (ITU-R 601
+weights) when it wants 1, the model's layout (NCHW or NHWC) and a batch
+dimension of 1. Integer frames are resized in their own type (OpenCV rounds
+to the nearest level), so results agree with an exact float implementation to
+within one input level times ``scale / std``; float frames agree to float32
+precision. The OpenCL twin must keep this signature and meaning.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from daemon.engines.base import Layout, TensorSpec
+from daemon.engines.card import ModelCard
+from daemon.errors import ModelError
+
+# dtypes cv2.resize handles; anything else is converted to float32 first.
+_CV_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64))
+# dtypes cv2.cvtColor handles for RGB -> gray.
+_GRAY_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.uint16, np.float32))
+
+
+def layout_of(spec: TensorSpec, card: ModelCard) -> Layout:
+    """The input layout: the card's override, else what was detected."""
+    layout = card.input.layout or spec.layout
+    if layout not in ("NCHW", "NHWC"):
+        raise ModelError(
+            f"input {spec.name!r} {spec.describe()}: frames need an NCHW or NHWC input"
+            + ("; set [input] layout in the model card" if layout is None else "")
+        )
+    return layout
+
+
+def network_size(spec: TensorSpec, card: ModelCard, frame_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) the network gets: the card's size, else the model's, else the frame's."""
+    if card.input.size is not None:
+        return card.input.size
+    dims = spec.shape[2:] if layout_of(spec, card) == "NCHW" else spec.shape[1:3]
+    return (dims[0] or frame_hw[0], dims[1] or frame_hw[1])
+
+
+def network_channels(spec: TensorSpec, card: ModelCard, image_channels: int) -> int:
+    """Channels the network gets: the model's, else the card's, else the frame's."""
+    dim = spec.shape[1] if layout_of(spec, card) == "NCHW" else spec.shape[3]
+    return dim or card.input.channels or image_channels
+
+
+def affine(card: ModelCard, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(a, b)`` with ``x = v * a + b`` = ``(v * scale - mean) / std``."""
+    norm = card.input.normalisation
+    std = np.asarray(norm.std or (1.0,), np.float64)
+    mean = np.asarray(norm.mean or (0.0,), np.float64)
+    for what, v in (("mean", mean), ("std", std)):
+        if v.size not in (1, channels):
+            raise ModelError(
+                f"model card normalisation {what} has {v.size} values; "
+                f"the model has {channels} channels"
+            )
+    return np.broadcast_to(norm.scale / std, (channels,)), np.broadcast_to(-mean / std, (channels,))
+
+
+def prepare(image: np.ndarray, spec: TensorSpec, card: ModelCard) -> np.ndarray:
+    """Network input for one frame (HxW or HxWxC, C in 1 or 3); see the module doc."""
+    layout = layout_of(spec, card)
+    src = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    h, w = network_size(spec, card, (src.shape[0], src.shape[1]))
+    c = network_channels(spec, card, 1 if src.ndim == 2 else src.shape[2])
+
+    if src.dtype not in _CV_DTYPES:
+        src = src.astype(np.float32)
+    if src.shape[:2] != (h, w):
+        src = cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
+    if c == 1 and src.ndim == 3:
+        if src.dtype not in _GRAY_DTYPES:
+            src = src.astype(np.float32)
+        src = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
+
+    shape = (1, c, h, w) if layout == "NCHW" else (1, h, w, c)
+    dtype = spec.dtype if spec.dtype.kind == "f" else np.dtype(np.float32)
+    out = np.empty(shape, dtype)
+
+    # One strided pass converts, scales, broadcasts gray -> C and changes layout.
+    hwc = src[:, :, None] if src.ndim == 2 else src
+    view = hwc.transpose(2, 0, 1) if layout == "NCHW" else hwc
+    norm = card.input.normalisation
+    alpha, beta = affine(card, c)
+    per = (c, 1, 1) if layout == "NCHW" else (c,)
+    np.multiply(view, alpha.astype(np.float32).reshape(per), out=out[0], casting="unsafe")
+    if norm.mean is not None:
+        np.add(out[0], beta.astype(np.float32).reshape(per), out=out[0], casting="unsafe")
+    if norm.clip is not None:
+        # clip(v) * a + b == clip(v * a + b, lo * a + b, hi * a + b) as a > 0
+        lo, hi = (np.float32(v) * alpha + beta for v in norm.clip)
+        np.clip(
+            out[0],
+            lo.astype(np.float32).reshape(per),
+            hi.astype(np.float32).reshape(per),
+            out=out[0],
+            casting="unsafe",
+        )
+    return out

@@ -1,0 +1,240 @@
+"""One segmentation model ready for frames: engine + model card + pre/post-processing.
+
+The infer stage calls the three steps separately so it can time each (the
+paper's Table 2: NN input, NN inference, NN output)::
+
+    seg = Segmenter.open(path, engine=None, device="cpu")
+    seg.check_frame(frame.shape, frame.dtype)     # once: one-line ModelError if it cannot fit
+    x = seg.prepare(frame)                        # resize + normalise + layout
+    y = seg.infer(x)                              # the engine
+    label_map = seg.finish(y, frame.shape)        # argmax/threshold + resize back
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from daemon.engines import postprocess, preprocess, registry
+from daemon.engines.base import Engine, TensorSpec
+from daemon.engines.card import ClassCard, ModelCard, card_path, load_card
+from daemon.errors import EngineError, ModelError
+
+log = logging.getLogger(__name__)
+
+_IMAGE_LAYOUTS = ("NCHW", "NHWC")
+
+
+def _frame_text(shape: tuple[int, ...]) -> str:
+    text = "x".join(str(d) for d in shape[:2])
+    if len(shape) == 3:
+        text += " gray" if shape[2] == 1 else f" with {shape[2]} channels"
+    return text
+
+
+class Segmenter:
+    """A loaded segmentation model that turns frames into label maps."""
+
+    def __init__(
+        self, engine: Engine, card: ModelCard, model: Path, skipped: list[str] | None = None
+    ):
+        self.engine = engine
+        self.card = card
+        self.model = Path(model)
+        self.skipped = skipped or []  # why engines before this one were not chosen
+        if card.task != "segmentation":
+            raise ModelError(
+                f"model card {card_path(model)}: task is {card.task!r}, not segmentation"
+            )
+        if len(engine.inputs) != 1 or not engine.outputs:
+            raise ModelError(
+                f"model {self.model.name} has {len(engine.inputs)} inputs and "
+                f"{len(engine.outputs)} outputs; a segmentation model takes one image "
+                "and gives at least one output"
+            )
+        spec = engine.inputs[0]
+        self.input: TensorSpec = replace(spec, layout=card.input.layout or spec.layout)
+        self.output: TensorSpec = engine.outputs[0]
+        self.classes: tuple[ClassCard, ...] = card.classes
+        self._checked: tuple[tuple[int, ...], np.dtype[Any]] | None = None
+        if len(spec.shape) == 4 and self.input.layout in _IMAGE_LAYOUTS:
+            self._validate()
+
+    @classmethod
+    def open(
+        cls, model: Path, engine: str | None = None, device: str = "cpu", **options: Any
+    ) -> Segmenter:
+        """Load ``model`` with its card on ``engine`` (None: the best available on ``device``)."""
+        model = Path(model)
+        if not model.is_file():
+            raise ModelError(f"model file not found: {model}")
+        card = load_card(model)
+        skipped: list[str] = []
+        if engine is None:
+            default = registry.preference(device)
+            order = [*card.engines, *(n for n in default if n not in card.engines)]
+            engine_cls, skipped = registry.select(order, device)
+            log.info(
+                "engine %s chosen for %s on %s%s",
+                engine_cls.name,
+                model.name,
+                device,
+                "".join(f"; skipped {s}" for s in skipped),
+            )
+        else:
+            engine_cls = registry.engine_class(engine)
+            probe = engine_cls.probe()
+            if not probe.available:
+                raise EngineError(f"engine {engine!r} is not usable here: {probe.reason}")
+        eng = engine_cls()
+        eng.load(model, device, **options)
+        try:
+            return cls(eng, card, model, skipped)
+        except BaseException:
+            eng.close()
+            raise
+
+    def _validate(self) -> None:
+        """Card against model, for a 4-D image input with a known layout."""
+        name, spec, card = self.model.name, self.input, self.card
+        where = f"model {name} input {spec.describe()}"
+        if spec.dtype.kind != "f":
+            raise ModelError(f"{where}: echod feeds floating-point inputs")
+        size, fixed = card.input.size, spec.spatial
+        if size is not None and any(
+            f is not None and f != s for f, s in zip(fixed, size, strict=True)
+        ):
+            raise ModelError(f"{where}: the card's size {list(size)} does not match the model")
+        c = spec.channels
+        if c is not None and c not in (1, 3):
+            raise ModelError(f"{where}: echod feeds 1 or 3 channels, the model has {c}")
+        if c is not None and card.input.channels not in (None, c):
+            raise ModelError(f"{where}: the card says {card.input.channels} channels")
+        if c is not None:
+            preprocess.affine(card, c)
+
+        out = replace(self.output, layout=card.output.layout or spec.layout)
+        self.output = out
+        n = out.channels
+        if len(out.shape) != 4 or n is None:
+            raise ModelError(
+                f"model {name} output {out.name!r} {out.describe()}: expected (1, C, h, w) or "
+                "(1, h, w, C) with a fixed number of classes C"
+            )
+        if n > postprocess.MAX_CLASSES:
+            raise ModelError(f"model {name} has {n} classes; label maps hold at most 255")
+        n_labels = max(n, 2)  # one channel: background + foreground
+        self.classes = card.class_list(n_labels)
+        if len(self.classes) != n_labels:
+            raise ModelError(
+                f"model card {card_path(self.model)} lists {len(self.classes)} classes; "
+                f"model {name} output {out.describe()} gives {n_labels}"
+            )
+
+    def check_frame(self, shape: tuple[int, ...], dtype: DTypeLike | None = None) -> None:
+        """One-line ModelError when frames of ``shape`` (and ``dtype``, if given) cannot
+        go into this model."""
+        shape = tuple(shape)
+        name, spec = self.model.name, self.input
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+            text = "x".join(map(str, shape))
+            raise ModelError(f"frames of shape {text} are not gray (HxW) or RGB (HxWx3) images")
+        if dtype is not None and np.dtype(dtype).kind not in "uif":
+            raise ModelError(f"frames of type {np.dtype(dtype)} are not numeric images")
+        if len(spec.shape) != 4:
+            raise ModelError(
+                f"model {name} expects {len(spec.shape)}-D input {spec.describe()}; frames are 2-D "
+                f"{_frame_text(shape)}: use a 2-D segmentation model"
+            )
+        if spec.layout not in _IMAGE_LAYOUTS:
+            raise ModelError(
+                f"model {name} input {spec.describe()}: its layout cannot be detected; set "
+                f'layout = "NCHW" or "NHWC" under [input] in {card_path(self.model)}'
+            )
+        c = preprocess.network_channels(spec, self.card, 1 if len(shape) == 2 else shape[2])
+        preprocess.affine(self.card, c)
+        if dtype is not None:
+            self._checked = (shape, np.dtype(dtype))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Network input for ``image`` (a new array; ``image`` is only read)."""
+        if self._checked != (image.shape, image.dtype):
+            self.check_frame(image.shape, image.dtype)
+        return preprocess.prepare(image, self.input, self.card)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """The model's first output for input ``x``."""
+        return self.engine.run({self.input.name: x})[self.output.name]
+
+    def finish(self, output: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
+        """uint8 label map of the frame's height and width."""
+        return postprocess.labels(output, self.card, frame_shape, self.output.layout or "NCHW")
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """prepare + infer + finish in one call."""
+        return self.finish(self.infer(self.prepare(image)), image.shape)
+
+    def network_size(self) -> tuple[int | None, int | None]:
+        """(h, w) the network gets; None where it follows the frame."""
+        if self.card.input.size is not None:
+            return self.card.input.size
+        if len(self.input.spatial) != 2:
+            return (None, None)
+        h, w = self.input.spatial
+        return (h, w)
+
+    def warmup(self, n: int = 3, frame_shape: tuple[int, ...] | None = None) -> float:
+        """Run ``n`` blank frames through all steps; returns the last inference in ms.
+
+        ``frame_shape`` defaults to the network size (256 where that is dynamic).
+        """
+        if frame_shape is None:
+            frame_shape = tuple(d or 256 for d in self.network_size())
+        blank = np.zeros(frame_shape, np.uint8)
+        ms = 0.0
+        for _ in range(n):
+            x = self.prepare(blank)
+            t0 = time.perf_counter()
+            y = self.infer(x)
+            ms = (time.perf_counter() - t0) * 1e3
+            self.finish(y, frame_shape)
+        log.info("%s warmed up (%d runs): %.1f ms inference", self.model.name, n, ms)
+        return ms
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: engine, version, device, model, input, classes (JSON-ready)."""
+        return {
+            "engine": self.engine.name,
+            "engine_version": self.engine.version,
+            "engine_skipped": list(self.skipped),
+            "device": self.engine.device,
+            "model": self.model.name,
+            "model_path": str(self.model),
+            "provenance": self.card.provenance,
+            "input": {
+                "name": self.input.name,
+                "shape": list(self.input.shape),
+                "dtype": str(self.input.dtype),
+                "layout": self.input.layout,
+            },
+            "network_size": list(self.network_size()),
+            "classes": [c.model_dump(mode="json") for c in self.classes],
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
