@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from daemon.acquire.synthetic import SyntheticSettings
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
@@ -25,12 +26,6 @@ class Section(BaseModel):
     """A configuration table: unknown keys are errors, values are not coerced loosely."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-
-class SyntheticConfig(Section):
-    width: int = Field(256, ge=64, le=2048, description="phantom width in pixels")
-    height: int = Field(256, ge=64, le=2048, description="phantom height in pixels")
-    seed: int = Field(0, description="random seed: same seed, same phantom")
 
 
 class SourceConfig(Section):
@@ -43,7 +38,7 @@ class SourceConfig(Section):
     fps: float = Field(30.0, gt=0, le=10_000, description="frame rate for pace = 'fps'")
     loop: bool = Field(False, description="replay the recording forever")
     frames: int = Field(0, ge=0, description="stop after this many frames (0 = no limit)")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
 
 
 class PipelineConfig(Section):

@@ -51,7 +51,7 @@ class AcquireStage(Stage):
 
     def setup(self) -> dict[str, Any]:
         src = self.config.source
-        self.source = open_source(src.uri, synthetic=src.synthetic)
+        self.source = open_source(src.uri, fps=src.fps, synthetic=src.synthetic)
         self.ctx.output("frames")
         self.frames: Iterator[Frame] = paced(
             self.source.frames(), pace=src.pace, fps=src.fps,
@@ -88,7 +88,7 @@ class InferStage(Stage):
 
         m = self.config.model
         path = Path(m.path) if m.path else default_model(self.config.paths.cache())
-        options = {"threads": m.threads} if m.threads else {}
+        options = {"intra_op_threads": m.threads} if m.threads else {}
         self.seg = Segmenter.open(path, engine=m.engine or None, device=m.device, **options)
         self.seg.check_frame(tuple(self.spec.params["frame_shape"]))
         self.seg.warmup(m.warmup)

@@ -97,7 +97,8 @@ class Supervisor:
 
     def _probe_source(self) -> dict[str, Any]:
         """Open the source once here so a bad one fails before anything starts."""
-        src = open_source(self.config.source.uri, synthetic=self.config.source.synthetic)
+        src = open_source(self.config.source.uri, fps=self.config.source.fps,
+                          synthetic=self.config.source.synthetic)
         try:
             return {"shape": tuple(src.max_shape), "dtype": src.dtype,
                     "description": src.description}
