@@ -35,7 +35,11 @@ class SourceConfig(Section):
     pace: Literal["timestamps", "fps", "none"] = Field(
         "timestamps", description="release frames by recorded timestamps, at `fps`, or at once"
     )
-    fps: float = Field(30.0, gt=0, le=10_000, description="frame rate for pace = 'fps'")
+    fps: float = Field(
+        30.0, gt=0, le=10_000,
+        description="frames per second for pace = 'fps', and the rate of sources without "
+        "timestamps (synthetic phantom, image folders)",
+    )
     loop: bool = Field(False, description="replay the recording forever")
     frames: int = Field(0, ge=0, description="stop after this many frames (0 = no limit)")
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)

@@ -59,6 +59,8 @@ class Events(Protocol):
 class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
+    def wait(self, timeout: float | None = None) -> bool: ...
+
 
 class Stage(ABC):
     """One step of the pipeline. Subclasses implement setup/step; teardown is optional."""

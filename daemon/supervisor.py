@@ -150,7 +150,7 @@ class Supervisor:
                                         name=f"echod-{w.spec.name}")
         w.ready, w.failure, w.heartbeat = False, None, time.monotonic()
         w.handle.start()
-        log.debug("started stage %s", w.spec.name)
+        log.info("stage %s started (pid %s)", w.spec.name, getattr(w.handle, "pid", "thread"))
 
     def _await_ready(self, wave: list[Worker]) -> None:
         deadline = time.monotonic() + self.config.pipeline.stage_timeout_s
