@@ -44,8 +44,21 @@ def engine_rate(model: Path, n: int) -> dict[str, float]:
 
 
 def pipeline(n: int, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "daemon", "run", "--source", "synthetic", "--mode", "all",
-           "--frames", str(n), "--headless", "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "daemon",
+        "run",
+        "--source",
+        "synthetic",
+        "--mode",
+        "all",
+        "--frames",
+        str(n),
+        "--headless",
+        "--json",
+        *extra,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -60,7 +73,9 @@ def main() -> None:
     lat = pipeline(max(60, args.frames // 3), "--pace", "fps", "--fps", f"{eng['fps'] / 2:.2f}")
     inf_mean = lat["stages"]["nn_inference"]["mean_ms"]
     result = {
-        "model": thr["model"], "engine": thr["engine"], "device": thr["device"],
+        "model": thr["model"],
+        "engine": thr["engine"],
+        "device": thr["device"],
         "engine_alone": eng,
         "pipeline_throughput": {k: thr[k] for k in ("fps", "frames_out", "dropped", "stages")},
         "throughput_ratio": thr["fps"] / eng["fps"],
@@ -70,13 +85,17 @@ def main() -> None:
         "latency_overhead_p50_ms": lat["latency_ms"]["p50"] - inf_mean,
     }
     print(f"engine alone        {eng['fps']:8.1f} fps  ({eng['mean_ms']:.2f} ms/frame)")
-    print(f"pipeline (all)      {thr['fps']:8.1f} fps  ratio {result['throughput_ratio']:.3f}"
-          "  (target >= 0.95)")
+    print(
+        f"pipeline (all)      {thr['fps']:8.1f} fps  ratio {result['throughput_ratio']:.3f}"
+        "  (target >= 0.95)"
+    )
     for name, s in thr["stages"].items():
         print(f"  {name:<14} {s['mean_ms']:7.2f} ms  sd {s['sd_ms']:.2f}")
-    print(f"paced at {eng['fps'] / 2:.1f} fps: latency p50 {lat['latency_ms']['p50']:.2f} ms "
-          f"p99 {lat['latency_ms']['p99']:.2f} ms; overhead p99 - inference "
-          f"{result['latency_overhead_p99_ms']:.2f} ms (target <= 3)")
+    print(
+        f"paced at {eng['fps'] / 2:.1f} fps: latency p50 {lat['latency_ms']['p50']:.2f} ms "
+        f"p99 {lat['latency_ms']['p99']:.2f} ms; overhead p99 - inference "
+        f"{result['latency_overhead_p99_ms']:.2f} ms (target <= 3)"
+    )
     write_result("live_pipeline", result)
 
 

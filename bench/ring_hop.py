@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from daemon.frame import FrameMeta  # noqa: E402
-from daemon.ring import EndOfStream, Ring  # noqa: E402
+from daemon.frame import FrameMeta
+from daemon.ring import EndOfStream, Ring
 
 HOP_SHAPES = {"256x256": (256, 256), "820x616": (616, 820)}
 BIG = (2048, 2048)  # 4 MiB of uint8

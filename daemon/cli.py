@@ -56,14 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pace", choices=["timestamps", "fps", "none"], help="frame pacing")
     run.add_argument("--fps", type=float, help="frame rate for --pace fps")
     run.add_argument("--frames", type=int, help="stop after N frames")
-    run.add_argument("--mode", choices=["newest", "all"], help="newest: real time; all: every frame")
+    run.add_argument(
+        "--mode", choices=["newest", "all"], help="newest: real time; all: every frame"
+    )
     run.add_argument("--workers", choices=["processes", "threads"], help="stage isolation")
     run.add_argument("--model", help="model file (default: the bundled ultrasound model)")
     run.add_argument("--engine", help="inference engine (default: best available)")
     run.add_argument("--device", help="engine device (default: cpu)")
     run.add_argument("--headless", action="store_true", help="no display: status lines only")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any setting, e.g. --set source.loop=true (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting, e.g. --set source.loop=true (repeatable)",
+    )
     run.add_argument("--json", action="store_true", help="print the run summary as JSON last")
     run.set_defaults(func=cmd_run)
 
@@ -94,8 +101,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s echod[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s echod[%(process)d] %(levelname)s %(message)s",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

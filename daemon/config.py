@@ -36,7 +36,9 @@ class SourceConfig(Section):
         "timestamps", description="release frames by recorded timestamps, at `fps`, or at once"
     )
     fps: float = Field(
-        30.0, gt=0, le=10_000,
+        30.0,
+        gt=0,
+        le=10_000,
         description="frames per second for pace = 'fps', and the rate of sources without "
         "timestamps (synthetic phantom, image folders)",
     )
@@ -121,7 +123,9 @@ def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -
         try:
             data = tomllib.loads(Path(source).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {source} not found: pass an existing --config") from None
+            raise ConfigError(
+                f"config file {source} not found: pass an existing --config"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
     for dotted, value in (overrides or {}).items():
@@ -145,8 +149,10 @@ def _describe(e: ValidationError, source: Path | None) -> str:
     if err["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
         near = difflib.get_close_matches(loc[-1], valid, n=1)
-        hint = f"did you mean '{'.'.join([*loc[:-1], near[0]])}'?" if near else (
-            f"valid keys: {', '.join(valid)}"
+        hint = (
+            f"did you mean '{'.'.join([*loc[:-1], near[0]])}'?"
+            if near
+            else (f"valid keys: {', '.join(valid)}")
         )
         return f"{where}unknown setting '{field}': {hint}"
     value = err.get("input")

@@ -74,7 +74,15 @@ class StageError(EchodError):
 
 ERRORS: dict[str, type[EchodError]] = {
     cls.code: cls
-    for cls in (EchodError, ConfigError, SourceError, ModelError, EngineError, RingError, StageError)
+    for cls in (
+        EchodError,
+        ConfigError,
+        SourceError,
+        ModelError,
+        EngineError,
+        RingError,
+        StageError,
+    )
 }
 
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from daemon.acquire import open_source, paced
 from daemon.config import Config
@@ -27,11 +27,12 @@ STAGES = {
 }
 
 
-def build(config: Config, ring_names: dict[str, str], frame_shape: tuple[int, ...]
-          ) -> list[StageSpec]:
+def build(
+    config: Config, ring_names: dict[str, str], frame_shape: tuple[int, ...]
+) -> list[StageSpec]:
     """Stage specs, downstream first (readers must exist before the writer starts)."""
     every = config.pipeline.mode == "all"
-    policy = "block" if every else "overwrite"
+    policy: Literal["block", "overwrite"] = "block" if every else "overwrite"
     frames, results = ring_names["frames"], ring_names["results"]
     return [
         StageSpec("sink", "headless", inputs={"results": InputPort(results, "all")}),
@@ -54,8 +55,11 @@ class AcquireStage(Stage):
         self.source = open_source(src.uri, fps=src.fps, synthetic=src.synthetic)
         self.ctx.output("frames")
         self.frames: Iterator[Frame] = paced(
-            self.source.frames(), pace=src.pace, fps=src.fps,
-            loop_source=self.source.frames if src.loop else None, stop=self.ctx.stop,
+            self.source.frames(),
+            pace=src.pace,
+            fps=src.fps,
+            loop_source=self.source.frames if src.loop else None,
+            stop=self.ctx.stop,
         )
         self.limit = src.frames or None
         self.count = 0

@@ -49,7 +49,7 @@ class StageSpec:
     kind: str  # key of STAGES
     inputs: dict[str, InputPort] = field(default_factory=dict)
     outputs: dict[str, OutputPort] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)  # facts the supervisor learned (frame shape)
+    params: dict[str, Any] = field(default_factory=dict)  # what the supervisor learned
 
 
 class Events(Protocol):
@@ -142,8 +142,9 @@ class StageContext:
             ring.close()
 
 
-def run_stage(stage_cls: type[Stage], spec: StageSpec, config: Config, events: Events,
-              stop: StopFlag) -> int:
+def run_stage(
+    stage_cls: type[Stage], spec: StageSpec, config: Config, events: Events, stop: StopFlag
+) -> int:
     """Run one stage to completion; the body of a stage process or thread.
 
     Returns the exit code: 0 when done or stopped, the error's exit code when
@@ -174,8 +175,9 @@ def run_stage(stage_cls: type[Stage], spec: StageSpec, config: Config, events: E
         return e.exit_code
     except Exception as e:  # a bug: report it with its type, the supervisor decides
         log.exception("stage %s crashed", spec.name)
-        ctx.report("failed", error={"code": "internal", "message": f"{type(e).__name__}: {e}"},
-                   fatal=False)
+        ctx.report(
+            "failed", error={"code": "internal", "message": f"{type(e).__name__}: {e}"}, fatal=False
+        )
         return 70
     finally:
         if stage is not None:

@@ -78,8 +78,9 @@ class Supervisor:
         previous = self._install_signals()
         try:
             self._create_rings(source["shape"], source["dtype"])
-            specs = pipeline.build(self.config, {n: r.name for n, r in self.rings.items()},
-                                   source["shape"])
+            specs = pipeline.build(
+                self.config, {n: r.name for n, r in self.rings.items()}, source["shape"]
+            )
             self.workers = {s.name: Worker(s) for s in specs}
             self._start_all()
             notify("READY=1", f"STATUS=running: {source['description']}")
@@ -97,11 +98,17 @@ class Supervisor:
 
     def _probe_source(self) -> dict[str, Any]:
         """Open the source once here so a bad one fails before anything starts."""
-        src = open_source(self.config.source.uri, fps=self.config.source.fps,
-                          synthetic=self.config.source.synthetic)
+        src = open_source(
+            self.config.source.uri,
+            fps=self.config.source.fps,
+            synthetic=self.config.source.synthetic,
+        )
         try:
-            return {"shape": tuple(src.max_shape), "dtype": src.dtype,
-                    "description": src.description}
+            return {
+                "shape": tuple(src.max_shape),
+                "dtype": src.dtype,
+                "description": src.description,
+            }
         finally:
             src.close()
 
@@ -118,8 +125,7 @@ class Supervisor:
             )
         slots = self.config.pipeline.ring_slots
         for name, size in (("frames", frame_bytes), ("results", label_bytes)):
-            self.rings[name] = Ring.create(f"{os.getpid()}-{name}", slots=slots,
-                                           payload_bytes=size)
+            self.rings[name] = Ring.create(f"{os.getpid()}-{name}", slots=slots, payload_bytes=size)
 
     def _remove_rings(self) -> None:
         for ring in self.rings.values():
@@ -143,11 +149,13 @@ class Supervisor:
     def _spawn(self, w: Worker) -> None:
         args = (w.spec, self.config, self.events, self.stop)
         if self.threads:
-            w.handle = threading.Thread(target=_thread_main, args=args,
-                                        name=f"echod-{w.spec.name}", daemon=True)
+            w.handle = threading.Thread(
+                target=_thread_main, args=args, name=f"echod-{w.spec.name}", daemon=True
+            )
         else:
-            w.handle = self._mp.Process(target=_process_main, args=args,
-                                        name=f"echod-{w.spec.name}")
+            w.handle = self._mp.Process(
+                target=_process_main, args=args, name=f"echod-{w.spec.name}"
+            )
         w.ready, w.failure, w.heartbeat = False, None, time.monotonic()
         w.handle.start()
         log.info("stage %s started (pid %s)", w.spec.name, getattr(w.handle, "pid", "thread"))
@@ -196,16 +204,25 @@ class Supervisor:
     def _restart(self, w: Worker) -> None:
         reason = (w.failure or {}).get("error", {}).get("message") or f"exit code {_exitcode(w)}"
         if self.threads or w.restarts >= self.config.pipeline.max_restarts:
-            raise StageError(f"stage '{w.spec.name}' died ({reason}) and is not restarted again"
-                             f" after {w.restarts} restart(s)")
+            raise StageError(
+                f"stage '{w.spec.name}' died ({reason}) and is not restarted again"
+                f" after {w.restarts} restart(s)"
+            )
         w.restarts += 1
-        log.warning("stage %s died (%s): restart %d of %d", w.spec.name, reason, w.restarts,
-                    self.config.pipeline.max_restarts)
+        log.warning(
+            "stage %s died (%s): restart %d of %d",
+            w.spec.name,
+            reason,
+            w.restarts,
+            self.config.pipeline.max_restarts,
+        )
         self._spawn(w)
 
     def _healthy(self, now: float) -> bool:
-        return all(w.done is not None or now - w.heartbeat < HEARTBEAT_STALE_S
-                   for w in self.workers.values())
+        return all(
+            w.done is not None or now - w.heartbeat < HEARTBEAT_STALE_S
+            for w in self.workers.values()
+        )
 
     def _pending_events(self) -> bool:
         try:
@@ -319,8 +336,11 @@ def _process_main(spec: StageSpec, config: Config, events: Any, stop: StopFlag) 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops us via `stop`
-    logging.basicConfig(level=config.logging.level, stream=sys.stderr,
-                        format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=config.logging.level,
+        stream=sys.stderr,
+        format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s",
+    )
     try:
         cls = _stage_class(spec)
     except EchodError as e:

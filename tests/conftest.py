@@ -34,8 +34,12 @@ class Echod:
         self.tag = uuid.uuid4().hex
         env = {**os.environ, "ECHOD_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", *args], cwd=cwd, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "daemon", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []

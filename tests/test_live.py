@@ -40,19 +40,25 @@ def test_recording_mode_all_processes_every_frame(run_echod: type[Echod]) -> Non
 @pytest.mark.parametrize("workers", ["processes", "threads"])
 def test_newest_mode_drop_counts_add_up(workers: str) -> None:
     # frames come faster than the engine runs: inference skips to the newest frame
-    cfg = config.load(None, {
-        "source.pace": "fps", "source.fps": 500.0, "source.frames": 150,
-        "pipeline.mode": "newest", "pipeline.workers": workers, "model.warmup": 1,
-        "sink.status_interval_s": 60.0,
-    })
+    cfg = config.load(
+        None,
+        {
+            "source.pace": "fps",
+            "source.fps": 500.0,
+            "source.frames": 150,
+            "pipeline.mode": "newest",
+            "pipeline.workers": workers,
+            "model.warmup": 1,
+            "sink.status_interval_s": 60.0,
+        },
+    )
     s = Supervisor(cfg).run()
     assert s["frames_in"] == 150
     assert s["dropped"] > 0
     assert s["frames_out"] + s["dropped"] == s["frames_in"]
 
 
-def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(
-        run_echod: type[Echod]) -> None:
+def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: type[Echod]) -> None:
     e = run_echod("run", "--source", "synthetic", "--pace", "fps", "--fps", "20", "--json")
     e.wait_for("stage acquire ready")
     infer = next(line for line in e.stderr if "stage infer started" in line)
@@ -74,7 +80,8 @@ def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(
 
 
 def test_supervisor_killed_takes_its_stages_and_next_start_cleans_up(
-        run_echod: type[Echod]) -> None:
+    run_echod: type[Echod],
+) -> None:
     e = run_echod("run", "--source", "synthetic")
     e.wait_for("stage acquire ready")
     assert e.segments()
@@ -104,8 +111,9 @@ def volume_model(path: Path) -> Path:
     """A tiny valid 3-D (NCDHW) model: it cannot take 2-D frames."""
     x = helper.make_tensor_value_info("volume", TensorProto.FLOAT, [1, 1, 8, 32, 32])
     y = helper.make_tensor_value_info("labels", TensorProto.FLOAT, [1, 1, 8, 32, 32])
-    graph = helper.make_graph([helper.make_node("Sigmoid", ["volume"], ["labels"])], "vol",
-                              [x], [y])
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["volume"], ["labels"])], "vol", [x], [y]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
     onnx.save(model, path)
@@ -125,8 +133,11 @@ BAD_INPUTS = {
     "model rank": (lambda t: ["--model", str(volume_model(t / "vol.onnx"))], 65, "5-D"),
     "unknown key": (lambda t: ["--set", "source.fpss=30"], 78, "did you mean 'source.fps'"),
     "wrong type": (lambda t: ["--set", 'source.fps="fast"'], 78, "source.fps"),
-    "bad config file": (lambda t: ["--config", str(_write(t / "c.toml", "[pipeline]\nmode = 3\n"))],
-                        78, "pipeline.mode"),
+    "bad config file": (
+        lambda t: ["--config", str(_write(t / "c.toml", "[pipeline]\nmode = 3\n"))],
+        78,
+        "pipeline.mode",
+    ),
 }
 
 
@@ -137,10 +148,11 @@ def _write(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_clear_line_and_nothing_keeps_running(
-        case: str, tmp_path: Path, run_echod: type[Echod]) -> None:
+    case: str, tmp_path: Path, run_echod: type[Echod]
+) -> None:
     make_args, exit_code, text = BAD_INPUTS[case]
     e = run_echod("run", "--headless", "--frames", "5", *make_args(tmp_path))
-    code, out = e.finish(timeout=120)
+    code, _ = e.finish(timeout=120)
     last = e.stderr[-1] if e.stderr else ""
     assert code == exit_code, "".join(e.stderr)
     assert last.startswith("echod: error: ") and text in last, last

@@ -26,6 +26,7 @@ def default_model(cache_dir: Path) -> Path:
     path = ensure_reference(REFERENCE_2D, cache_dir)
     log.warning(
         "no trained ultrasound model is bundled yet: using the paper-size 2-D U-Net with "
-        "random weights from %s (timings are real, the overlay is not)", path
+        "random weights from %s (timings are real, the overlay is not)",
+        path,
     )
     return path
