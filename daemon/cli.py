@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, config
+from daemon import __version__, config, ctl
 from daemon.errors import EchodError
 
 log = logging.getLogger("echod")
@@ -27,6 +27,7 @@ RUN_FLAGS: dict[str, str] = {
     "model": "model.path",
     "engine": "model.engine",
     "device": "model.device",
+    "control": "control.endpoint",
 }
 
 
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", help="inference engine (default: best available)")
     run.add_argument("--device", help="engine device (default: cpu)")
     run.add_argument("--headless", action="store_true", help="no display: status lines only")
+    run.add_argument("--control", help="control endpoint (default: ipc in the runtime directory)")
     run.add_argument(
         "--set",
         action="append",
@@ -74,10 +76,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the run summary as JSON last")
     run.set_defaults(func=cmd_run)
 
+    ctl.add_parser(sub)
+
+    keys = sub.add_parser("keys", help="make CURVE key pairs for a tcp control endpoint")
+    keys.add_argument(
+        "--dir", type=Path, required=True, help="key folder (control.clients_dir's parent)"
+    )
+    keys.add_argument(
+        "--client", metavar="NAME", help="make a client key (default: the server key)"
+    )
+    keys.add_argument("--role", choices=["read", "control", "admin"], default="control")
+    keys.set_defaults(func=cmd_keys)
+
     cfg = sub.add_parser("config", help="print the effective configuration as TOML")
     cfg.add_argument("--config", type=Path, help="configuration file to validate and print")
     cfg.add_argument("--defaults", action="store_true", help="print the documented defaults")
     cfg.set_defaults(func=cmd_config)
+
+    eng = sub.add_parser("engines", help="list the inference engines: available here, devices")
+    eng.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    eng.set_defaults(func=cmd_engines)
     return p
 
 
@@ -95,6 +113,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None:
             out[key] = value
+    engine = out.get("model.engine")
+    if isinstance(engine, str) and ":" in engine:  # --engine NAME:DEVICE
+        name, _, device = engine.partition(":")
+        if args.device is not None and args.device != device:
+            raise config.ConfigError(
+                f"--engine {engine} names device {device!r} but --device says {args.device!r}"
+            )
+        out["model.engine"], out["model.device"] = name, device
     if args.headless:
         out["sink.headless"] = True
     return out
@@ -131,4 +157,56 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = config.Config() if args.defaults else config.load(args.config)
     print(config.to_toml(cfg), end="")
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    """One row per registered engine: name, version, available, devices, reason."""
+    from daemon.engines import probe_all
+
+    rows = [
+        {
+            "name": p.name,
+            "version": p.version,
+            "available": p.available,
+            "devices": list(p.devices),
+            "reason": p.reason,
+        }
+        for p in probe_all()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = [("ENGINE", "VERSION", "AVAILABLE", "DEVICES", "REASON")] + [
+        (
+            r["name"],
+            r["version"] or "-",
+            "yes" if r["available"] else "no",
+            ",".join(r["devices"]) or "-",
+            r["reason"],
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)), row[4])
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Server: DIR/server.key(_secret). Client NAME: its public key goes to
+    DIR/clients/ROLE/NAME.key (the allow-list), its secret to DIR/NAME.key_secret."""
+    import shutil
+
+    import zmq.auth
+
+    args.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = args.client or "server"
+    made_public, secret = zmq.auth.create_certificates(args.dir, name)
+    public = Path(made_public)
+    if args.client:
+        allowed = args.dir / "clients" / args.role
+        allowed.mkdir(parents=True, exist_ok=True)
+        public = Path(shutil.move(public, allowed / public.name))
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0

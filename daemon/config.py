@@ -44,6 +44,7 @@ class SourceConfig(Section):
     )
     loop: bool = Field(False, description="replay the recording forever")
     frames: int = Field(0, ge=0, description="stop after this many frames (0 = no limit)")
+    paused: bool = Field(False, description="start paused; resume over the control socket")
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
 
 
@@ -67,9 +68,23 @@ class PipelineConfig(Section):
 class ModelConfig(Section):
     path: str = Field("", description="model file; empty = the bundled ultrasound model")
     engine: str = Field("", description="engine name; empty = best available for `device`")
-    device: str = Field("cpu", description="device for the engine: cpu, gpu, npu, ...")
+    device: str = Field(
+        "cpu",
+        description="device for the engine: cpu, cuda[:N] (NVIDIA), gpu[.N] (Intel), npu, "
+        "myriad, auto",
+    )
     threads: int = Field(0, ge=0, description="engine CPU threads (0 = engine default)")
     warmup: int = Field(3, ge=0, description="warm-up inferences before READY")
+    preprocess: Literal["cpu", "opencl", "auto"] = Field(
+        "auto",
+        description="pre-processing: 'cpu' (numpy/OpenCV), 'opencl' (any OpenCL device, else "
+        "the CPU with the reason), 'auto' (OpenCL on a GPU when the engine runs off the CPU)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="engine options, e.g. { precision = 'fp16', fallback = 'warn', "
+        "provider = 'tensorrt' } (see `echod engines` and each engine's documentation)",
+    )
 
 
 class SinkConfig(Section):
@@ -92,6 +107,33 @@ class PathsConfig(Section):
         return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", Path(f"/tmp/echod-{os.getuid()}"))
 
 
+class ControlConfig(Section):
+    enabled: bool = Field(True, description="serve the control socket")
+    endpoint: str = Field(
+        "",
+        description="requests (ROUTER); empty = ipc://<runtime_dir>/control.sock; tcp:// needs"
+        " server_key and clients_dir (CURVE)",
+    )
+    telemetry_endpoint: str = Field(
+        "", description="telemetry and events (PUB); empty = ipc://<runtime_dir>/telemetry.sock"
+    )
+    telemetry_interval_s: float = Field(1.0, gt=0, description="seconds between telemetry messages")
+    max_message_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, description="largest request answered"
+    )
+    ipc_role: Literal["read", "control", "admin"] = Field(
+        "control", description="role of local (ipc) clients: read, control or admin (shutdown)"
+    )
+    server_key: str = Field("", description="CURVE secret key file of the server (tcp only)")
+    clients_dir: str = Field(
+        "", description="allowed client public keys in read/, control/, admin/ (tcp only)"
+    )
+    roots: list[str] = Field(
+        default_factory=list,
+        description="folders that path arguments (models, screenshots, jobs) must be inside",
+    )
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
@@ -102,6 +144,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
@@ -140,6 +183,35 @@ def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -
         raise ConfigError(_describe(e, source)) from None
 
 
+def validate_change(config: Config, key: str, value: Any) -> Config:
+    """``config`` with one dotted setting changed, validated like the file."""
+    data = config.model_dump()
+    node = data
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"no setting '{key}'")
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(_describe_unknown(key.split(".")))
+    node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, None)) from None
+
+
+def _describe_unknown(loc: list[str]) -> str:
+    valid = _fields_at(loc[:-1])
+    near = difflib.get_close_matches(loc[-1], valid, n=1)
+    hint = (
+        f"did you mean '{'.'.join([*loc[:-1], near[0]])}'?"
+        if near
+        else f"valid keys: {', '.join(valid)}"
+    )
+    return f"unknown setting '{'.'.join(loc)}': {hint}"
+
+
 def _describe(e: ValidationError, source: Path | None) -> str:
     """One line for the first error: where, what rule, what value, what to use instead."""
     err = e.errors()[0]
@@ -147,14 +219,7 @@ def _describe(e: ValidationError, source: Path | None) -> str:
     field = ".".join(loc)
     where = f"{source}: " if source else ""
     if err["type"] == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
-        near = difflib.get_close_matches(loc[-1], valid, n=1)
-        hint = (
-            f"did you mean '{'.'.join([*loc[:-1], near[0]])}'?"
-            if near
-            else (f"valid keys: {', '.join(valid)}")
-        )
-        return f"{where}unknown setting '{field}': {hint}"
+        return where + _describe_unknown(loc)
     value = err.get("input")
     msg = f"{where}setting '{field}' {err['msg'].lower()} (got {value!r})"
     if err["type"] == "literal_error" and isinstance(value, str):
@@ -198,8 +263,14 @@ def to_toml(config: Config) -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

@@ -20,6 +20,8 @@ from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
 log = logging.getLogger(__name__)
 
+STANDBY_POLL_S = 0.001
+
 STAGES = {
     "acquire": "daemon.pipeline:AcquireStage",
     "infer": "daemon.pipeline:InferStage",
@@ -63,11 +65,21 @@ class AcquireStage(Stage):
         )
         self.limit = src.frames or None
         self.count = 0
+        self.paused = src.paused
         return {"source": self.source.description}
+
+    def command(self, name: str, args: dict[str, Any]) -> Any:
+        if name == "set" and args["key"] == "source.paused":
+            self.paused = bool(args["value"])
+            return {"paused": self.paused}
+        return super().command(name, args)
 
     def step(self) -> bool:
         if self.limit is not None and self.count >= self.limit:
             return False
+        if self.paused:
+            self.ctx.stop.wait(POLL_S)
+            return True
         frame = next(self.frames, None)
         if frame is None:
             return False
@@ -84,25 +96,53 @@ class AcquireStage(Stage):
 
 
 class InferStage(Stage):
-    """Pre-process, run the network, post-process; label maps go to the results ring."""
+    """Pre-process, run the network, post-process; label maps go to the results ring.
+
+    Started with ``params["standby"]`` (a hot-swap successor), it loads and warms
+    up its model but reads no frame until the supervisor says ``go``; its reader
+    entry has the same name as its predecessor's, so it resumes at the first
+    frame the predecessor did not take.
+    """
 
     def setup(self) -> dict[str, Any]:
         from daemon.engines.segmenter import Segmenter
         from daemon.models import default_model
 
         m = self.config.model
-        path = Path(m.path) if m.path else default_model(self.config.paths.cache())
+        p = self.spec.params
+        model = p.get("model") or m.path
+        path = Path(model) if model else default_model(self.config.paths.cache())
         options = {"intra_op_threads": m.threads} if m.threads else {}
-        self.seg = Segmenter.open(path, engine=m.engine or None, device=m.device, **options)
-        self.seg.check_frame(tuple(self.spec.params["frame_shape"]))
+        self.seg = Segmenter.open(
+            path,
+            engine=p.get("engine") or m.engine or None,
+            device=p.get("device") or m.device,
+            **options,
+        )
+        self.seg.check_frame(tuple(p["frame_shape"]))
         self.seg.warmup(m.warmup)
-        self.reader = self.ctx.input("frames")
-        self.ctx.output("results")
         self.count = 0
         self.torn = 0
+        self.active = False
+        if not p.get("standby"):
+            self._activate()
         return self.seg.describe()
 
+    def _activate(self) -> None:
+        self.reader = self.ctx.input("frames")
+        self.ctx.output("results")
+        self.active = True
+
+    def command(self, name: str, args: dict[str, Any]) -> Any:
+        if name == "go":
+            self._activate()
+            return {"active": True}
+        return super().command(name, args)
+
     def step(self) -> bool:
+        if not self.active:
+            self.ctx.stop.wait(STANDBY_POLL_S)  # a successor in standby: commands come soon
+            return True
         f = self.reader.read(timeout=POLL_S)
         if f is None:
             return True

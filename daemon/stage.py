@@ -11,6 +11,7 @@ small queue; frames never do.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from daemon.config import Config
-from daemon.errors import EchodError
+from daemon.errors import EchodError, StageError
 from daemon.frame import FrameMeta
 from daemon.ring import EndOfStream, Ring, RingReader, RingWriter
 
@@ -56,6 +57,10 @@ class Events(Protocol):
     def put(self, obj: Any) -> None: ...
 
 
+class Commands(Protocol):
+    def get_nowait(self) -> Any: ...
+
+
 class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
@@ -85,14 +90,21 @@ class Stage(ABC):
         """Facts for the done event."""
         return {}
 
+    def command(self, name: str, args: dict[str, Any]) -> Any:
+        """A request from the supervisor (run-time setting, screenshot, handover...)."""
+        raise StageError(f"stage '{self.spec.name}' has no command '{name}'")
+
 
 class StageContext:
     """A stage's view of its rings, the stop flag and the supervisor's event queue."""
 
-    def __init__(self, spec: StageSpec, events: Events, stop: StopFlag) -> None:
+    def __init__(
+        self, spec: StageSpec, events: Events, stop: StopFlag, commands: Commands | None = None
+    ) -> None:
         self.spec = spec
         self.events = events
         self.stop = stop
+        self.commands = commands
         self._rings: dict[str, Ring] = {}
         self._readers: dict[str, RingReader] = {}
         self._writers: dict[str, RingWriter] = {}
@@ -142,15 +154,24 @@ class StageContext:
             ring.close()
 
 
+RETIRE = "retire"  # the supervisor's command to hand this stage's place to a successor
+
+
 def run_stage(
-    stage_cls: type[Stage], spec: StageSpec, config: Config, events: Events, stop: StopFlag
+    stage_cls: type[Stage],
+    spec: StageSpec,
+    config: Config,
+    events: Events,
+    stop: StopFlag,
+    commands: Commands | None = None,
 ) -> int:
     """Run one stage to completion; the body of a stage process or thread.
 
-    Returns the exit code: 0 when done or stopped, the error's exit code when
-    setup or a step failed (the failure is reported first).
+    Returns the exit code: 0 when done, stopped or retired, the error's exit
+    code when setup or a step failed (the failure is reported first). A retired
+    stage leaves its reader cursors and output streams open for its successor.
     """
-    ctx = StageContext(spec, events, stop)
+    ctx = StageContext(spec, events, stop, commands)
     stage: Stage | None = None
     finished = False
     try:
@@ -158,6 +179,8 @@ def run_stage(
         ctx.report("ready", **stage.setup())
         beat = time.monotonic()
         while not stop.is_set():
+            if commands is not None and _serve_commands(stage, ctx, commands):
+                return 0  # retired: `finished` stays False
             try:
                 if not stage.step():
                     break
@@ -183,3 +206,19 @@ def run_stage(
         if stage is not None:
             stage.teardown()
         ctx.close(finished)
+
+
+def _serve_commands(stage: Stage, ctx: StageContext, commands: Commands) -> bool:
+    """Answer pending supervisor commands; True when told to retire."""
+    while True:
+        try:
+            token, name, args = commands.get_nowait()
+        except queue.Empty:
+            return False
+        if name == RETIRE:
+            ctx.report("reply", token=token, result={"retired": True})
+            return True
+        try:
+            ctx.report("reply", token=token, result=stage.command(name, args))
+        except EchodError as e:
+            ctx.report("reply", token=token, error=e.to_dict())

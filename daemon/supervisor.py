@@ -11,31 +11,45 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import logging
 import multiprocessing as mp
 import os
+import platform
 import queue
 import signal
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from daemon import pipeline
+import psutil
+
+from daemon import __version__, pipeline, protocol
 from daemon.acquire import open_source
-from daemon.config import Config
+from daemon.config import Config, ConfigError, validate_change
 from daemon.errors import EchodError, StageError, from_dict
 from daemon.notify import notify, watchdog_interval
+from daemon.paths import confine
+from daemon.protocol import Parsed, ProtocolError, Role
 from daemon.ring import Ring, remove_segments, remove_stale_segments
-from daemon.stage import Stage, StageSpec, StopFlag, run_stage
+from daemon.stage import RETIRE, Stage, StageSpec, StopFlag, run_stage
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2  # the monitor loop's period
 JOIN_S = 5.0  # how long a stopping stage may take before it is killed
 HEARTBEAT_STALE_S = 5.0
+CALL_TIMEOUT_S = 10.0  # a stage must answer a command within this
+
+# settings that may change while running -> the stage that applies them
+RUNTIME_SETTINGS = {"source.paused": "acquire"}
 
 
 @dataclass
@@ -48,6 +62,8 @@ class Worker:
     restarts: int = 0
     heartbeat: float = field(default_factory=time.monotonic)
     info: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    commands: Any = None
 
     @property
     def alive(self) -> bool:
@@ -67,6 +83,14 @@ class Supervisor:
         self.workers: dict[str, Worker] = {}
         self.stop_reason: str | None = None
         self.started = time.monotonic()
+        self.state = "starting"
+        self.source: dict[str, Any] = {}
+        self.control: Any = None
+        self.resources: dict[str, Any] = {}
+        self._actions: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._replies: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -74,7 +98,7 @@ class Supervisor:
         """Start, watch until the stream ends or a stop is asked, stop; return the summary."""
         for name in remove_stale_segments():
             log.info("removed stale shared-memory segment %s", name)
-        source = self._probe_source()
+        self.source = source = self._probe_source()
         previous = self._install_signals()
         try:
             self._create_rings(source["shape"], source["dtype"])
@@ -82,13 +106,18 @@ class Supervisor:
                 self.config, {n: r.name for n, r in self.rings.items()}, source["shape"]
             )
             self.workers = {s.name: Worker(s) for s in specs}
+            self._start_control()
             self._start_all()
+            self.state = "running"
             notify("READY=1", f"STATUS=running: {source['description']}")
             self._watch()
             return self._summary(source)
         finally:
+            self.state = "stopping"
             notify("STOPPING=1")
             self._stop_all()
+            if self.control is not None:
+                self.control.close()
             self._remove_rings()
             self._restore_signals(previous)
 
@@ -147,7 +176,8 @@ class Supervisor:
             self._await_ready(wave)
 
     def _spawn(self, w: Worker) -> None:
-        args = (w.spec, self.config, self.events, self.stop)
+        w.commands = queue.Queue() if self.threads else self._mp.Queue()
+        args = (w.spec, self.config, self.events, self.stop, w.commands)
         if self.threads:
             w.handle = threading.Thread(
                 target=_thread_main, args=args, name=f"echod-{w.spec.name}", daemon=True
@@ -158,6 +188,7 @@ class Supervisor:
             )
         w.ready, w.failure, w.heartbeat = False, None, time.monotonic()
         w.handle.start()
+        self._publish("stage", {"stage": w.spec.name, "state": "started", "restarts": w.restarts})
         log.info("stage %s started (pid %s)", w.spec.name, getattr(w.handle, "pid", "thread"))
 
     def _await_ready(self, wave: list[Worker]) -> None:
@@ -191,7 +222,8 @@ class Supervisor:
         sink = self.workers["sink"]
         while sink.done is None and not self.stop.is_set():
             self._drain_events(TICK_S)
-            for w in self.workers.values():
+            self._run_actions()
+            for w in list(self.workers.values()):
                 if w.failure is not None and w.failure.get("fatal"):
                     raise from_dict(w.failure["error"])
                 if w.done is None and not w.alive and not self._pending_events():
@@ -209,6 +241,7 @@ class Supervisor:
                 f" after {w.restarts} restart(s)"
             )
         w.restarts += 1
+        self._publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
         log.warning(
             "stage %s died (%s): restart %d of %d",
             w.spec.name,
@@ -243,21 +276,239 @@ class Supervisor:
                 return
 
     def _handle(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "reply":
+            self._replies[event["token"]] = event
+            return
         w = self.workers.get(event["stage"])
         if w is None:
             return
-        kind = event["event"]
         w.heartbeat = time.monotonic()
         data = {k: v for k, v in event.items() if k not in ("stage", "event", "t")}
         if kind == "ready":
             w.ready = True
             w.info.update(data)
             log.info("stage %s ready %s", w.spec.name, data or "")
+            self._publish("stage", {"stage": w.spec.name, "state": "ready"})
+        elif kind == "stats":
+            w.stats = data
+            self._status_line(data)
         elif kind == "done":
             w.done = data
         elif kind == "failed":
             w.failure = data
             log.error("stage %s failed: %s", w.spec.name, data["error"]["message"])
+            self._publish("stage", {"stage": w.spec.name, "state": "failed", **data})
+
+    def _dropped(self) -> int:
+        readers = (r for ring in self.rings.values() for r in ring.stats()["readers"].values())
+        return sum(r["dropped"] for r in readers)
+
+    def _status_line(self, live: dict[str, Any]) -> None:
+        if not self.config.sink.headless:
+            return
+        lat = live["latency_ms"]
+        print(
+            f"echod: {live['fps']:6.1f} fps | latency p50 {lat['p50']:.1f} ms p99"
+            f" {lat['p99']:.1f} ms | inference {live['inference_ms']:.1f} ms | frames"
+            f" {live['frames']} dropped {self._dropped()}",
+            flush=True,
+        )
+
+    # -- control ----------------------------------------------------------------
+
+    def _start_control(self) -> None:
+        if not self.config.control.enabled:
+            return
+        from daemon.control import ControlServer
+
+        self.control = ControlServer(
+            self.config.control, self.config.paths.runtime(), self.handle_request, self.telemetry
+        )
+        self.control.start()
+
+    def _publish(self, topic: str, data: dict[str, Any]) -> None:
+        if self.control is not None:
+            self.control.publish(topic, data)
+
+    def handle_request(self, req: Parsed, role: Role) -> Any:
+        """Answer one control request (control thread). Reads are served here from
+        snapshots; changes run in the supervisor's own thread (:meth:`_in_main`)."""
+        name, args = req.command.name, req.args
+        if name == "ping":
+            return {
+                "pong": True,
+                "version": __version__,
+                "uptime_s": self._uptime(),
+                "telemetry": self.control.telemetry_endpoint,
+            }
+        if name == "status":
+            return self.status()
+        if name == "config.get":
+            return self._config_get(args.key)  # type: ignore[attr-defined]
+        if name == "engines":
+            from daemon.engines.registry import probe_all
+
+            return [dataclasses.asdict(p) for p in probe_all()]
+        if name == "models":
+            return self._models()
+        if name == "shutdown":
+            self.request_stop(f"shutdown requested by a {role} client")
+            return {"stopping": True}
+        if name == "config.set":
+            return self._in_main(lambda: self._set(args.key, args.value))  # type: ignore[attr-defined]
+        if name == "model.load":
+            return self._in_main(lambda: self._load_model(args))
+        if name == "screenshot":
+            raise ProtocolError(
+                protocol.UNAVAILABLE,
+                "no display is running (headless): screenshots need the display stage",
+            )
+        raise ProtocolError(
+            protocol.UNAVAILABLE,
+            f"'{name}' is not available in this version: offline jobs arrive with the job system",
+        )
+
+    def _in_main(self, fn: Callable[[], Any]) -> Any:
+        fut: Future[Any] = Future()
+        self._actions.put((fn, fut))
+        self.events.put({"stage": "", "event": "wake"})
+        return fut.result(timeout=self.config.pipeline.stage_timeout_s + CALL_TIMEOUT_S)
+
+    def _run_actions(self) -> None:
+        while True:
+            try:
+                fn, fut = self._actions.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the waiting control thread
+                fut.set_exception(e)
+
+    def _call(self, w: Worker, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Send a stage a command and wait for its answer (supervisor thread)."""
+        token = uuid.uuid4().hex
+        w.commands.put((token, name, args or {}))
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while token not in self._replies:
+            if time.monotonic() > deadline or not w.alive:
+                raise StageError(f"stage '{w.spec.name}' did not answer '{name}'")
+            self._drain_events(0.01)
+        reply = self._replies.pop(token)
+        if "error" in reply:
+            raise from_dict(reply["error"])
+        return reply.get("result")
+
+    def _set(self, key: str, value: Any) -> dict[str, Any]:
+        stage = RUNTIME_SETTINGS.get(key)
+        if stage is None:
+            raise ConfigError(
+                f"'{key}' cannot change while running (restart to change it); "
+                f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
+            )
+        self.config = validate_change(self.config, key, value)
+        result = self._call(self.workers[stage], "set", {"key": key, "value": value})
+        self._publish("config", {"key": key, "value": value})
+        return {"key": key, "value": value, "applied": result}
+
+    def _load_model(self, args: Any) -> dict[str, Any]:
+        """Hot-swap: a successor loads and warms up while the current model keeps
+        running, then takes over its reader cursor (mode ``all`` loses no frame)."""
+        path = confine(args.path, self._roots("models"), what="model")
+        old = self.workers["infer"]
+        params = {
+            **old.spec.params,
+            "model": str(path),
+            "engine": args.engine,
+            "device": args.device,
+            "standby": True,
+        }
+        new = Worker(dataclasses.replace(old.spec, params=params))
+        self._spawn(new)
+        try:
+            self._await_ready([new])
+        except EchodError:
+            self._kill(new)
+            raise
+        self._call(old, RETIRE)
+        if old.handle is not None:
+            old.handle.join(JOIN_S)
+        self.workers["infer"] = new
+        self._call(new, "go")
+        new.spec = dataclasses.replace(new.spec, params={**params, "standby": False})
+        self._publish("model", {"state": "switched", "model": new.info.get("model")})
+        log.info("model switched to %s", path)
+        return new.info
+
+    def _kill(self, w: Worker) -> None:
+        if isinstance(w.handle, mp.process.BaseProcess) and w.handle.is_alive():
+            w.handle.kill()
+            w.handle.join(1.0)
+
+    def _roots(self, kind: str) -> list[Path]:
+        from daemon.models import BUNDLED
+
+        roots = [Path(r) for r in self.config.control.roots]
+        if kind == "models":
+            roots += [BUNDLED, self.config.paths.cache() / "models"]
+        return roots
+
+    def _config_get(self, key: str) -> Any:
+        node: Any = self.config.model_dump(mode="json")
+        for part in [p for p in key.split(".") if p]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"no setting '{key}'")
+            node = node[part]
+        return node
+
+    def _models(self) -> list[dict[str, Any]]:
+        from daemon.models import BUNDLED
+
+        found = sorted(BUNDLED.glob("*.onnx")) + sorted(
+            (self.config.paths.cache() / "models").glob("*.onnx")
+        )
+        return [{"name": p.name, "path": str(p)} for p in found]
+
+    def _uptime(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    def status(self) -> dict[str, Any]:
+        """What an operator wants to see, from snapshots (cheap: no stage is asked)."""
+        now = time.monotonic()
+        sink = self.workers["sink"].stats if "sink" in self.workers else {}
+        infer = self.workers["infer"].info if "infer" in self.workers else {}
+        return {
+            "state": self.state,
+            "uptime_s": self._uptime(),
+            "source": self.source.get("description"),
+            "mode": self.config.pipeline.mode,
+            "stages": {
+                name: {
+                    "pid": getattr(w.handle, "pid", None),
+                    "alive": w.alive,
+                    "ready": w.ready,
+                    "restarts": w.restarts,
+                    "heartbeat_age_s": round(now - w.heartbeat, 3),
+                }
+                for name, w in self.workers.items()
+            },
+            "fps": sink.get("fps"),
+            "latency_ms": sink.get("latency_ms"),
+            "frames": sink.get("frames"),
+            "dropped": self._dropped() if self.rings else 0,
+            "engine": infer.get("engine"),
+            "device": infer.get("device"),
+            "model": infer.get("model"),
+            "resources": self.resources,
+            "versions": {"echod": __version__, "python": platform.python_version()},
+        }
+
+    def telemetry(self) -> dict[str, Any]:
+        """Refresh resource use (control thread, once per telemetry interval) and report."""
+        self.resources = _resources(self.workers.values())
+        st = self.status()
+        return {k: st[k] for k in ("state", "fps", "latency_ms", "frames", "dropped", "resources")}
 
     # -- stopping ---------------------------------------------------------------
 
@@ -317,6 +568,27 @@ class Supervisor:
         }
 
 
+def _resources(workers: Any) -> dict[str, Any]:
+    """CPU, memory, load and temperatures where the platform reports them."""
+    rss = 0
+    for w in [*workers, None]:
+        pid = os.getpid() if w is None else getattr(w.handle, "pid", None)
+        with contextlib.suppress(psutil.Error, TypeError):
+            rss += psutil.Process(pid).memory_info().rss
+    temps: dict[str, float] = {}
+    with contextlib.suppress(AttributeError, OSError):
+        for chip, sensors in psutil.sensors_temperatures().items():
+            for i, t in enumerate(sensors):
+                temps[f"{chip}/{t.label or i}"] = t.current
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "memory_percent": psutil.virtual_memory().percent,
+        "load": list(os.getloadavg()),
+        "rss_mb": round(rss / 2**20, 1),
+        "temperatures_c": temps,
+    }
+
+
 def _exitcode(w: Worker) -> int | None:
     return w.handle.exitcode if isinstance(w.handle, mp.process.BaseProcess) else None
 
@@ -327,11 +599,15 @@ def _stage_class(spec: StageSpec) -> type[Stage]:
     return cls
 
 
-def _thread_main(spec: StageSpec, config: Config, events: Any, stop: StopFlag) -> None:
-    run_stage(_stage_class(spec), spec, config, events, stop)
+def _thread_main(
+    spec: StageSpec, config: Config, events: Any, stop: StopFlag, commands: Any
+) -> None:
+    run_stage(_stage_class(spec), spec, config, events, stop, commands)
 
 
-def _process_main(spec: StageSpec, config: Config, events: Any, stop: StopFlag) -> None:
+def _process_main(
+    spec: StageSpec, config: Config, events: Any, stop: StopFlag, commands: Any
+) -> None:
     """Entry of a stage process: dies with the supervisor, leaves signals to it."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
@@ -346,7 +622,7 @@ def _process_main(spec: StageSpec, config: Config, events: Any, stop: StopFlag) 
     except EchodError as e:
         events.put({"stage": spec.name, "event": "failed", "error": e.to_dict(), "fatal": True})
         sys.exit(e.exit_code)
-    code = run_stage(cls, spec, config, events, stop)
+    code = run_stage(cls, spec, config, events, stop, commands)
     events.close()
     events.join_thread()
     sys.exit(code)

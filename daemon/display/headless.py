@@ -1,4 +1,4 @@
-"""The headless sink: consumes results, keeps run statistics, prints a status line.
+"""The headless sink: consumes results, keeps run statistics, reports them once a second.
 
 It is the display's stand-in where no screen is attached (and the measuring
 end of every benchmark): frame latency is acquisition stamp -> read here.
@@ -47,16 +47,18 @@ class HeadlessSink(Stage):
         now = time.monotonic()
         if now >= self.next_status:
             self.next_status = now + self.config.sink.status_interval_s
-            print(self.status_line(self.meter.rate(now)), flush=True)
+            self.ctx.report("stats", **self.live(self.meter.rate(now)))
         return True
 
-    def status_line(self, fps: float) -> str:
-        lat = self.latency.summary()
-        inf = self.stages["nn_inference"]
-        return (
-            f"echod: {fps:6.1f} fps | latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms"
-            f" | inference {inf.mean:.1f} ms | frames {self.count} dropped {self.reader.dropped}"
-        )
+    def live(self, fps: float) -> dict[str, Any]:
+        """The figures of the last interval (the supervisor prints and publishes them)."""
+        return {
+            "fps": round(fps, 2),
+            "latency_ms": self.latency.summary(50, 99),
+            "inference_ms": round(self.stages["nn_inference"].mean, 3),
+            "frames": self.count,
+            "dropped": self.reader.dropped,
+        }
 
     def summary(self) -> dict[str, Any]:
         span = (self.last_ns - self.first_ns) / 1e9

@@ -1,0 +1,204 @@
+"""``echod ctl``: the command-line client of the control protocol.
+
+Readable output by default, ``--json`` for scripts; the exit code tells the
+error class (sysexits), so scripts can branch without parsing messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+
+from daemon import protocol
+
+# error code -> exit status (sysexits.h), one table for every command
+EXIT = {
+    protocol.BAD_JSON: 64,
+    protocol.BAD_REQUEST: 64,
+    protocol.BAD_VERSION: 64,
+    protocol.UNKNOWN_COMMAND: 64,
+    protocol.BAD_ARGS: 64,
+    protocol.TOO_LARGE: 64,
+    protocol.FORBIDDEN: 77,
+    protocol.UNAVAILABLE: 69,
+    protocol.INTERNAL: 70,
+    "config": 78,
+    "model": 65,
+    "source": 66,
+    "engine": 69,
+    "stage": 70,
+    "ring": 71,
+    "timeout": 75,
+}
+# commands whose single positional argument names this field
+POSITIONAL = {
+    "config.get": "key",
+    "model.load": "path",
+    "screenshot": "path",
+    "jobs.get": "job",
+    "jobs.cancel": "job",
+}
+
+
+class CtlError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Client:
+    """A DEALER connected to the daemon; CURVE when keys are given (tcp)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float = 5.0,
+        server_key: Path | None = None,
+        client_key: Path | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self._curve(self.sock, server_key, client_key)
+        self.sock.connect(endpoint)
+
+    @staticmethod
+    def _curve(sock: zmq.Socket[Any], server_key: Path | None, client_key: Path | None) -> None:
+        if server_key is None and client_key is None:
+            return
+        if server_key is None or client_key is None:
+            raise CtlError(
+                "config", "CURVE needs both --server-key (public) and --client-key (secret) files"
+            )
+        server_public, _ = zmq.auth.load_certificate(server_key)
+        public, secret = zmq.auth.load_certificate(client_key)
+        if secret is None:
+            raise CtlError("config", f"{client_key} holds no secret key: use the .key_secret file")
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """The result, or :class:`CtlError` with the daemon's code and message."""
+        rid = uuid.uuid4().hex[:12]
+        self.sock.send(protocol.request(cmd, args, request_id=rid))
+        while True:
+            if not self.sock.poll(self.timeout_ms):
+                raise CtlError(
+                    "timeout",
+                    f"no answer from {self.endpoint} within "
+                    f"{self.timeout_ms / 1000:g} s: is echod running there?",
+                )
+            reply = json.loads(self.sock.recv())
+            if reply.get("id") == rid:  # skip late answers to earlier, timed-out requests
+                break
+        if not reply["ok"]:
+            raise CtlError(reply["error"]["code"], reply["error"]["message"])
+        return reply["result"]
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def add_parser(sub: Any) -> None:
+    ctl = sub.add_parser("ctl", help="talk to a running daemon over its control socket")
+    ctl.add_argument("--endpoint", help="control endpoint (default: ipc in the runtime directory)")
+    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON result")
+    ctl.add_argument("--server-key", type=Path, help="server public key file (tcp + CURVE)")
+    ctl.add_argument("--client-key", type=Path, help="client secret key file (tcp + CURVE)")
+    ctl.add_argument("command", help=f"one of: watch, {', '.join(protocol.COMMANDS)}")
+    ctl.add_argument("args", nargs="*", help="KEY=VALUE arguments (or one positional value)")
+    ctl.set_defaults(func=cmd_ctl)
+
+
+def parse_args(command: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (values read as TOML, else plain strings), or the one positional."""
+    if command == "config.set" and len(items) == 1 and "=" in items[0]:
+        key, _, raw = items[0].partition("=")
+        return {"key": key, "value": _value(raw)}
+    if len(items) == 1 and "=" not in items[0] and command in POSITIONAL:
+        return {POSITIONAL[command]: items[0]}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CtlError(protocol.BAD_ARGS, f"argument {item!r}: expected KEY=VALUE")
+        out[key] = _value(raw)
+    return out
+
+
+def _value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def default_endpoint() -> str:
+    from daemon import config
+
+    return f"ipc://{config.load().paths.runtime() / 'control.sock'}"
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    endpoint = args.endpoint or default_endpoint()
+    try:
+        if args.command == "watch":
+            return watch(endpoint, args)
+        client = Client(endpoint, args.timeout, args.server_key, args.client_key)
+        try:
+            result = client.call(args.command, parse_args(args.command, args.args))
+        finally:
+            client.close()
+    except CtlError as e:
+        print(f"echod ctl: {e.code}: {e.message}", file=sys.stderr)
+        return EXIT.get(e.code, 1)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def watch(endpoint: str, args: argparse.Namespace) -> int:
+    """Print telemetry and events as they come (Ctrl-C ends)."""
+    client = Client(endpoint, args.timeout, args.server_key, args.client_key)
+    try:
+        pub = client.call("ping")["telemetry"]
+    finally:
+        client.close()
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    Client._curve(sock, args.server_key, args.client_key)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(pub)
+    try:
+        while True:
+            topic, body = sock.recv_multipart()
+            data = json.loads(body)["result"]
+            if args.json:
+                print(json.dumps({"topic": topic.decode(), **data}), flush=True)
+            else:
+                print(f"{topic.decode():<10} {_brief(data)}", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sock.close(0)
+
+
+def _brief(data: dict[str, Any]) -> str:
+    if "fps" in data:
+        lat = data.get("latency_ms") or {}
+        return (
+            f"{data.get('state')} {data.get('fps') or 0:.1f} fps latency p50 "
+            f"{lat.get('p50', float('nan')):.1f} ms p99 {lat.get('p99', float('nan')):.1f} ms "
+            f"frames {data.get('frames')} dropped {data.get('dropped')}"
+        )
+    return json.dumps(data)

@@ -1,0 +1,212 @@
+"""The control protocol, version 1: JSON requests and replies over ZeroMQ.
+
+Request: ``{"v": 1, "id": "...", "cmd": "...", "args": {...}}``.
+Reply:   ``{"v": 1, "id": "...", "ok": true, "result": ...}`` or
+         ``{"v": 1, "id": "...", "ok": false, "error": {"code": "...", "message": "..."}}``.
+
+Every command has a typed argument model and a permission; parsing a request
+either yields a :class:`Request` with validated ``args`` or raises
+:class:`ProtocolError` with a stable code and a message that says what to fix.
+This module is pure (no sockets): the server and the client both use it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+VERSION = 1
+Role = Literal["read", "control", "admin"]
+ROLES: tuple[Role, ...] = ("read", "control", "admin")
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served: ``code`` is stable, ``message`` says what to fix."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# stable error codes of the protocol itself (EchodError codes travel as they are)
+BAD_JSON = "bad_json"
+BAD_REQUEST = "bad_request"
+BAD_VERSION = "bad_version"
+TOO_LARGE = "too_large"
+UNKNOWN_COMMAND = "unknown_command"
+BAD_ARGS = "bad_args"
+FORBIDDEN = "forbidden"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class NoArgs(Args):
+    pass
+
+
+class ConfigGetArgs(Args):
+    key: str = Field("", description="dotted setting name; empty = the whole configuration")
+
+
+class ConfigSetArgs(Args):
+    key: str = Field(min_length=1, description="dotted setting name, e.g. display.overlay")
+    value: Any = Field(description="new value, validated like the configuration file")
+
+
+class ModelLoadArgs(Args):
+    path: str = Field(min_length=1, description="model file inside a configured model root")
+    engine: str = ""
+    device: str = ""
+
+
+class ScreenshotArgs(Args):
+    path: str = Field(min_length=1, description="PNG file inside a configured output root")
+
+
+class JobSubmitArgs(Args):
+    kind: Literal["ct", "wsi"]
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobIdArgs(Args):
+    job: str = Field(min_length=1, max_length=64)
+
+
+class JobListArgs(Args):
+    state: Literal["", "queued", "running", "done", "failed", "cancelled"] = ""
+    limit: int = Field(100, ge=1, le=10_000)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: type[Args]
+    role: Role
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("ping", NoArgs, "read", "is the daemon answering"),
+        Command("status", NoArgs, "read", "stages, rates, latency, drops, engine, resources"),
+        Command("config.get", ConfigGetArgs, "read", "a setting or the whole configuration"),
+        Command("config.set", ConfigSetArgs, "control", "change a run-time setting"),
+        Command("engines", NoArgs, "read", "inference engines and why unavailable"),
+        Command("models", NoArgs, "read", "bundled and cached models"),
+        Command("model.load", ModelLoadArgs, "control", "hot-swap the live model"),
+        Command("screenshot", ScreenshotArgs, "control", "write the display to a PNG"),
+        Command("jobs.submit", JobSubmitArgs, "control", "queue an offline job"),
+        Command("jobs.get", JobIdArgs, "read", "one job's state and progress"),
+        Command("jobs.list", JobListArgs, "read", "jobs, newest first"),
+        Command("jobs.cancel", JobIdArgs, "control", "cancel a queued or running job"),
+        Command("shutdown", NoArgs, "admin", "stop the daemon"),
+    )
+}
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    v: int
+    id: str = Field(min_length=1, max_length=128)
+    cmd: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    id: str
+    command: Command
+    args: Args
+
+
+def parse(raw: bytes, max_bytes: int) -> Parsed:
+    """Validate one request; :class:`ProtocolError` says what is wrong and how to fix it."""
+    if len(raw) > max_bytes:
+        raise ProtocolError(
+            TOO_LARGE,
+            f"request of {len(raw)} bytes is over the limit of "
+            f"{max_bytes} bytes: send less (paths, not data)",
+        )
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(
+            BAD_JSON,
+            f"request is not UTF-8 JSON ({e}): send one JSON "
+            'object like {"v": 1, "id": "1", "cmd": "ping"}',
+        ) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_JSON, f"request must be a JSON object, got {type(obj).__name__}")
+    rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+    if "v" in obj and obj["v"] != VERSION:
+        raise ProtocolError(
+            BAD_VERSION,
+            f"protocol version {obj['v']!r} is not supported: this daemon speaks v={VERSION}",
+            rid,
+        )
+    try:
+        req = Request.model_validate(obj)
+    except ValidationError as e:
+        raise ProtocolError(BAD_REQUEST, _describe(e, "request"), rid) from None
+    command = COMMANDS.get(req.cmd)
+    if command is None:
+        near = difflib.get_close_matches(req.cmd, COMMANDS, n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"commands: {', '.join(COMMANDS)}"
+        raise ProtocolError(UNKNOWN_COMMAND, f"unknown command '{req.cmd}': {hint}", req.id)
+    try:
+        args = command.args.model_validate(req.args)
+    except ValidationError as e:
+        raise ProtocolError(BAD_ARGS, f"{req.cmd}: {_describe(e, 'args')}", req.id) from None
+    return Parsed(req.id, command, args)
+
+
+def allowed(role: Role, command: Command) -> bool:
+    return ROLES.index(role) >= ROLES.index(command.role)
+
+
+def _describe(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or where
+    if err["type"] == "extra_forbidden":
+        return f"unknown field '{where}.{field}'"
+    if err["type"] == "missing":
+        return f"missing field '{where}.{field}'"
+    return f"field '{where}.{field}': {err['msg'].lower()} (got {err.get('input')!r})"
+
+
+def request(cmd: str, args: dict[str, Any] | None = None, *, request_id: str) -> bytes:
+    return json.dumps({"v": VERSION, "id": request_id, "cmd": cmd, "args": args or {}}).encode()
+
+
+def ok(request_id: str | None, result: Any) -> bytes:
+    return json.dumps(
+        {"v": VERSION, "id": request_id, "ok": True, "result": result}, default=_jsonable
+    ).encode()
+
+
+def error(request_id: str | None, code: str, message: str) -> bytes:
+    return json.dumps(
+        {"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
+    ).encode()
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
