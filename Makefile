@@ -5,9 +5,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= onnxruntime,dev
+EXTRAS ?= onnxruntime,openvino,opencl,display,dev
 # Debian packages the tests and the embedded default need (installed as root only).
-DEBS   := xvfb
+DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0
 
 .PHONY: run test lint bench clean
 

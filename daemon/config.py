@@ -88,7 +88,11 @@ class ModelConfig(Section):
 
 
 class SinkConfig(Section):
-    headless: bool = Field(True, description="no display: print a status line instead")
+    headless: bool = Field(
+        False,
+        description="never open the display, print status lines instead; false: open it when a"
+        " screen is there ($DISPLAY or $WAYLAND_DISPLAY), else run headless",
+    )
     status_interval_s: float = Field(1.0, gt=0, description="seconds between status lines")
 
 
@@ -134,6 +138,48 @@ class ControlConfig(Section):
     )
 
 
+class DisplayConfig(Section):
+    """The ``[display]`` settings."""
+
+    fullscreen: bool = Field(True, description="fullscreen; false: a window of width x height")
+    width: int = Field(1280, ge=64, le=16384, description="window width when not fullscreen")
+    height: int = Field(800, ge=64, le=16384, description="window height when not fullscreen")
+    vsync: bool = Field(True, description="swap buffers on the display's vertical blank")
+    gl_api: Literal["auto", "gl33", "gles30"] = Field(
+        "auto", description="'auto': OpenGL 3.3 core, else OpenGL ES 3.0; or force one"
+    )
+    overlay: Literal["filled", "contour", "off"] = Field(
+        "filled", description="segmentation overlay at start (keys: o on/off, m filled/contour)"
+    )
+    opacity: float = Field(1.0, ge=0, le=1, description="scales the model card's class opacities")
+    contour_px: float = Field(2.0, gt=0, le=32, description="contour line width in screen pixels")
+    sync: Literal["latest", "synchronised"] = Field(
+        "latest",
+        description="'latest': newest frame with the latest overlay; 'synchronised': "
+        "the frame the overlay was computed on (delayed by inference)",
+    )
+    sync_history: int = Field(
+        64, ge=2, le=4096, description="frames kept to find a result's frame (synchronised)"
+    )
+    allow_quit: bool = Field(False, description="Esc / q / closing the window stops echod")
+    status_line: bool = Field(True, description="show fps, latency, engine, model, warnings")
+    inference_stopped_ms: float = Field(
+        1000.0, gt=0, description="no result this long while frames flow: warn, hide the overlay"
+    )
+    no_frames_ms: float = Field(
+        1000.0, gt=0, description="no frame this long: warn 'scanner disconnected'"
+    )
+    frame_old_ms: float = Field(
+        250.0, gt=0, description="a frame older than this when read: warn 'frame old'"
+    )
+    screenshot_dir: str = Field(
+        "", description="where the s key saves PNGs; empty = <state dir>/screenshots"
+    )
+    fallback: Literal["headless", "fail"] = Field(
+        "headless", description="no OpenGL window possible: status lines only, or fail"
+    )
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
@@ -145,6 +191,7 @@ class Config(Section):
     sink: SinkConfig = Field(default_factory=SinkConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    display: DisplayConfig = Field(default_factory=DisplayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 

@@ -8,6 +8,7 @@ stage classes here are the two that every run has (sinks live in
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ STAGES = {
     "acquire": "daemon.pipeline:AcquireStage",
     "infer": "daemon.pipeline:InferStage",
     "headless": "daemon.display.headless:HeadlessSink",
+    "display": "daemon.display.gl:DisplayStage",
 }
 
 
@@ -37,7 +39,7 @@ def build(
     policy: Literal["block", "overwrite"] = "block" if every else "overwrite"
     frames, results = ring_names["frames"], ring_names["results"]
     return [
-        StageSpec("sink", "headless", inputs={"results": InputPort(results, "all")}),
+        _sink(config, frames, results),
         StageSpec(
             "infer",
             "infer",
@@ -47,6 +49,22 @@ def build(
         ),
         StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}),
     ]
+
+
+def screen_available() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _sink(config: Config, frames: str, results: str) -> StageSpec:
+    """The display (the newest frame and result) when there is a screen, else the headless
+    sink (every result)."""
+    if config.sink.headless or not screen_available():
+        return StageSpec("sink", "headless", inputs={"results": InputPort(results, "all")})
+    return StageSpec(
+        "sink",
+        "display",
+        inputs={"frames": InputPort(frames, "newest"), "results": InputPort(results, "newest")},
+    )
 
 
 class AcquireStage(Stage):

@@ -49,7 +49,24 @@ HEARTBEAT_STALE_S = 5.0
 CALL_TIMEOUT_S = 10.0  # a stage must answer a command within this
 
 # settings that may change while running -> the stage that applies them
-RUNTIME_SETTINGS = {"source.paused": "acquire"}
+RUNTIME_SETTINGS = {
+    "source.paused": "acquire",
+    **{
+        f"display.{k}": "sink"
+        for k in (
+            "overlay",
+            "opacity",
+            "contour_px",
+            "sync",
+            "status_line",
+            "allow_quit",
+            "inference_stopped_ms",
+            "no_frames_ms",
+            "frame_old_ms",
+            "screenshot_dir",
+        )
+    },
+}
 
 
 @dataclass
@@ -305,7 +322,7 @@ class Supervisor:
         return sum(r["dropped"] for r in readers)
 
     def _status_line(self, live: dict[str, Any]) -> None:
-        if not self.config.sink.headless:
+        if self.workers["sink"].spec.kind != "headless":
             return
         lat = live["latency_ms"]
         print(
@@ -359,6 +376,12 @@ class Supervisor:
             return self._in_main(lambda: self._set(args.key, args.value))  # type: ignore[attr-defined]
         if name == "model.load":
             return self._in_main(lambda: self._load_model(args))
+        if name == "screenshot" and self.workers["sink"].spec.kind == "display":
+            shot = args.path  # type: ignore[attr-defined]
+            path = confine(shot, self._roots("screenshots"), what="screenshot", must_exist=False)
+            return self._in_main(
+                lambda: self._call(self.workers["sink"], "screenshot", {"path": str(path)})
+            )
         if name == "screenshot":
             raise ProtocolError(
                 protocol.UNAVAILABLE,
@@ -452,6 +475,8 @@ class Supervisor:
         roots = [Path(r) for r in self.config.control.roots]
         if kind == "models":
             roots += [BUNDLED, self.config.paths.cache() / "models"]
+        elif kind == "screenshots":
+            roots.append(self.config.paths.state() / "screenshots")
         return roots
 
     def _config_get(self, key: str) -> Any:

@@ -76,7 +76,7 @@ def live(runtime: Path, **extra: Any) -> dict[str, Any]:
         "source.pace": "fps",
         "source.fps": 20.0,
         "model.warmup": 1,
-        "sink.headless": False,
+        "sink.headless": True,
         **extra,
     }
 

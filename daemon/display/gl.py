@@ -1,0 +1,931 @@
+"""The bedside display: the live image with the segmentation overlay, in an OpenGL window.
+
+Three layers, each usable alone:
+
+- :class:`Window`: a pygame window (fullscreen, or windowed by the settings) with a
+  current OpenGL 3.3 core context, else an OpenGL ES 3.0 one (Jetson); vsync where the
+  driver has it; key presses.
+- :class:`Renderer`: the GL objects and one :meth:`Renderer.draw`: the frame as a
+  texture, letterboxed so that the aspect ratio *and* the physical pixel spacing are kept;
+  the label map as an ``R8UI`` texture coloured in the fragment shader from a 256-entry
+  lookup table (the model card's class colours and opacities; class 0 transparent), filled
+  or as contours (borders found by comparing neighbouring labels); confidence maps as a
+  heatmap; a status line (pygame.font text in a texture). Tests drive it directly.
+- :class:`DisplayStage`: the pipeline stage (input ports ``frames`` and ``results``, both
+  ``newest``). It never waits for inference: each step takes the newest frame and the
+  newest result, and the image keeps flowing when results stop (the overlay is then hidden
+  and the status line says "inference stopped"). Keys: ``o`` overlay on/off, ``m`` filled /
+  contour, ``f`` freeze, ``s`` screenshot, ``Esc``/``q`` quit when ``allow_quit``.
+
+If no window with either context can be opened (no display, no driver, the ``display``
+extra not installed), setup logs a :class:`DisplayError` and the stage behaves as the
+headless sink (``fallback = "headless"``), or fails with it (``fallback = "fail"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import statistics
+import time
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import ValidationError
+
+from daemon.config import Config, DisplayConfig
+from daemon.display import shaders
+from daemon.display.colours import class_lut, heatmap_lut
+from daemon.display.headless import TABLE2, HeadlessSink
+from daemon.engines.card import ClassCard, load_card
+from daemon.errors import ConfigError, ModelError, StageError
+from daemon.frame import FrameMeta
+from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
+from daemon.stage import POLL_S, Stage, StageContext, StageSpec
+
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+try:
+    import pygame
+    from OpenGL import GL
+except ImportError as exc:  # the "display" extra is not installed
+    _IMPORT_ERROR: ImportError | None = exc
+else:
+    _IMPORT_ERROR = None
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["filled", "contour", "heatmap", "off"]
+Rect = tuple[int, int, int, int]  # x, y (from the top), width, height in window pixels
+Colour = tuple[int, int, int]
+
+IDLE_S = min(POLL_S, 0.05)  # longest wait for a frame: keys and the status line stay live
+STATUS_S = 0.5  # status line refresh
+TEXT_COLOUR: Colour = (235, 235, 235)
+WARN_COLOUR: Colour = (255, 176, 0)
+# settings a running display takes (the "set" command), without a new window
+RUNTIME_SETTINGS = frozenset(
+    {
+        "overlay",
+        "opacity",
+        "contour_px",
+        "sync",
+        "status_line",
+        "allow_quit",
+        "inference_stopped_ms",
+        "no_frames_ms",
+        "frame_old_ms",
+        "screenshot_dir",
+    }
+)
+INFERENCE_STOPPED = "inference stopped"
+SCANNER_DISCONNECTED = "scanner disconnected"
+FRAME_OLD = "frame old"
+
+
+class DisplayError(StageError):
+    """The display cannot open a window with an OpenGL 3.3 or OpenGL ES 3.0 context."""
+
+    fatal = True  # restarting does not bring a screen or a driver
+
+
+def letterbox(
+    frame_wh: tuple[int, int], spacing_xy: tuple[float, float], window_wh: tuple[int, int]
+) -> Rect:
+    """The largest centred rectangle in the window with the frame's physical aspect ratio
+    (width x spacing_x : height x spacing_y); bars on the remaining sides."""
+    (w, h), (W, H) = frame_wh, window_wh
+    sx, sy = (s if s > 0 and math.isfinite(s) else 1.0 for s in spacing_xy)
+    scale = min(W / (w * sx), H / (h * sy))
+    qw, qh = min(W, round(w * sx * scale)), min(H, round(h * sy * scale))
+    return (W - qw) // 2, (H - qh) // 2, qw, qh
+
+
+def as_u8(image: np.ndarray) -> np.ndarray:
+    """``image`` as uint8 for display: unsigned ints by their top byte, floats as 0..1."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype.kind == "u":
+        return (image >> (8 * (image.dtype.itemsize - 1))).astype(np.uint8)
+    if image.dtype.kind == "f":
+        return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+_NO_SCREEN = ("offscreen", "dummy", "evdev")  # SDL's last resorts: nothing is shown
+
+
+def _require_libraries() -> None:
+    if _IMPORT_ERROR is not None:
+        raise DisplayError(
+            f"the display needs pygame and PyOpenGL ({_IMPORT_ERROR}): install "
+            "them with pip install 'echod[display]'"
+        )
+
+
+def _set_mode(size: tuple[int, int], flags: int, vsync: bool) -> bool:
+    """Open the window; whether vsync is on (pygame warns, or in older versions fails,
+    where the driver cannot sync: then it goes on without)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pygame.display.set_mode(size, flags, vsync=int(vsync))
+        except pygame.error as e:
+            if not vsync or "vsync" not in str(e):
+                raise
+            pygame.display.set_mode(size, flags, vsync=0)
+            return False
+    return vsync and not any("vsync" in str(w.message) for w in caught)
+
+
+class Window:
+    """A pygame window with a current OpenGL context; ``dialect`` says which one."""
+
+    def __init__(
+        self,
+        *,
+        fullscreen: bool,
+        size: tuple[int, int],
+        vsync: bool,
+        api: Literal["auto", "gl33", "gles30"] = "auto",
+        title: str = "echod",
+    ) -> None:
+        _require_libraries()
+        try:
+            pygame.display.init()
+            driver = pygame.display.get_driver()
+            if driver in _NO_SCREEN and os.environ.get("SDL_VIDEODRIVER") != driver:
+                pygame.display.quit()
+                raise pygame.error(f"SDL found only its {driver!r} video driver")
+        except pygame.error as e:
+            raise DisplayError(
+                f"no display to open a window on ({e}; DISPLAY={os.environ.get('DISPLAY', '')!r})"
+            ) from None
+        flags = pygame.OPENGL | pygame.DOUBLEBUF | (pygame.FULLSCREEN if fullscreen else 0)
+        tried = []
+        order: tuple[shaders.Dialect, ...] = ("gl33", "gles30") if api == "auto" else (api,)
+        for dialect in order:
+            major, minor, profile = (
+                (3, 3, pygame.GL_CONTEXT_PROFILE_CORE)
+                if dialect == "gl33"
+                else (3, 0, pygame.GL_CONTEXT_PROFILE_ES)
+            )
+            pygame.display.gl_set_attribute(pygame.GL_CONTEXT_MAJOR_VERSION, major)
+            pygame.display.gl_set_attribute(pygame.GL_CONTEXT_MINOR_VERSION, minor)
+            pygame.display.gl_set_attribute(pygame.GL_CONTEXT_PROFILE_MASK, profile)
+            try:
+                self.vsync = _set_mode((0, 0) if fullscreen else size, flags, vsync)
+            except pygame.error as e:
+                tried.append(f"{dialect}: {e}")
+                continue
+            self.dialect = dialect
+            break
+        else:
+            pygame.display.quit()
+            raise DisplayError(
+                "cannot create an OpenGL 3.3 core or OpenGL ES 3.0 context ("
+                + "; ".join(tried)
+                + "): check the GPU driver (Mesa: "
+                "libgl1-mesa-dri, libegl-mesa0)"
+            )
+        pygame.display.set_caption(title)
+        if fullscreen:
+            pygame.mouse.set_visible(False)
+        pygame.font.init()
+        self.size: tuple[int, int] = pygame.display.get_window_size()
+        self.description = (
+            f"{GL.glGetString(GL.GL_VERSION).decode()} on {GL.glGetString(GL.GL_RENDERER).decode()}"
+        )
+        log.info(
+            "display: %dx%d %s, %s, vsync %s",
+            *self.size,
+            "fullscreen" if fullscreen else "window",
+            self.description,
+            "on" if self.vsync else "off",
+        )
+
+    def pressed(self) -> list[str]:
+        """Keys pressed since the last call (pygame names: 'o', 'escape'...); 'quit' when
+        the window manager asks the window to close."""
+        out = []
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT:
+                out.append("quit")
+            elif event.type == pygame.KEYDOWN:
+                out.append(pygame.key.name(event.key))
+        return out
+
+    def swap(self) -> None:
+        pygame.display.flip()
+
+    def close(self) -> None:
+        pygame.font.quit()
+        pygame.display.quit()
+
+
+def _compile(dialect: shaders.Dialect, vertex: str, fragment: str) -> int:
+    program = GL.glCreateProgram()
+    for kind, body in ((GL.GL_VERTEX_SHADER, vertex), (GL.GL_FRAGMENT_SHADER, fragment)):
+        shader = GL.glCreateShader(kind)
+        GL.glShaderSource(shader, shaders.source(body, dialect))
+        GL.glCompileShader(shader)
+        if not GL.glGetShaderiv(shader, GL.GL_COMPILE_STATUS):
+            info = GL.glGetShaderInfoLog(shader).decode(errors="replace").strip()
+            raise DisplayError(f"{dialect} shader does not compile on this driver: {info}")
+        GL.glAttachShader(program, shader)
+        GL.glDeleteShader(shader)
+    GL.glLinkProgram(program)
+    if not GL.glGetProgramiv(program, GL.GL_LINK_STATUS):
+        info = GL.glGetProgramInfoLog(program).decode(errors="replace").strip()
+        raise DisplayError(f"{dialect} shaders do not link on this driver: {info}")
+    return int(program)
+
+
+def _texture(unit: int, filtering: int) -> int:
+    tex = int(GL.glGenTextures(1))
+    GL.glActiveTexture(GL.GL_TEXTURE0 + unit)
+    GL.glBindTexture(GL.GL_TEXTURE_2D, tex)
+    for name, value in (
+        (GL.GL_TEXTURE_MIN_FILTER, filtering),
+        (GL.GL_TEXTURE_MAG_FILTER, filtering),
+        (GL.GL_TEXTURE_WRAP_S, GL.GL_CLAMP_TO_EDGE),
+        (GL.GL_TEXTURE_WRAP_T, GL.GL_CLAMP_TO_EDGE),
+    ):
+        GL.glTexParameteri(GL.GL_TEXTURE_2D, name, value)
+    return tex
+
+
+def _pointer(a: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(a.ctypes.data)
+
+
+# texture units
+_IMAGE, _LABELS, _LUT, _TEXT = 0, 1, 2, 3
+
+
+class Renderer:
+    """GL objects and drawing for a window of ``size`` (w, h) pixels with a current context.
+
+    Upload with :meth:`upload_image` / :meth:`upload_overlay` (textures are re-created only
+    when a size changes), then :meth:`draw`; :meth:`read_pixels` reads what was drawn
+    before the buffers are swapped.
+    """
+
+    def __init__(
+        self, dialect: shaders.Dialect, size: tuple[int, int], classes: Sequence[ClassCard] = ()
+    ) -> None:
+        _require_libraries()
+        self.size = size
+        self._overlay_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.OVERLAY_FRAGMENT)
+        self._text_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.TEXT_FRAGMENT)
+        self._u = {
+            name: GL.glGetUniformLocation(self._overlay_prog, name)
+            for name in ("u_mode", "u_opacity", "u_step")
+        }
+        GL.glUseProgram(self._overlay_prog)
+        for name, unit in (("u_image", _IMAGE), ("u_labels", _LABELS), ("u_lut", _LUT)):
+            GL.glUniform1i(GL.glGetUniformLocation(self._overlay_prog, name), unit)
+        GL.glUseProgram(self._text_prog)
+        GL.glUniform1i(GL.glGetUniformLocation(self._text_prog, "u_text"), _TEXT)
+
+        self._vao = int(GL.glGenVertexArrays(1))
+        GL.glBindVertexArray(self._vao)
+        self._vbo = int(GL.glGenBuffers(1))
+        GL.glBindBuffer(GL.GL_ARRAY_BUFFER, self._vbo)
+        quad = np.array([0, 0, 1, 0, 0, 1, 1, 1], np.float32)
+        GL.glBufferData(GL.GL_ARRAY_BUFFER, quad.nbytes, quad, GL.GL_STATIC_DRAW)
+        GL.glEnableVertexAttribArray(0)
+        GL.glVertexAttribPointer(0, 2, GL.GL_FLOAT, GL.GL_FALSE, 0, None)
+        GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
+        GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)
+
+        self._image = _texture(_IMAGE, GL.GL_LINEAR)
+        self._labels = _texture(_LABELS, GL.GL_NEAREST)  # integer textures are never filtered
+        self._class_lut = _texture(_LUT, GL.GL_NEAREST)
+        self._heat_lut = _texture(_LUT, GL.GL_NEAREST)
+        self._text = _texture(_TEXT, GL.GL_NEAREST)
+        self.set_classes(classes)
+        self._load_lut(self._heat_lut, heatmap_lut())
+        self.image_shape: tuple[int, int, int] | None = None  # h, w, channels
+        self.overlay_shape: tuple[int, int] | None = None
+        self._text_key: tuple[tuple[str, Colour], ...] = ()
+        self._text_wh = (0, 0)
+        self._font: pygame.font.Font | None = None
+
+    # -- uploads ---------------------------------------------------------------------
+
+    def set_classes(self, classes: Sequence[ClassCard]) -> None:
+        """Colour label maps with these classes (the default palette when empty)."""
+        self._load_lut(self._class_lut, class_lut(classes))
+
+    @staticmethod
+    def _load_lut(tex: int, lut: np.ndarray) -> None:
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _LUT)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, tex)
+        GL.glTexImage2D(
+            GL.GL_TEXTURE_2D,
+            0,
+            GL.GL_RGBA8,
+            lut.shape[0],
+            1,
+            0,
+            GL.GL_RGBA,
+            GL.GL_UNSIGNED_BYTE,
+            _pointer(np.ascontiguousarray(lut)),
+        )
+
+    def upload_image(self, image: np.ndarray) -> None:
+        """The frame: grey (h, w) or RGB (h, w, 3), any numeric type (see :func:`as_u8`).
+        A uint8 C-contiguous view (a ring slot) is uploaded in place, without a copy."""
+        img = np.ascontiguousarray(as_u8(image))
+        h, w = img.shape[:2]
+        c = 1 if img.ndim == 2 else img.shape[2]
+        if c not in (1, 3):
+            raise DisplayError(
+                f"frames of shape {image.shape}: the display shows grey (HxW) or RGB (HxWx3) images"
+            )
+        fmt = GL.GL_RED if c == 1 else GL.GL_RGB
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _IMAGE)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, self._image)
+        if self.image_shape != (h, w, c):
+            GL.glTexImage2D(
+                GL.GL_TEXTURE_2D,
+                0,
+                GL.GL_R8 if c == 1 else GL.GL_RGB8,
+                w,
+                h,
+                0,
+                fmt,
+                GL.GL_UNSIGNED_BYTE,
+                None,
+            )
+            grey = GL.GL_RED if c == 1 else None
+            for channel, default in (
+                (GL.GL_TEXTURE_SWIZZLE_G, GL.GL_GREEN),
+                (GL.GL_TEXTURE_SWIZZLE_B, GL.GL_BLUE),
+            ):
+                GL.glTexParameteri(GL.GL_TEXTURE_2D, channel, grey or default)
+            self.image_shape = (h, w, c)
+        GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, fmt, GL.GL_UNSIGNED_BYTE, _pointer(img))
+
+    def upload_overlay(self, overlay: np.ndarray) -> None:
+        """A label map (uint8, h x w), or a confidence map for the heatmap (0..255, or
+        floats 0..1); it need not have the frame's size."""
+        labels = np.ascontiguousarray(as_u8(overlay))
+        h, w = labels.shape[:2]
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _LABELS)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, self._labels)
+        if self.overlay_shape != (h, w):
+            GL.glTexImage2D(
+                GL.GL_TEXTURE_2D,
+                0,
+                GL.GL_R8UI,
+                w,
+                h,
+                0,
+                GL.GL_RED_INTEGER,
+                GL.GL_UNSIGNED_BYTE,
+                None,
+            )
+            self.overlay_shape = (h, w)
+        GL.glTexSubImage2D(
+            GL.GL_TEXTURE_2D,
+            0,
+            0,
+            0,
+            w,
+            h,
+            GL.GL_RED_INTEGER,
+            GL.GL_UNSIGNED_BYTE,
+            _pointer(labels),
+        )
+
+    def set_status(self, parts: Sequence[tuple[str, Colour]]) -> None:
+        """The status line: text pieces and their colours, on a translucent dark band."""
+        key = tuple(parts)
+        if key == self._text_key:
+            return
+        self._text_key = key
+        if self._font is None:
+            self._font = pygame.font.Font(None, max(16, self.size[1] // 32))
+        rendered = [self._font.render(text, True, colour) for text, colour in key if text]
+        pad = self._font.get_height() // 4
+        w = sum(r.get_width() for r in rendered) + 2 * pad
+        h = self._font.get_height() + 2 * pad
+        band = pygame.Surface((w, h), pygame.SRCALPHA)
+        band.fill((0, 0, 0, 170))
+        x = pad
+        for r in rendered:
+            band.blit(r, (x, pad))
+            x += r.get_width()
+        data = np.frombuffer(pygame.image.tobytes(band, "RGBA"), np.uint8)
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _TEXT)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, self._text)
+        GL.glTexImage2D(
+            GL.GL_TEXTURE_2D,
+            0,
+            GL.GL_RGBA8,
+            w,
+            h,
+            0,
+            GL.GL_RGBA,
+            GL.GL_UNSIGNED_BYTE,
+            _pointer(data),
+        )
+        self._text_wh = (w, h)
+
+    # -- drawing ---------------------------------------------------------------------
+
+    def image_rect(self, spacing_xy: tuple[float, float]) -> Rect | None:
+        """Where the frame goes in the window (see :func:`letterbox`); None before a frame."""
+        if self.image_shape is None:
+            return None
+        h, w, _ = self.image_shape
+        return letterbox((w, h), spacing_xy, self.size)
+
+    def draw(
+        self,
+        mode: Mode = "filled",
+        spacing_xy: tuple[float, float] = (1.0, 1.0),
+        opacity: float = 1.0,
+        contour_px: float = 2.0,
+        status: bool = False,
+    ) -> None:
+        """Draw the uploaded frame and overlay into the back buffer (black bars around)."""
+        W, H = self.size
+        GL.glViewport(0, 0, W, H)
+        GL.glClearColor(0.0, 0.0, 0.0, 1.0)
+        GL.glClear(GL.GL_COLOR_BUFFER_BIT)
+        GL.glBindVertexArray(self._vao)
+        rect = self.image_rect(spacing_xy)
+        if rect is not None:
+            x, y, w, h = rect
+            if self.overlay_shape is None:
+                mode = "off"
+            GL.glViewport(x, H - y - h, w, h)
+            GL.glUseProgram(self._overlay_prog)
+            GL.glActiveTexture(GL.GL_TEXTURE0 + _LUT)
+            GL.glBindTexture(
+                GL.GL_TEXTURE_2D, self._heat_lut if mode == "heatmap" else self._class_lut
+            )
+            GL.glUniform1i(
+                self._u["u_mode"],
+                {"off": shaders.MODE_OFF, "contour": shaders.MODE_CONTOUR}.get(
+                    mode, shaders.MODE_FILLED
+                ),
+            )
+            GL.glUniform1f(self._u["u_opacity"], opacity)
+            lh, lw = self.overlay_shape or (1, 1)
+            GL.glUniform2f(
+                self._u["u_step"], max(contour_px / w, 1.0 / lw), max(contour_px / h, 1.0 / lh)
+            )
+            GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
+        if status and self._text_key:
+            tw, th = self._text_wh
+            GL.glViewport(0, H - th, tw, th)
+            GL.glUseProgram(self._text_prog)
+            GL.glEnable(GL.GL_BLEND)
+            GL.glBlendFunc(GL.GL_SRC_ALPHA, GL.GL_ONE_MINUS_SRC_ALPHA)
+            GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
+            GL.glDisable(GL.GL_BLEND)
+
+    def read_pixels(self) -> np.ndarray:
+        """The back buffer as (h, w, 3) uint8 RGB, top row first (call before the swap)."""
+        W, H = self.size
+        GL.glReadBuffer(GL.GL_BACK)
+        out = np.empty((H, W, 4), np.uint8)
+        GL.glReadPixels(0, 0, W, H, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE, _pointer(out))
+        return out[::-1, :, :3]
+
+    def close(self) -> None:
+        GL.glDeleteTextures(
+            [self._image, self._labels, self._class_lut, self._heat_lut, self._text]
+        )
+        GL.glDeleteBuffers(1, [self._vbo])
+        GL.glDeleteVertexArrays(1, [self._vao])
+        GL.glDeleteProgram(self._overlay_prog)
+        GL.glDeleteProgram(self._text_prog)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> Path:
+    """``rgb`` (h, w, 3) to a PNG at ``path``, written whole under a temporary name first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+        raise DisplayError(f"cannot write the screenshot {path}")
+    tmp.replace(path)
+    return path
+
+
+class DisplayStage(Stage):
+    """The bedside display (module docstring). Settings: ``config.display``, or ``settings``."""
+
+    def __init__(
+        self,
+        spec: StageSpec,
+        config: Config,
+        context: StageContext,
+        settings: DisplayConfig | None = None,
+    ) -> None:
+        super().__init__(spec, config, context)
+        self.settings = settings or config.display
+        self.headless: HeadlessSink | None = None
+
+    def setup(self) -> dict[str, Any]:
+        s = self.settings
+        try:
+            self.window = Window(
+                fullscreen=s.fullscreen, size=(s.width, s.height), vsync=s.vsync, api=s.gl_api
+            )
+        except DisplayError as e:
+            if s.fallback == "fail":
+                raise
+            log.error("%s; running headless instead (display.fallback = 'headless')", e)
+            self.headless = HeadlessSink(self.spec, self.config, self.ctx)
+            return {"display": "headless", "display_error": str(e), **self.headless.setup()}
+        params, m = self.spec.params, self.config.model
+        model = self._model_path()
+        try:
+            self.renderer = Renderer(self.window.dialect, self.window.size, self._classes(model))
+        except BaseException:
+            self.window.close()
+            raise
+        self.info = (
+            f"{params.get('engine') or m.engine or 'auto'} {params.get('device') or m.device}"
+            f" | {model.name if model else 'bundled model'}"
+        )
+        self.frames: RingReader | None = self.ctx.input("frames")
+        self.results: RingReader | None = self.ctx.input("results")
+        self.mode: Literal["filled", "contour"] = "contour" if s.overlay == "contour" else "filled"
+        self.overlay_on = s.overlay != "off"
+        self.frozen = False
+        self.heatmap = False  # the overlay is a confidence map
+        self.history: deque[tuple[np.ndarray, FrameMeta]] = deque(maxlen=s.sync_history)
+        self.shown: FrameMeta | None = None  # the frame on screen
+        self.shown_result: int | None = None  # index of the result drawn over it
+        self.overlay_index: int | None = None  # index of the result in the overlay texture
+        self.warnings: list[str] = []
+        self.warned: set[str] = set()  # every warning shown during the run
+        now = time.monotonic()
+        self.started = now
+        self.last_frame_t: float | None = None
+        self.last_result_t: float | None = None
+        self.first_frame_t: float | None = None
+        self.newest_age_ms = 0.0
+        self.next_status = now
+        self.meter = RateMeter(now)
+        self.stats_meter = RateMeter(now)
+        self.next_stats = now + self.config.sink.status_interval_s
+        self.recent_latency: list[float] = []
+        self.latency = Percentiles()
+        self.cost = {k: Percentiles() for k in ("upload", "draw", "swap", "total")}
+        self.stages = {name: RunningStats() for name in TABLE2}
+        self.frames_shown = self.results_in = self.unmatched = self.torn = 0
+        self.frames_without_inference = 0
+        self.first_ns = self.last_ns = 0
+        self._update_status(now)
+        return {
+            "display": self.window.description,
+            "gl": self.window.dialect,
+            "vsync": self.window.vsync,
+            "size": list(self.window.size),
+        }
+
+    def _model_path(self) -> Path | None:
+        """The model the infer stage runs: ``params["model"]``, the configured one, or the
+        bundled one (None when it is generated at run time)."""
+        from daemon.models import BUNDLED, ULTRASOUND
+
+        named = self.spec.params.get("model") or self.config.model.path
+        if named:
+            return Path(named)
+        return BUNDLED / ULTRASOUND if (BUNDLED / ULTRASOUND).exists() else None
+
+    def _classes(self, model: Path | None) -> list[ClassCard]:
+        """``params["classes"]``, else the model card's classes (empty: default palette)."""
+        given = self.spec.params.get("classes")
+        if given is not None:
+            return [ClassCard.model_validate(c) for c in given]
+        if model is None:
+            return []
+        try:
+            return list(load_card(model).classes)
+        except ModelError as e:
+            log.warning("overlay in the default colours: %s", e)
+            return []
+
+    # -- the loop --------------------------------------------------------------------
+
+    def step(self) -> bool:
+        if self.headless is not None:
+            return self.headless.step()
+        dirty = False
+        for key in self.window.pressed():
+            if key in ("escape", "q", "quit"):
+                if self.settings.allow_quit:
+                    log.info("display closed by the user (%s)", key)
+                    return False
+                log.info("%s ignored: display.allow_quit is off", key)
+            dirty = self._key(key) or dirty
+        frame = self._read("frames", IDLE_S)
+        result = self._read("results", 0.0 if self.frames is not None else IDLE_S)
+        if self.frames is None and self.results is None:
+            return False
+        now = time.monotonic()
+        t0 = time.perf_counter()
+        upload = self._take(frame, result, now)
+        t1 = time.perf_counter()
+        if now >= self.next_status or self._current_warnings(now) != self.warnings:
+            dirty = self._update_status(now) or dirty
+        if now >= self.next_stats:
+            self._report_stats(now)
+        if upload is None and not dirty:
+            return True
+        self._draw()
+        t2 = time.perf_counter()
+        self.window.swap()
+        t3 = time.perf_counter()
+        if upload is not None:
+            self._account(upload, (t1 - t0, t2 - t1, t3 - t2))
+        return True
+
+    def _read(self, port: Literal["frames", "results"], timeout: float) -> RingFrame | None:
+        reader = self.frames if port == "frames" else self.results
+        if reader is None:
+            return None
+        try:
+            return reader.read(timeout=timeout)
+        except EndOfStream:
+            setattr(self, port, None)
+            return None
+
+    def _take(
+        self, frame: RingFrame | None, result: RingFrame | None, now: float
+    ) -> FrameMeta | None:
+        """Note what arrived, upload what is to be shown; the newly shown frame's meta."""
+        if frame is not None:
+            self.last_frame_t = now
+            self.first_frame_t = self.first_frame_t or now
+            self.newest_age_ms = (time.monotonic_ns() - frame.t_acquired_ns) / 1e6
+        if result is not None:
+            self.last_result_t = now
+            self.results_in += 1
+            meta = result.meta
+            for name, idx in TABLE2.items():
+                self.stages[name].add(float(meta.timings_ms[idx]))
+        if self.frozen:
+            return None
+        if self.settings.sync == "synchronised":
+            return self._take_synchronised(frame, result, now)
+        if result is not None:
+            self._upload_overlay(result)
+        if frame is None:
+            return None
+        self.renderer.upload_image(frame.image)  # in place from the ring slot
+        if not frame.valid():  # overwritten while uploading: the next frame replaces it
+            self.torn += 1
+            return None
+        self.shown, self.shown_result = frame.meta, self.overlay_index
+        return frame.meta
+
+    def _take_synchronised(
+        self, frame: RingFrame | None, result: RingFrame | None, now: float
+    ) -> FrameMeta | None:
+        """Show a frame only with the result computed on it, or, once inference has
+        stopped, the newest frame without an overlay."""
+        if frame is not None:
+            try:
+                self.history.append(frame.copy())
+            except FrameOverwritten:
+                self.torn += 1
+        if result is not None:
+            index = result.meta.index
+            match = next((i for i, (_, m) in enumerate(self.history) if m.index == index), None)
+            if match is None:
+                self.unmatched += 1
+            elif self._upload_overlay(result):
+                image, meta = self.history[match]
+                for _ in range(match + 1):
+                    self.history.popleft()
+                self.renderer.upload_image(image)
+                self.shown, self.shown_result = meta, index
+                return meta
+        if frame is not None and self._inference_stopped(now) and self.history:
+            image, meta = self.history[-1]
+            self.renderer.upload_image(image)
+            self.shown, self.shown_result = meta, None
+            return meta
+        return None
+
+    def _upload_overlay(self, result: RingFrame) -> bool:
+        self.renderer.upload_overlay(result.image)
+        if not result.valid():  # overwritten while uploading: no overlay until the next one
+            self.torn += 1
+            self.overlay_index = self.shown_result = None
+            return False
+        self.heatmap = result.image.dtype.kind == "f"
+        self.overlay_index = result.meta.index
+        return True
+
+    def _account(self, shown: FrameMeta, costs: tuple[float, float, float]) -> None:
+        now_ns = time.monotonic_ns()
+        if shown.t_acquired_ns > 0:
+            ms = (now_ns - shown.t_acquired_ns) / 1e6
+            self.latency.add(ms)
+            self.recent_latency.append(ms)
+        for name, s in zip(("upload", "draw", "swap"), costs, strict=True):
+            self.cost[name].add(s * 1e3)
+        self.cost["total"].add(sum(costs) * 1e3)
+        self.frames_shown += 1
+        self.frames_without_inference += INFERENCE_STOPPED in self.warnings
+        self.stats_meter.tick()
+        self.first_ns = self.first_ns or now_ns
+        self.last_ns = now_ns
+        self.meter.tick()
+
+    # -- state -----------------------------------------------------------------------
+
+    def _inference_stopped(self, now: float) -> bool:
+        since = self.last_result_t or self.first_frame_t
+        return (
+            self._frames_flowing(now)
+            and since is not None
+            and now - since > self.settings.inference_stopped_ms / 1e3
+        )
+
+    def _frames_flowing(self, now: float) -> bool:
+        return now - (self.last_frame_t or self.started) <= self.settings.no_frames_ms / 1e3
+
+    def _current_warnings(self, now: float) -> list[str]:
+        if not self._frames_flowing(now):
+            return [SCANNER_DISCONNECTED]
+        out = [INFERENCE_STOPPED] if self._inference_stopped(now) else []
+        if self.newest_age_ms > self.settings.frame_old_ms:
+            out.append(FRAME_OLD)
+        return out
+
+    def draw_mode(self) -> Mode:
+        """What the overlay looks like now: off when hidden, when inference has stopped, or
+        when the overlay does not belong to the frame shown (synchronised)."""
+        if (
+            not self.overlay_on
+            or INFERENCE_STOPPED in self.warnings
+            or self.shown is None
+            or self.shown_result is None
+            or (self.settings.sync == "synchronised" and self.shown_result != self.shown.index)
+        ):
+            return "off"
+        return "heatmap" if self.heatmap else self.mode
+
+    def _report_stats(self, now: float) -> None:
+        """The figures of the last interval, as the headless sink reports them (the
+        supervisor publishes them as telemetry), and the warnings."""
+        self.next_stats = now + self.config.sink.status_interval_s
+        self.ctx.report(
+            "stats",
+            fps=round(self.stats_meter.rate(now), 2),
+            latency_ms=self.latency.summary(50, 99),
+            inference_ms=round(self.stages["nn_inference"].mean, 3),
+            frames=self.frames_shown,
+            dropped=self.frames.dropped if self.frames is not None else 0,
+            warnings=list(self.warnings),
+        )
+
+    def _update_status(self, now: float) -> bool:
+        """Refresh warnings and the status line; whether anything visible changed."""
+        self.next_status = now + STATUS_S
+        before = self.warnings
+        self.warnings = self._current_warnings(now)
+        self.warned.update(self.warnings)
+        if self.warnings and before != self.warnings:
+            log.warning("display: %s", ", ".join(self.warnings))
+        elif before and not self.warnings:
+            log.info("display: %s cleared", ", ".join(before))
+        if not self.settings.status_line:
+            return before != self.warnings
+        lat = f"{statistics.median(self.recent_latency):.0f} ms" if self.recent_latency else "-"
+        self.recent_latency.clear()
+        mode = "overlay off" if not self.overlay_on else ("heatmap" if self.heatmap else self.mode)
+        text = f"{self.meter.rate(now):5.1f} fps | latency {lat} | {self.info} | {mode}" + (
+            " | FROZEN" if self.frozen else ""
+        )
+        self.renderer.set_status(
+            [(text, TEXT_COLOUR)] + [(f"  {w.upper()}", WARN_COLOUR) for w in self.warnings]
+        )
+        return True
+
+    def command(self, name: str, args: dict[str, Any]) -> Any:
+        """``screenshot`` {path}: save the screen as a PNG. ``set`` {key: "display.<name>",
+        value}: change one of :data:`RUNTIME_SETTINGS` while running."""
+        if name == "screenshot":
+            path = self.screenshot(Path(args["path"]))
+            return {"path": str(path), "frame": None if self.shown is None else self.shown.index}
+        key = str(args.get("key", ""))
+        if name == "set" and key.removeprefix("display.") in RUNTIME_SETTINGS:
+            self.set(key.removeprefix("display."), args["value"])
+            return {"key": key, "value": args["value"]}
+        return super().command(name, args)
+
+    def set(self, name: str, value: Any) -> None:
+        """Change the display setting ``name`` (one of :data:`RUNTIME_SETTINGS`)."""
+        try:
+            self.settings = DisplayConfig.model_validate(
+                {**self.settings.model_dump(), name: value}
+            )
+        except ValidationError as e:
+            raise ConfigError(
+                f"setting 'display.{name}': {e.errors()[0]['msg'].lower()} (got {value!r})"
+            ) from None
+        if name == "overlay" and self.headless is None:
+            self.overlay_on = value != "off"
+            self.mode = "contour" if value == "contour" else "filled"
+        self.next_status = 0.0  # redraw with the new state
+
+    def _key(self, key: str) -> bool:
+        """Apply a key; whether the picture changes."""
+        if key == "o":
+            self.overlay_on = not self.overlay_on
+        elif key == "m":
+            self.mode = "contour" if self.mode == "filled" else "filled"
+            self.overlay_on = True
+        elif key == "f":
+            self.frozen = not self.frozen
+        elif key == "s":
+            self.screenshot(self._screenshot_path())
+            return False
+        else:
+            return False
+        self.next_status = 0.0  # show the new state now
+        return True
+
+    def _screenshot_path(self) -> Path:
+        folder = (
+            Path(self.settings.screenshot_dir)
+            if self.settings.screenshot_dir
+            else self.config.paths.state() / "screenshots"
+        )
+        index = self.shown.index if self.shown is not None else 0
+        return folder / f"echod-{time.strftime('%Y%m%d-%H%M%S')}-{index}.png"
+
+    # -- pictures --------------------------------------------------------------------
+
+    def _draw(self) -> None:
+        spacing = self.shown.spacing[:2] if self.shown is not None else (1.0, 1.0)
+        s = self.settings
+        self.renderer.draw(
+            self.draw_mode(),
+            (spacing[0], spacing[1]),
+            s.opacity,
+            s.contour_px,
+            status=s.status_line,
+        )
+
+    def capture(self) -> np.ndarray:
+        """What the screen shows now, as (h, w, 3) RGB (drawn again, read back)."""
+        if self.headless is not None:
+            raise DisplayError("no picture: the display runs headless (no OpenGL window)")
+        self._draw()
+        return self.renderer.read_pixels()
+
+    def screenshot(self, path: Path) -> Path:
+        """Save what the screen shows to ``path`` (PNG); call on the display's thread."""
+        path = write_png(path, self.capture())
+        log.info("screenshot saved to %s", path)
+        return path
+
+    def teardown(self) -> None:
+        if self.headless is not None:
+            self.headless.teardown()
+        if hasattr(self, "renderer"):
+            self.renderer.close()
+        if hasattr(self, "window"):
+            self.window.close()
+
+    def summary(self) -> dict[str, Any]:
+        if self.headless is not None:
+            return {"display": "headless", **self.headless.summary()}
+        span = (self.last_ns - self.first_ns) / 1e9
+        return {
+            "frames_out": self.frames_shown,
+            "fps": round((self.frames_shown - 1) / span, 2) if span > 0 else 0.0,
+            "latency_ms": self.latency.summary(50, 90, 99),
+            "stages": {name: s.summary() for name, s in self.stages.items()},
+            "display_ms": {name: p.summary(50, 99) for name, p in self.cost.items()},
+            "results_in": self.results_in,
+            "results_unmatched": self.unmatched,
+            "frames_without_inference": self.frames_without_inference,
+            "warned": sorted(self.warned),
+            "torn": self.torn,
+            "display": self.window.description,
+        }

@@ -1,0 +1,683 @@
+"""The bedside display under a real X server (Xvfb + Mesa llvmpipe): pixels read back.
+
+The module starts its own Xvfb on a free display number and stops it at the end;
+it is skipped when Xvfb, pygame or PyOpenGL is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+pygame = pytest.importorskip("pygame")
+pytest.importorskip("OpenGL.GL")
+
+from daemon import config, pipeline  # noqa: E402
+from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa: E402
+from daemon.cli import main as cli_main  # noqa: E402
+from daemon.config import Config  # noqa: E402
+from daemon.display.colours import class_lut, heatmap_lut  # noqa: E402
+from daemon.display.gl import (  # noqa: E402
+    INFERENCE_STOPPED,
+    SCANNER_DISCONNECTED,
+    DisplayConfig,
+    DisplayError,
+    DisplayStage,
+    Renderer,
+    Window,
+    letterbox,
+    write_png,
+)
+from daemon.engines.card import ClassCard  # noqa: E402
+from daemon.frame import FrameMeta  # noqa: E402
+from daemon.ring import Ring, RingWriter  # noqa: E402
+from daemon.stage import InputPort, StageContext, StageSpec, run_stage  # noqa: E402
+from daemon.supervisor import Supervisor  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREEN = (1280, 800)
+CLASSES = (
+    ClassCard(name="background", colour=(0, 0, 0), opacity=0.0),
+    ClassCard(name="a", colour=(255, 0, 0), opacity=0.5),
+    ClassCard(name="b", colour=(0, 255, 0), opacity=0.3),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x_server() -> Iterator[str]:
+    """Xvfb on a display number it picks itself (-displayfd), DISPLAY set to it."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (Debian: apt-get install xvfb)")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [
+            "Xvfb",
+            "-displayfd",
+            str(write_fd),
+            "-screen",
+            "0",
+            f"{SCREEN[0]}x{SCREEN[1]}x24",
+            "-nolisten",
+            "tcp",
+            "-noreset",  # else it resets when its last client leaves, refusing new ones meanwhile
+        ],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        number = f.readline().strip()  # written once the server accepts connections
+    if not number:
+        proc.kill()
+        pytest.fail(f"Xvfb exited with code {proc.wait(10)} before it was ready")
+    saved = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = f":{number}"
+    yield os.environ["DISPLAY"]
+    if saved is None:
+        del os.environ["DISPLAY"]
+    else:
+        os.environ["DISPLAY"] = saved
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=["gl33", "gles30"])
+def gl(request: pytest.FixtureRequest) -> Iterator[tuple[Window, Renderer]]:
+    """A 1280x800 window and a renderer, in OpenGL 3.3 core and in OpenGL ES 3.0."""
+    window = Window(fullscreen=False, size=SCREEN, vsync=False, api=request.param)
+    assert window.dialect == request.param and window.size == SCREEN
+    renderer = Renderer(window.dialect, window.size, CLASSES)
+    yield window, renderer
+    renderer.close()
+    window.close()
+
+
+# -- the picture ----------------------------------------------------------------------
+
+
+def blocks(h: int, w: int, size: int = 24) -> np.ndarray:
+    """A frame of constant blocks (values 30..229, never black)."""
+    y, x = np.mgrid[:h, :w]
+    return (30 + ((x // size) * 37 + (y // size) * 61) % 200).astype(np.uint8)
+
+
+def texels(
+    rect: tuple[int, int, int, int], shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]]:
+    """For each window pixel in ``rect``, the texel its centre falls in (row, column)."""
+    x0, y0, qw, qh = rect
+    h, w = shape
+    ty = ((np.arange(qh) + 0.5) / qh * h).astype(int)
+    tx = ((np.arange(qw) + 0.5) / qw * w).astype(int)
+    return ty, tx, (slice(y0, y0 + qh), slice(x0, x0 + qw))
+
+
+def flat(a: np.ndarray) -> np.ndarray:
+    """Texels whose 5x5 neighbourhood has one value: filtering cannot change them there."""
+    lo = cv2.erode(a, np.ones((5, 5), np.uint8))
+    hi = cv2.dilate(a, np.ones((5, 5), np.uint8))
+    return np.asarray(lo == hi)
+
+
+def blend(image: np.ndarray, labels: np.ndarray, lut: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    alpha = np.clip(lut[labels, 3:4] / 255.0 * scale, 0, 1)
+    grey = image[..., None].astype(float)
+    return grey * (1 - alpha) + lut[labels, :3] * alpha
+
+
+def test_filled_overlay_is_the_alpha_blend_and_background_is_the_image(
+    gl: tuple[Window, Renderer],
+) -> None:
+    _, r = gl
+    image = blocks(616, 820)
+    labels = np.zeros((616, 820), np.uint8)
+    labels[100:300, 200:400] = 1
+    labels[350:500, 450:700] = 2
+    r.upload_image(image)
+    r.upload_overlay(labels)
+    r.draw("filled", opacity=0.8)
+    shot = r.read_pixels()
+    rect = letterbox((820, 616), (1.0, 1.0), SCREEN)
+    ty, tx, (rows, cols) = texels(rect, (616, 820))
+    safe = (flat(image) & flat(labels))[np.ix_(ty, tx)]
+    got = shot[rows, cols].astype(int)
+    want = blend(image, labels, class_lut(CLASSES), 0.8)[np.ix_(ty, tx)]
+    lab = labels[np.ix_(ty, tx)]
+    assert safe.sum() > 0.5 * safe.size
+    for k in (1, 2):
+        sel = safe & (lab == k)
+        assert sel.sum() > 10_000
+        assert np.abs(got[sel] - want[sel]).max() <= 2, f"class {k}"
+    sel = safe & (lab == 0)
+    assert np.array_equal(got[sel], np.repeat(image[np.ix_(ty, tx)][sel][:, None], 3, 1))
+
+
+def test_overlay_off_shows_the_plain_image(gl: tuple[Window, Renderer]) -> None:
+    _, r = gl
+    image = blocks(616, 820)
+    r.upload_image(image)
+    r.upload_overlay(np.zeros((616, 820), np.uint8))
+    r.draw("filled")
+    plain = r.read_pixels()
+    labels = np.ones((616, 820), np.uint8)
+    r.upload_overlay(labels)
+    r.draw("off")
+    off = r.read_pixels()
+    assert np.array_equal(off, plain)
+    rect = letterbox((820, 616), (1.0, 1.0), SCREEN)
+    ty, tx, (rows, cols) = texels(rect, (616, 820))
+    safe = flat(image)[np.ix_(ty, tx)]
+    assert np.array_equal(off[rows, cols][safe][:, 0], image[np.ix_(ty, tx)][safe])
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "rect"),
+    [
+        ((616, 820), (1.0, 1.0), (107, 0, 1065, 800)),  # pillarbox: 820:616 in 1280:800
+        ((616, 820), (0.1, 0.2), (374, 0, 532, 800)),  # tall pixels: 82 mm x 123.2 mm
+        ((256, 256), (0.3, 0.15), (0, 80, 1280, 640)),  # wide pixels: letterbox 2:1
+    ],
+)
+def test_letterbox_keeps_the_physical_aspect_ratio(
+    gl: tuple[Window, Renderer],
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    rect: tuple[int, int, int, int],
+) -> None:
+    _, r = gl
+    assert letterbox((shape[1], shape[0]), spacing, SCREEN) == rect
+    r.upload_image(blocks(*shape))
+    r.draw("off", spacing)
+    lit = r.read_pixels().max(axis=2) > 0
+    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+    x, y, w, h = rect
+    assert (cols[0], cols[-1] + 1, rows[0], rows[-1] + 1) == (x, x + w, y, y + h)
+    assert lit[y : y + h, x : x + w].all(), "the image fills its rectangle"
+    physical = shape[1] * spacing[0] / (shape[0] * spacing[1])
+    assert abs(w / h - physical) < 2 / h
+
+
+def test_contour_mode_colours_only_class_borders(gl: tuple[Window, Renderer]) -> None:
+    _, r = gl
+    image = blocks(616, 820)
+    labels = np.zeros((616, 820), np.uint8)
+    labels[200:400, 300:600] = 1
+    r.upload_image(image)
+    r.upload_overlay(labels)
+    r.draw("off")
+    plain = r.read_pixels()
+    r.draw("contour", contour_px=3.0)
+    contour = r.read_pixels()
+    changed = (contour != plain).any(axis=2)
+    x0, y0, qw, qh = letterbox((820, 616), (1.0, 1.0), SCREEN)
+    left, right = x0 + 300 * qw / 820, x0 + 600 * qw / 820
+    top, bottom = y0 + 200 * qh / 616, y0 + 400 * qh / 616
+    yy, xx = np.mgrid[: SCREEN[1], : SCREEN[0]] + 0.5
+    inside = (xx > left) & (xx < right) & (yy > top) & (yy < bottom)
+    depth = np.minimum.reduce([xx - left, right - xx, yy - top, bottom - yy])
+    border = inside & (depth < 3.0 + 2.0)  # the line, plus a texel of label rounding
+    assert changed.any()
+    assert not (changed & ~border).any(), "colour outside the class border"
+    assert (changed & border).sum() >= 0.8 * (inside & (depth < 3.0)).sum()
+    assert (contour[changed] == (255, 0, 0)).all(), "contours are opaque class colour"
+    assert np.array_equal(contour[inside & (depth > 6)], plain[inside & (depth > 6)])
+
+
+def test_heatmap_colours_confidence(gl: tuple[Window, Renderer]) -> None:
+    _, r = gl
+    image = np.full((256, 256), 90, np.uint8)
+    confidence = np.zeros((256, 256), np.float32)
+    confidence[:, 128:] = 1.0
+    r.upload_image(image)
+    r.upload_overlay(confidence)
+    r.draw("heatmap")
+    shot = r.read_pixels()
+    x0, y0, q, _ = letterbox((256, 256), (1.0, 1.0), SCREEN)
+    lut = heatmap_lut().astype(float)
+    want = 90 * (1 - lut[255, 3] / 255) + lut[255, :3] * lut[255, 3] / 255
+    assert (shot[y0 + q // 2, x0 + q // 4] == 90).all()
+    assert np.abs(shot[y0 + q // 2, x0 + 3 * q // 4].astype(int) - want).max() <= 2
+
+
+def test_rgb_frames_and_texture_reuse(gl: tuple[Window, Renderer]) -> None:
+    _, r = gl
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 120, 240
+    r.upload_image(rgb)
+    r.draw("off")
+    assert (r.read_pixels()[400, 640] == (10, 120, 240)).all()
+    r.upload_image(np.full((64, 96), 50, np.uint16) << 8)  # 16-bit: shown by its top byte
+    r.draw("off")
+    assert (r.read_pixels()[400, 640] == 50).all()
+    assert r.image_shape == (64, 96, 1)
+
+
+def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path: Path) -> None:
+    _, r = gl
+    source = SyntheticSource(SyntheticSettings(width=512, height=512, seed=3))
+    frame, labels = source.frame_with_labels(40)
+    classes = (
+        ClassCard(name="background", colour=(0, 0, 0), opacity=0.0),
+        ClassCard(name="artery", colour=(230, 25, 75), opacity=0.45),
+        ClassCard(name="vein", colour=(0, 130, 200), opacity=0.45),
+    )
+    r.set_classes(classes)
+    r.upload_image(frame.image)
+    r.upload_overlay(labels)
+    r.set_status(
+        [
+            (
+                "synthetic neck phantom, frame 40 | ground-truth labels: artery, vein | filled",
+                (235, 235, 235),
+            )
+        ]
+    )
+    r.draw("filled", frame.meta.spacing[:2], status=True)
+    shot = r.read_pixels()
+    # the README shows the OpenGL 3.3 core picture
+    path = ROOT / "docs" / "screenshot.png" if gl[0].dialect == "gl33" else tmp_path / "es.png"
+    write_png(path, shot)
+    saved = cv2.imread(str(path))
+    assert saved is not None and np.array_equal(saved[:, :, ::-1], shot)
+    x0, y0, q, _ = letterbox((512, 512), frame.meta.spacing[:2], SCREEN)
+    ty, tx, (rows, cols) = texels((x0, y0, q, q), (512, 512))
+    lab = labels[np.ix_(ty, tx)]
+    px = shot[rows, cols].astype(int)
+    assert (px[lab == 0][:, 0] == px[lab == 0][:, 2]).all(), "background stays grey"
+    assert (px[lab == 1][:, 0] > px[lab == 1][:, 2]).mean() > 0.95, "artery tinted red"
+    assert (px[lab == 2][:, 2] > px[lab == 2][:, 0]).mean() > 0.95, "vein tinted blue"
+
+
+# -- the stage, through real rings ----------------------------------------------------
+
+
+class Rig:
+    """Rings "frames" and "results", writers for both, and a DisplayStage reading them."""
+
+    def __init__(self, settings: DisplayConfig, shape: tuple[int, int] = (128, 160)) -> None:
+        tag = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}"
+        n = shape[0] * shape[1]
+        self.rings = [
+            Ring.create(f"{tag}-{name}", slots=8, payload_bytes=n) for name in ("frames", "results")
+        ]
+        self.frames: RingWriter = self.rings[0].writer()
+        self.results: RingWriter = self.rings[1].writer()
+        self.shape = shape
+        spec = StageSpec(
+            "sink",
+            "display",
+            inputs={
+                "frames": InputPort(self.rings[0].name, "newest"),
+                "results": InputPort(self.rings[1].name, "newest"),
+            },
+            params={
+                "classes": [c.model_dump() for c in CLASSES],
+                "engine": "test",
+                "device": "cpu",
+                "model": "none",
+            },
+        )
+        self.ctx = StageContext(spec, queue.Queue(), threading.Event())
+        self.stage = DisplayStage(spec, Config(), self.ctx, settings)
+        self.index = 0
+
+    def frame(self, value: int) -> int:
+        """Write a uniform frame; its index."""
+        image = np.full(self.shape, value, np.uint8)
+        self.frames.write(image, FrameMeta(index=self.index, t_acquired_ns=time.monotonic_ns()))
+        self.index += 1
+        return self.index - 1
+
+    def show(self, value: int) -> int:
+        """Write a uniform frame and step until the stage has shown it; its index."""
+        seen = self.stage.frames_shown
+        index = self.frame(value)
+        self.step_until(lambda: self.stage.frames_shown > seen)
+        return index
+
+    def result(self, index: int, labels: np.ndarray) -> None:
+        self.results.write(labels, FrameMeta(index=index, t_acquired_ns=time.monotonic_ns()))
+
+    def step_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert self.stage.step()
+            assert time.monotonic() < deadline, "condition not reached in time"
+
+    def centre(self) -> np.ndarray:
+        shot = self.stage.capture()
+        return shot[shot.shape[0] // 2, shot.shape[1] // 2].astype(int)
+
+    def close(self) -> None:
+        self.stage.teardown()
+        self.ctx.close(finished=True)
+        for ring in self.rings:
+            ring.close()
+            ring.unlink()
+
+
+@pytest.fixture
+def rig() -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(**settings: object) -> Rig:
+        base: dict[str, object] = {
+            "fullscreen": False,
+            "width": 640,
+            "height": 480,
+            "vsync": False,
+            "status_line": True,
+        }
+        made.append(Rig(DisplayConfig.model_validate({**base, **settings})))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def square(shape: tuple[int, int], k: int = 1) -> np.ndarray:
+    labels = np.zeros(shape, np.uint8)
+    h, w = shape
+    labels[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = k
+    return labels
+
+
+def test_stage_keeps_the_image_flowing_when_inference_stops(rig: Callable[..., Rig]) -> None:
+    r = rig(inference_stopped_ms=300)
+    info = r.stage.setup()
+    assert info["gl"] in ("gl33", "gles30")
+    first = r.frame(100)
+    r.result(first, square(r.shape))
+    r.step_until(lambda: r.stage.frames_shown >= 1 and r.stage.results_in >= 1)
+    r.step_until(lambda: r.stage.draw_mode() == "filled")
+    want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(CLASSES))[0, 0]
+    assert np.abs(r.centre() - want).max() <= 2, "the overlay is drawn"
+    # inference stops; frames keep coming, each with its own grey level
+    shown_then = r.stage.frames_shown
+    value = 100
+    while INFERENCE_STOPPED not in r.stage.warnings:
+        value = 40 + (r.index * 17) % 180
+        r.show(value)
+        assert r.index < 5000, "no warning"
+    assert r.stage.frames_shown - shown_then >= 3
+    assert r.stage.draw_mode() == "off", "a stale overlay is not drawn over a live image"
+    assert (r.centre() == value).all(), "the newest frame is on screen, no overlay"
+    for _ in range(5):  # and it keeps updating
+        value = 40 + (r.index * 17) % 180
+        r.show(value)
+        assert (r.centre() == value).all()
+    assert INFERENCE_STOPPED in r.stage.warnings
+    # inference comes back: the warning clears, the overlay returns
+    r.result(r.frame(value), square(r.shape))
+    r.step_until(
+        lambda: INFERENCE_STOPPED not in r.stage.warnings and r.stage.draw_mode() == "filled"
+    )
+    s = r.stage.summary()
+    assert s["frames_out"] == r.stage.frames_shown and s["results_in"] == 2
+    assert s["latency_ms"]["p50"] > 0 and s["display_ms"]["total"]["p99"] > 0
+
+
+def test_stage_warns_when_frames_stop(rig: Callable[..., Rig]) -> None:
+    r = rig(no_frames_ms=200)
+    r.stage.setup()
+    r.show(50)
+    r.step_until(lambda: SCANNER_DISCONNECTED in r.stage.warnings)
+    r.frame(60)
+    r.step_until(lambda: SCANNER_DISCONNECTED not in r.stage.warnings)
+
+
+def test_synchronised_mode_shows_the_frame_the_overlay_was_computed_on(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(sync="synchronised")
+    r.stage.setup()
+    for i in range(6):
+        r.frame(20 + 30 * i)
+        r.step_until(lambda: len(r.stage.history) == r.index)
+    assert r.stage.frames_shown == 0, "no frame is shown before its result"
+    r.result(2, square(r.shape))
+    r.step_until(lambda: r.stage.frames_shown == 1)
+    assert r.stage.shown is not None and r.stage.shown.index == 2
+    assert r.stage.draw_mode() == "filled"
+    want = blend(np.array([[80]], np.uint8), np.array([[1]]), class_lut(CLASSES))[0, 0]
+    assert np.abs(r.centre() - want).max() <= 2
+    r.result(5, square(r.shape, 2))
+    r.step_until(lambda: r.stage.frames_shown == 2)
+    assert r.stage.shown.index == 5
+
+
+def post_key(key: int) -> None:
+    pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=key, mod=0, unicode="", scancode=0))
+
+
+def test_keys(rig: Callable[..., Rig], tmp_path: Path) -> None:
+    r = rig(screenshot_dir=str(tmp_path))
+    r.stage.setup()
+    r.result(r.frame(100), square(r.shape))
+    r.step_until(lambda: r.stage.draw_mode() == "filled")
+    post_key(pygame.K_o)
+    r.step_until(lambda: not r.stage.overlay_on)
+    assert r.stage.draw_mode() == "off" and (r.centre() == 100).all()
+    post_key(pygame.K_m)
+    r.step_until(lambda: r.stage.draw_mode() == "contour")
+    post_key(pygame.K_f)
+    r.step_until(lambda: r.stage.frozen)
+    reader = r.stage.frames
+    assert reader is not None
+    r.frame(200)
+    r.step_until(lambda: reader.read_count == 2)
+    assert r.stage.frames_shown == 1 and (r.centre() == 100).all(), "frozen"
+    post_key(pygame.K_s)
+    r.step_until(lambda: any(tmp_path.glob("echod-*.png")))
+    shot = cv2.imread(str(next(tmp_path.glob("echod-*.png"))))
+    assert shot is not None and shot.shape == (480, 640, 3)
+    post_key(pygame.K_q)
+    post_key(pygame.K_ESCAPE)
+    assert r.stage.step(), "quit keys do nothing unless allow_quit"
+
+
+def test_quit_when_allowed(rig: Callable[..., Rig]) -> None:
+    r = rig(allow_quit=True)
+    r.stage.setup()
+    post_key(pygame.K_ESCAPE)
+    assert not r.stage.step()
+
+
+def test_stage_ends_with_both_streams(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.stage.setup()
+    r.frame(10)
+    r.frames.close_stream()
+    r.results.close_stream()
+    deadline = time.monotonic() + 5
+    while r.stage.step():
+        assert time.monotonic() < deadline, "the stage did not end"
+    assert r.stage.frames_shown == 1 and r.stage.frames is None and r.stage.results is None
+
+
+def test_no_display_falls_back_to_the_headless_sink(
+    rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISPLAY", ":65000")  # nothing listens there
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(DisplayError, match=r"no display|OpenGL"):
+        rig(fallback="fail").stage.setup()
+    r = rig()
+    assert r.stage.setup()["display"] == "headless"
+    r.result(r.frame(10), square(r.shape))
+    r.step_until(lambda: r.stage.headless is not None and r.stage.headless.count == 1)
+    assert r.stage.summary()["frames_out"] == 1
+    with pytest.raises(DisplayError, match="headless"):
+        r.stage.capture()
+
+
+def test_stage_loop_answers_screenshot_and_set_commands(tmp_path: Path) -> None:
+    settings = DisplayConfig(fullscreen=False, width=320, height=240, vsync=False)
+
+    class Windowed(DisplayStage):
+        def __init__(self, spec: StageSpec, config: Config, context: StageContext) -> None:
+            super().__init__(spec, config, context, settings)
+
+    rig = Rig(settings)
+    events: queue.Queue[dict[str, object]] = queue.Queue()
+    commands: queue.Queue[tuple[str, str, dict[str, object]]] = queue.Queue()
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=run_stage, args=(Windowed, rig.ctx.spec, Config(), events, stop, commands)
+    )
+    loop.start()
+
+    def ask(name: str, **args: object) -> dict[str, object]:
+        token = uuid.uuid4().hex
+        commands.put((token, name, args))
+        while True:
+            event = events.get(timeout=10)
+            if event["event"] == "failed":
+                pytest.fail(f"display stage failed: {event}")
+            if event.get("token") == token:
+                return event
+
+    try:
+        while events.get(timeout=10)["event"] != "ready":
+            pass
+        rig.result(rig.frame(120), square(rig.shape))
+        reply = ask("set", key="display.overlay", value="contour")
+        assert reply["result"] == {"key": "display.overlay", "value": "contour"}
+        reply = ask("set", key="display.opacity", value=2.0)
+        assert "display.opacity" in str(reply["error"])
+        reply = ask("screenshot", path=str(tmp_path / "shot.png"))
+        assert reply["result"]["path"] == str(tmp_path / "shot.png")  # type: ignore[index]
+        saved = cv2.imread(str(tmp_path / "shot.png"))
+        assert saved is not None and saved.shape == (240, 320, 3)
+        assert "error" in ask("no-such-command")
+    finally:
+        stop.set()
+        loop.join(10)
+        rig.ctx.close(finished=True)
+        for ring in rig.rings:
+            ring.close()
+            ring.unlink()
+    left = []
+    while not events.empty():
+        left.append(events.get_nowait())
+    done = [e for e in left if e["event"] == "done"]
+    assert done and done[0]["frames_out"] == 1, left
+
+
+@pytest.mark.skipif(
+    "display" not in pipeline.STAGES, reason="the display stage is not in pipeline.STAGES yet"
+)
+def test_killing_inference_keeps_the_display_live() -> None:
+    """The real pipeline (processes, rings, ONNX Runtime) with the display as its sink:
+    SIGKILL the infer stage; the display keeps showing frames and warns until the
+    restarted stage delivers results again."""
+    cfg = config.load(
+        None,
+        {
+            "sink.headless": False,
+            "display.fullscreen": False,
+            "display.width": 640,
+            "display.height": 480,
+            "display.vsync": False,
+            "display.inference_stopped_ms": 300.0,
+            "source.pace": "fps",
+            "source.fps": 30.0,
+            "model.warmup": 15,  # the restarted stage takes a while: the gap is visible
+            "control.enabled": False,
+        },
+    )
+    sup = Supervisor(cfg)
+    summary: list[dict[str, object]] = []
+    runner = threading.Thread(target=lambda: summary.append(sup.run()))
+    runner.start()
+
+    def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert runner.is_alive(), f"echod stopped before {what}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            time.sleep(0.05)  # polling the supervisor's snapshots, with a deadline
+
+    def stats() -> dict[str, Any]:
+        sink = sup.workers.get("sink")
+        return sink.stats if sink is not None and sink.stats else {}
+
+    try:
+        until(
+            lambda: stats().get("frames", 0) > 10 and stats().get("inference_ms", 0) > 0,
+            "frames with results on the display",
+        )
+        infer = sup.workers["infer"]
+        assert isinstance(infer.handle, BaseProcess) and infer.handle.pid is not None
+        os.kill(infer.handle.pid, signal.SIGKILL)
+        until(lambda: INFERENCE_STOPPED in stats().get("warnings", ()), "warning")
+        shown = stats()["frames"]
+        until(lambda: stats()["frames"] > shown + 10, "frames while inference is down")
+        until(lambda: infer.restarts == 1 and not stats().get("warnings"), "recovery")
+    finally:
+        sup.request_stop("test over")
+        runner.join(60)
+    done = sup.workers["sink"].done
+    assert done is not None and INFERENCE_STOPPED in done["warned"]
+    assert done["frames_without_inference"] >= 10
+    assert done["latency_ms"]["p50"] > 0
+    assert summary and summary[0]["restarts"] == {"infer": 1}
+
+
+def test_ctl_screenshot_writes_the_display_to_png(tmp_path: Path) -> None:
+    """`echod ctl screenshot PATH` against a running daemon with its display."""
+    runtime = Path(f"/tmp/echod-shot-{os.getpid()}")
+    cfg = config.load(
+        None,
+        {
+            "display.fullscreen": False,
+            "display.width": 640,
+            "display.height": 480,
+            "display.vsync": False,
+            "source.pace": "fps",
+            "source.fps": 30.0,
+            "model.warmup": 1,
+            "paths.runtime_dir": str(runtime),
+            "control.roots": [str(tmp_path)],
+        },
+    )
+    sup = Supervisor(cfg)
+    runner = threading.Thread(target=sup.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sup.state != "running" or not sup.workers["sink"].stats:
+            assert runner.is_alive() and time.monotonic() < deadline, "echod did not start"
+            time.sleep(0.05)
+        assert sup.workers["sink"].spec.kind == "display"
+        endpoint = sup.control.endpoint
+        shot = tmp_path / "bedside.png"
+        assert cli_main(["ctl", "--endpoint", endpoint, "screenshot", str(shot)]) == 0
+        image = cv2.imread(str(shot))
+        assert image is not None and image.shape == (480, 640, 3)
+        assert image.std() > 5  # the phantom, not a blank buffer
+        outside = cli_main(["ctl", "--endpoint", endpoint, "screenshot", "/etc/echod.png"])
+        assert outside == 78 and not Path("/etc/echod.png").exists()
+    finally:
+        sup.request_stop("test over")
+        runner.join(60)
+        shutil.rmtree(runtime, ignore_errors=True)
