@@ -51,6 +51,7 @@ class StageSpec:
     inputs: dict[str, InputPort] = field(default_factory=dict)
     outputs: dict[str, OutputPort] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # what the supervisor learned
+    generation: int = 0  # a hot-swap successor has the next one (same name, same reader)
 
 
 class Events(Protocol):
@@ -120,6 +121,9 @@ class StageContext:
             self._readers[port] = self._ring(p.ring).reader(self.spec.name, p.mode)
         return self._readers[port]
 
+    def readers(self) -> list[RingReader]:
+        return list(self._readers.values())
+
     def output(self, port: str) -> RingWriter:
         if port not in self._writers:
             p = self.spec.outputs[port]
@@ -139,7 +143,15 @@ class StageContext:
         return False
 
     def report(self, event: str, **data: Any) -> None:
-        self.events.put({"stage": self.spec.name, "event": event, "t": time.time(), **data})
+        self.events.put(
+            {
+                "stage": self.spec.name,
+                "generation": self.spec.generation,
+                "event": event,
+                "t": time.time(),
+                **data,
+            }
+        )
 
     def close(self, finished: bool) -> None:
         """Unmap the rings. ``finished``: the stage ended its stream (not a crash), so
@@ -216,6 +228,8 @@ def _serve_commands(stage: Stage, ctx: StageContext, commands: Commands) -> bool
         except queue.Empty:
             return False
         if name == RETIRE:
+            for reader in ctx.readers():
+                reader.release()  # the successor starts after the last frame done here
             ctx.report("reply", token=token, result={"retired": True})
             return True
         try:

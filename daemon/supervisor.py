@@ -108,6 +108,7 @@ class Supervisor:
             queue.SimpleQueue()
         )
         self._replies: dict[str, dict[str, Any]] = {}
+        self._successor: Worker | None = None  # a hot-swap successor warming up
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -297,11 +298,11 @@ class Supervisor:
         if kind == "reply":
             self._replies[event["token"]] = event
             return
-        w = self.workers.get(event["stage"])
+        w = self._worker(event["stage"], event.get("generation", 0))
         if w is None:
             return
         w.heartbeat = time.monotonic()
-        data = {k: v for k, v in event.items() if k not in ("stage", "event", "t")}
+        data = {k: v for k, v in event.items() if k not in ("stage", "generation", "event", "t")}
         if kind == "ready":
             w.ready = True
             w.info.update(data)
@@ -316,6 +317,12 @@ class Supervisor:
             w.failure = data
             log.error("stage %s failed: %s", w.spec.name, data["error"]["message"])
             self._publish("stage", {"stage": w.spec.name, "state": "failed", **data})
+
+    def _worker(self, name: str, generation: int) -> Worker | None:
+        for w in (self.workers.get(name), self._successor):
+            if w is not None and w.spec.name == name and w.spec.generation == generation:
+                return w
+        return None
 
     def _dropped(self) -> int:
         readers = (r for ring in self.rings.values() for r in ring.stats()["readers"].values())
@@ -447,13 +454,18 @@ class Supervisor:
             "device": args.device,
             "standby": True,
         }
-        new = Worker(dataclasses.replace(old.spec, params=params))
-        self._spawn(new)
+        new = Worker(
+            dataclasses.replace(old.spec, params=params, generation=old.spec.generation + 1)
+        )
+        self._successor = new
         try:
+            self._spawn(new)
             self._await_ready([new])
         except EchodError:
             self._kill(new)
             raise
+        finally:
+            self._successor = None
         self._call(old, RETIRE)
         if old.handle is not None:
             old.handle.join(JOIN_S)
