@@ -326,3 +326,27 @@ def test_fuzzed_requests_all_get_an_answer_and_the_pipeline_runs_on(runtime: Pat
     finally:
         sock.close(0)
         r.stop()
+
+
+def test_telemetry_and_events_are_published(daemon: Running) -> None:
+    c = daemon.client()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(c.call("ping")["telemetry"])
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 30
+    try:
+        while not {"telemetry", "config"} <= set(seen):
+            assert time.monotonic() < deadline, f"only {sorted(seen)} published"
+            if "config" not in seen and "telemetry" in seen:
+                c.call("config.set", {"key": "source.paused", "value": False})
+            if sub.poll(500):
+                topic, body = sub.recv_multipart()
+                seen[topic.decode()] = json.loads(body)["result"]
+        assert seen["telemetry"]["state"] == "running"
+        assert "cpu_percent" in seen["telemetry"]["resources"]
+        assert seen["config"] == {"key": "source.paused", "value": False}
+    finally:
+        sub.close(0)
+        c.close()
