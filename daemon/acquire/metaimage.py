@@ -17,13 +17,16 @@ import logging
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, shape_str
 from daemon.errors import SourceError
 from daemon.frame import Frame, FrameMeta
+
+if TYPE_CHECKING:  # SimpleITK is imported when a recording is opened, not with echod
+    import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,8 @@ def _check_inflates(where: Path, offset: int, raw: int) -> None:
 
 def _pixel_dtype(reader: sitk.ImageFileReader) -> np.dtype:
     """The numpy dtype SimpleITK will give for the file's pixel type."""
+    import SimpleITK as sitk
+
     probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())
     return sitk.GetArrayViewFromImage(probe).dtype
 
@@ -128,6 +133,8 @@ class MetaImageSequence:
                 f"{path}: not a MetaImage or its header is cut short (no ElementDataFile "
                 f"field); {_FIX_CORRUPT}"
             )
+        import SimpleITK as sitk
+
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
