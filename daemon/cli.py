@@ -53,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the live pipeline (the systemd service's command)")
     run.add_argument("--config", type=Path, help="configuration file (default: config/echod.toml)")
-    run.add_argument("--source", help="'synthetic', a recording (.mha/.mhd) or a folder")
+    run.add_argument(
+        "--source",
+        help="'synthetic', igtl://HOST:PORT[/DEVICE] (a scanner), a recording "
+        "(.mha/.mhd, .dcm, .nrrd) or a folder of images",
+    )
     run.add_argument("--pace", choices=["timestamps", "fps", "none"], help="frame pacing")
     run.add_argument("--fps", type=float, help="frame rate for --pace fps")
     run.add_argument("--frames", type=int, help="stop after N frames")
@@ -96,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     eng = sub.add_parser("engines", help="list the inference engines: available here, devices")
     eng.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     eng.set_defaults(func=cmd_engines)
+
+    mod = sub.add_parser("models", help="list the bundled and cached models")
+    mod.add_argument("--config", type=Path, help="configuration file (for the cache directory)")
+    mod.add_argument("--json", action="store_true", help="print the models as a JSON list")
+    mod.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="first generate this paper-size reference network into the cache (repeatable): "
+        "unet2d-256, unet3d-32x256x256, inception-v3-512",
+    )
+    mod.set_defaults(func=cmd_models)
     return p
 
 
@@ -164,32 +181,33 @@ def cmd_engines(args: argparse.Namespace) -> int:
     """One row per registered engine: name, version, available, devices, reason."""
     from daemon.engines import probe_all
 
-    rows = [
-        {
-            "name": p.name,
-            "version": p.version,
-            "available": p.available,
-            "devices": list(p.devices),
-            "reason": p.reason,
-        }
-        for p in probe_all()
-    ]
+    probes = probe_all()
     if args.json:
+        rows = [
+            {
+                "name": p.name,
+                "version": p.version,
+                "available": p.available,
+                "devices": list(p.devices),
+                "reason": p.reason,
+            }
+            for p in probes
+        ]
         print(json.dumps(rows, indent=1))
         return 0
     table = [("ENGINE", "VERSION", "AVAILABLE", "DEVICES", "REASON")] + [
         (
-            r["name"],
-            r["version"] or "-",
-            "yes" if r["available"] else "no",
-            ",".join(r["devices"]) or "-",
-            r["reason"],
+            p.name,
+            p.version or "-",
+            "yes" if p.available else "no",
+            ",".join(p.devices) or "-",
+            p.reason,
         )
-        for r in rows
+        for p in probes
     ]
-    widths = [max(len(str(row[i])) for row in table) for i in range(4)]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)), row[4])
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)), row[4])
     return 0
 
 
@@ -209,4 +227,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
         allowed.mkdir(parents=True, exist_ok=True)
         public = Path(shutil.move(public, allowed / public.name))
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """One row per model: name, origin, task, input, layout, classes, parameters, scores."""
+    from daemon.engines.reference import ensure_reference
+    from daemon.models import list_models
+
+    cache = config.load(args.config).paths.cache()
+    for name in args.reference:
+        ensure_reference(name, cache)
+    models = list_models(cache)
+    if args.json:
+        print(json.dumps([m.to_dict() for m in models], indent=1))
+        return 0
+    table = [("MODEL", "ORIGIN", "TASK", "INPUT", "LAYOUT", "CLASSES", "PARAMS", "WEIGHTS")]
+    notes = ["SCORES"]
+    for m in models:
+        table.append(
+            (
+                m.name,
+                m.origin,
+                m.task or "-",
+                "x".join(map(str, m.input_shape)) or "-",
+                m.layout or "-",
+                ",".join(m.classes) or "-",
+                f"{m.parameters:,}",
+                m.weights,
+            )
+        )
+        notes.append(m.error or " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()) or "-")
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row, note in zip(table, notes, strict=True):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)), note)
+    print(f"cache: {cache / 'models'}")
     return 0

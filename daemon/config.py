@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
 from daemon.errors import ConfigError
 
@@ -30,7 +31,9 @@ class Section(BaseModel):
 
 class SourceConfig(Section):
     uri: str = Field(
-        "synthetic", description="'synthetic', a recording (.mha/.mhd) or a folder of images"
+        "synthetic",
+        description="'synthetic', igtl://HOST:PORT[/DEVICE] (a scanner), a recording "
+        "(.mha/.mhd, .dcm, .nrrd) or a folder of images",
     )
     pace: Literal["timestamps", "fps", "none"] = Field(
         "timestamps", description="release frames by recorded timestamps, at `fps`, or at once"
@@ -46,6 +49,7 @@ class SourceConfig(Section):
     frames: int = Field(0, ge=0, description="stop after this many frames (0 = no limit)")
     paused: bool = Field(False, description="start paused; resume over the control socket")
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+    igtl: IgtlSettings = Field(default_factory=IgtlSettings)
 
 
 class PipelineConfig(Section):
@@ -94,6 +98,29 @@ class SinkConfig(Section):
         " screen is there ($DISPLAY or $WAYLAND_DISPLAY), else run headless",
     )
     status_interval_s: float = Field(1.0, gt=0, description="seconds between status lines")
+
+
+class RecordConfig(Section):
+    enabled: bool = Field(False, description="write every frame to a PLUS sequence metafile")
+    path: str = Field(
+        "",
+        description="the .igs.mha to write (pixels in a .raw beside it); an existing name, or "
+        "a new part when the frame size changes, gets -2, -3, ...",
+    )
+
+
+class IgtlOutConfig(Section):
+    enabled: bool = Field(
+        False, description="serve the label maps as OpenIGTLink IMAGE messages (e.g. to 3D Slicer)"
+    )
+    host: str = Field(
+        "127.0.0.1", description="interface to listen on ('0.0.0.0': all; no authentication)"
+    )
+    port: int = Field(18945, ge=0, le=65535, description="TCP port clients connect to")
+    device: str = Field(
+        "Segmentation", min_length=1, max_length=20, description="device name of the messages"
+    )
+    max_clients: int = Field(4, ge=1, le=64, description="clients served at once")
 
 
 class PathsConfig(Section):
@@ -189,6 +216,8 @@ class Config(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
+    igtl_out: IgtlOutConfig = Field(default_factory=IgtlOutConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.acquire import open_source, paced
-from daemon.config import Config
+from daemon.acquire import FrameSource, open_source, paced
+from daemon.config import Config, SourceConfig
 from daemon.frame import Frame, Timing
 from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
@@ -28,6 +28,8 @@ STAGES = {
     "infer": "daemon.pipeline:InferStage",
     "headless": "daemon.display.headless:HeadlessSink",
     "display": "daemon.display.gl:DisplayStage",
+    "record": "daemon.record:RecordStage",
+    "igtl_out": "daemon.igtl_out:IgtlOutStage",
 }
 
 
@@ -38,7 +40,7 @@ def build(
     every = config.pipeline.mode == "all"
     policy: Literal["block", "overwrite"] = "block" if every else "overwrite"
     frames, results = ring_names["frames"], ring_names["results"]
-    return [
+    specs = [
         _sink(config, frames, results),
         StageSpec(
             "infer",
@@ -47,8 +49,20 @@ def build(
             outputs={"results": OutputPort(results, policy)},
             params={"frame_shape": frame_shape},
         ),
-        StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}),
     ]
+    if config.record.enabled:
+        specs.append(StageSpec("record", "record", inputs={"frames": InputPort(frames, "all")}))
+    if config.igtl_out.enabled:
+        specs.append(
+            StageSpec("igtl_out", "igtl_out", inputs={"results": InputPort(results, "newest")})
+        )
+    specs.append(StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}))
+    return specs
+
+
+def open_configured(src: SourceConfig) -> FrameSource:
+    """The configured source, opened and validated (supervisor and acquire stage alike)."""
+    return open_source(src.uri, fps=src.fps, synthetic=src.synthetic, igtl=src.igtl)
 
 
 def screen_available() -> bool:
@@ -68,19 +82,25 @@ def _sink(config: Config, frames: str, results: str) -> StageSpec:
 
 
 class AcquireStage(Stage):
-    """Reads the source, paces it, stamps acquisition time, writes the frames ring."""
+    """Reads the source, paces it, stamps acquisition time, writes the frames ring.
+
+    A live source (a scanner: it has ``poll``) is paced by the sender and stamps
+    its own acquisition time; recordings and the phantom are paced here.
+    """
 
     def setup(self) -> dict[str, Any]:
         src = self.config.source
-        self.source = open_source(src.uri, fps=src.fps, synthetic=src.synthetic)
+        self.source = open_configured(src)
         self.ctx.output("frames")
-        self.frames: Iterator[Frame] = paced(
-            self.source.frames(),
-            pace=src.pace,
-            fps=src.fps,
-            loop_source=self.source.frames if src.loop else None,
-            stop=self.ctx.stop,
-        )
+        self.live: Callable[[float], Frame | None] | None = getattr(self.source, "poll", None)
+        if self.live is None:
+            self.frames: Iterator[Frame] = paced(
+                self.source.frames(),
+                pace=src.pace,
+                fps=src.fps,
+                loop_source=self.source.frames if src.loop else None,
+                stop=self.ctx.stop,
+            )
         self.limit = src.frames or None
         self.count = 0
         self.paused = src.paused
@@ -95,12 +115,17 @@ class AcquireStage(Stage):
     def step(self) -> bool:
         if self.limit is not None and self.count >= self.limit:
             return False
-        if self.paused:
+        if self.live is not None:
+            frame = self.live(POLL_S)  # keeps reading the socket while paused
+            if frame is None or self.paused:
+                return True  # heartbeats, commands and stop keep flowing
+        elif self.paused:
             self.ctx.stop.wait(POLL_S)
             return True
-        frame = next(self.frames, None)
-        if frame is None:
-            return False
+        else:
+            frame = next(self.frames, None)
+            if frame is None:
+                return False
         self.ctx.send("frames", frame.image, frame.meta)
         self.count += 1
         return True
@@ -110,7 +135,8 @@ class AcquireStage(Stage):
             self.source.close()
 
     def summary(self) -> dict[str, Any]:
-        return {"frames": self.count}
+        stats = getattr(self.source, "stats", None)
+        return {"frames": self.count, **({"source": stats()} if stats else {})}
 
 
 class InferStage(Stage):

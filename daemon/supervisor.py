@@ -32,7 +32,6 @@ from typing import Any
 import psutil
 
 from daemon import __version__, pipeline, protocol
-from daemon.acquire import open_source
 from daemon.config import Config, ConfigError, validate_change
 from daemon.errors import EchodError, StageError, from_dict
 from daemon.notify import notify, watchdog_interval
@@ -145,11 +144,7 @@ class Supervisor:
 
     def _probe_source(self) -> dict[str, Any]:
         """Open the source once here so a bad one fails before anything starts."""
-        src = open_source(
-            self.config.source.uri,
-            fps=self.config.source.fps,
-            synthetic=self.config.source.synthetic,
-        )
+        src = pipeline.open_configured(self.config.source)
         try:
             return {
                 "shape": tuple(src.max_shape),
@@ -600,6 +595,7 @@ class Supervisor:
             "mode": self.config.pipeline.mode,
             "source": source["description"],
             "restarts": {w.spec.name: w.restarts for w in self.workers.values() if w.restarts},
+            "source_stats": (self.workers["acquire"].done or {}).get("source"),
             "stopped_by": self.stop_reason,
             "duration_s": round(time.monotonic() - self.started, 3),
         }

@@ -395,3 +395,12 @@ def test_synthetic_settings_validation() -> None:
     with pytest.raises(pydantic.ValidationError):
         SyntheticSettings.model_validate({"seed": 1, "colour": "blue"})
     assert SyntheticSettings.model_fields["seed"].description
+
+
+def test_recording_frames_outlive_their_source() -> None:
+    """Frames are views of memory they keep alive, not of the decoder's (use after free)."""
+    frames = list(open_source(str(WATER_TANK)).frames())  # the source is gone after this
+    churn = np.full(len(frames) * frames[0].image.nbytes, 7, np.uint8)  # reuses freed memory
+    again = list(open_source(str(WATER_TANK)).frames())
+    del churn
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, again, strict=True))

@@ -157,10 +157,11 @@ class MetaImageSequence:
                 f"{path}: pixel data cannot be decoded ({_sitk_reason(exc)}); the file is "
                 f"corrupt: {_FIX_CORRUPT}"
             ) from exc
-        array = sitk.GetArrayViewFromImage(image)
+        # a copy that owns its memory: frames are views of it and may outlive this source
+        array = sitk.GetArrayFromImage(image)
+        del image
         if dim == 2:
             array = array[np.newaxis]
-        self._image: sitk.Image | None = image  # owns the memory `array` views
         self._array: np.ndarray | None = array
         n = array.shape[0]
         meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
@@ -239,4 +240,3 @@ class MetaImageSequence:
     def close(self) -> None:
         """Release the pixel data."""
         self._array = None
-        self._image = None
