@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from daemon.acquire import FrameSource, open_source, paced
 from daemon.config import Config, SourceConfig
-from daemon.frame import Frame, Timing
+from daemon.engines.base import Pending
+from daemon.frame import Frame, FrameMeta, Timing
 from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
 log = logging.getLogger(__name__)
@@ -152,11 +154,17 @@ class InferStage(Stage):
         from daemon.engines.segmenter import Segmenter
         from daemon.models import default_model
 
-        m = self.config.model
-        p = self.spec.params
+        cfg, m, p = self.config, self.config.model, self.spec.params
         model = p.get("model") or m.path
-        path = Path(model) if model else default_model(self.config.paths.cache())
-        options = {"intra_op_threads": m.threads} if m.threads else {}
+        path = Path(model) if model else default_model(cfg.paths.cache())
+        options: dict[str, Any] = {
+            **m.options,
+            "mode": cfg.pipeline.mode,
+            "preprocess": m.preprocess,
+            "cache_dir": str(cfg.paths.cache() / "engines"),
+        }
+        if m.threads:
+            options["threads"] = m.threads
         self.seg = Segmenter.open(
             path,
             engine=p.get("engine") or m.engine or None,
@@ -167,6 +175,7 @@ class InferStage(Stage):
         self.seg.warmup(m.warmup)
         self.count = 0
         self.torn = 0
+        self.inflight: deque[tuple[Pending, FrameMeta, float, float]] = deque()
         self.active = False
         if not p.get("standby"):
             self._activate()
@@ -189,24 +198,33 @@ class InferStage(Stage):
             return True
         f = self.reader.read(timeout=POLL_S)
         if f is None:
+            self.flush()  # nothing new: finish what is in flight
             return True
         t0 = time.perf_counter()
         x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
         if not f.valid():  # overwritten while we read it: "newest" mode under load
             self.torn += 1
             return True
-        t1 = time.perf_counter()
-        out = self.seg.infer(x)
-        t2 = time.perf_counter()
-        labels = self.seg.finish(out, f.meta.shape)
+        self.inflight.append((self.seg.submit(x), f.meta, t0, time.perf_counter()))
+        while len(self.inflight) >= self.seg.depth:  # depth 1: at once, in order
+            self._finish_oldest()
+        return True
+
+    def _finish_oldest(self) -> None:
+        pending, meta, t0, t1 = self.inflight.popleft()
+        out = self.seg.result(pending)
+        t2 = time.perf_counter()  # with several in flight, inference includes queueing
+        labels = self.seg.finish(out, meta.shape)
         t3 = time.perf_counter()
-        meta = f.meta
         meta.timings_ms[Timing.NN_INPUT] = (t1 - t0) * 1e3
         meta.timings_ms[Timing.NN_INFERENCE] = (t2 - t1) * 1e3
         meta.timings_ms[Timing.NN_OUTPUT] = (t3 - t2) * 1e3
         self.ctx.send("results", labels, meta)
         self.count += 1
-        return True
+
+    def flush(self) -> None:
+        while self.inflight:
+            self._finish_oldest()
 
     def teardown(self) -> None:
         if hasattr(self, "seg"):

@@ -91,6 +91,9 @@ class Stage(ABC):
         """Facts for the done event."""
         return {}
 
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Finish work in flight (the stream ended, or a successor takes over)."""
+
     def command(self, name: str, args: dict[str, Any]) -> Any:
         """A request from the supervisor (run-time setting, screenshot, handover...)."""
         raise StageError(f"stage '{self.spec.name}' has no command '{name}'")
@@ -197,6 +200,7 @@ def run_stage(
                 if not stage.step():
                     break
             except EndOfStream:
+                stage.flush()
                 break
             now = time.monotonic()
             if now - beat >= HEARTBEAT_S:
@@ -228,6 +232,7 @@ def _serve_commands(stage: Stage, ctx: StageContext, commands: Commands) -> bool
         except queue.Empty:
             return False
         if name == RETIRE:
+            stage.flush()
             for reader in ctx.readers():
                 reader.release()  # the successor starts after the last frame done here
             ctx.report("reply", token=token, result={"retired": True})

@@ -5,19 +5,30 @@ An :class:`Engine` loads one model file, says what its inputs and outputs are
 cheaply and without raising, whether the engine's library is importable here
 and which devices it can use. Engine modules import their library lazily (in
 ``probe`` and ``load``), so importing echod never imports an engine.
+
+Every engine takes the :data:`COMMON_OPTIONS` (parsed by :func:`parse_options`)
+besides its own, and has an asynchronous path: :meth:`Engine.submit` returns a
+:class:`Pending` at once and up to :attr:`Engine.depth` of them are worth
+keeping in flight; :meth:`Engine.run_many` pipelines a stream of inputs with it.
+The base class runs ``submit`` synchronously (``depth`` 1).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
+
+from daemon.errors import EngineError
 
 Layout = Literal["NC", "NCHW", "NHWC", "NCDHW", "NDHWC"]
 LAYOUTS: tuple[Layout, ...] = ("NC", "NCHW", "NHWC", "NCDHW", "NDHWC")
@@ -82,9 +93,86 @@ def detect_layout(shape: tuple[int | None, ...]) -> Layout | None:
     return None
 
 
+# Device classes: cpu; cuda (NVIDIA GPU, Jetson); gpu (Intel GPU, OpenVINO's name);
+# npu (Intel NPU); myriad (Neural Compute Stick 2); auto (OpenVINO picks).
+DEVICE_CLASSES = ("cpu", "cuda", "gpu", "npu", "myriad", "auto")
+
+
 def device_kind(device: str) -> str:
-    """The device class a device name belongs to: ``"CUDA:1"`` -> ``"cuda"``."""
-    return device.partition(":")[0].strip().lower()
+    """The device class of a device name: ``"CUDA:1"`` -> ``"cuda"``, ``"GPU.1"`` -> ``"gpu"``,
+    ``"AUTO:GPU,CPU"`` -> ``"auto"``."""
+    return re.split(r"[:.]", device.strip(), maxsplit=1)[0].lower()
+
+
+def device_index(device: str) -> int:
+    """The device number in ``"cuda:1"`` / ``"GPU.1"`` (0 when none is given)."""
+    m = re.fullmatch(r"[A-Za-z]+[:.](\d+)", device.strip())
+    return int(m.group(1)) if m else 0
+
+
+Mode = Literal["newest", "all"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Fallback = Literal["error", "warn"]
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("newest", "all"),
+    "precision": ("auto", "fp32", "fp16", "bf16"),
+    "fallback": ("error", "warn"),
+}
+COMMON_OPTIONS = ("threads", "mode", "cache_dir", "precision", "fallback")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options every engine takes (each ignores what does not apply to it).
+
+    - ``threads``: CPU threads for inference (0 = the engine decides).
+    - ``mode``: ``"newest"`` tunes for latency (one request), ``"all"`` for
+      throughput (several requests in flight through ``submit``).
+    - ``cache_dir``: where compiled models / serialized engines are kept (None: no cache).
+    - ``precision``: ``"auto"`` (fp32 on CPUs, fp16 on GPUs/NPUs), ``"fp32"``, ``"fp16"``,
+      ``"bf16"``; an engine refuses one it cannot honour.
+    - ``fallback``: when the engine would run somewhere other than asked (e.g. an
+      ONNX Runtime GPU provider that cannot load): ``"error"`` or ``"warn"`` (loudly).
+    """
+
+    threads: int = 0
+    mode: Mode = "newest"
+    cache_dir: Path | None = None
+    precision: Precision = "auto"
+    fallback: Fallback = "error"
+    extra: dict[str, Any] = field(default_factory=dict)  # the engine's own options
+
+
+def parse_options(engine: str, options: Mapping[str, Any], own: Iterable[str] = ()) -> Options:
+    """Split and check ``options``: common ones typed, the engine's ``own`` in ``extra``.
+
+    An unknown name or bad value is an EngineError naming the nearest valid one.
+    """
+    own = tuple(own)
+    known = COMMON_OPTIONS + own
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise EngineError(f"{engine}: unknown option {key!r}: {hint}")
+    for key, choices in _CHOICES.items():
+        value = options.get(key, choices[0])
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(choices)}"
+            raise EngineError(f"{engine}: option {key} = {value!r}: {hint}")
+    threads = options.get("threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise EngineError(f"{engine}: option threads must be an int >= 0, got {threads!r}")
+    cache = options.get("cache_dir")
+    return Options(
+        threads=threads,
+        mode=cast(Mode, options.get("mode", "newest")),
+        cache_dir=Path(cache).expanduser() if cache else None,
+        precision=cast(Precision, options.get("precision", "auto")),
+        fallback=cast(Fallback, options.get("fallback", "error")),
+        extra={k: v for k, v in options.items() if k in own},
+    )
 
 
 def import_library(module: str) -> tuple[ModuleType | None, str]:
@@ -95,10 +183,37 @@ def import_library(module: str) -> tuple[ModuleType | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+class Pending:
+    """One submitted inference; :meth:`wait` gives its outputs (once, then cached)."""
+
+    def __init__(self, wait: Callable[[], dict[str, np.ndarray]], done: Callable[[], bool]):
+        self._wait: Callable[[], dict[str, np.ndarray]] | None = wait
+        self._done = done
+        self._result: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def completed(cls, result: dict[str, np.ndarray]) -> Pending:
+        p = cls(lambda: result, lambda: True)
+        p.wait()
+        return p
+
+    def done(self) -> bool:
+        """True when :meth:`wait` would not block."""
+        return self._result is not None or self._done()
+
+    def wait(self) -> dict[str, np.ndarray]:
+        """Block until the outputs are there; output name -> array (owned by the caller)."""
+        if self._result is None:
+            assert self._wait is not None
+            self._result, self._wait = self._wait(), None
+        return self._result
+
+
 class Engine(ABC):
     """An inference engine holding one loaded model."""
 
     name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]] = (".onnx",)  # model file suffixes it loads
 
     def __init__(self) -> None:
         self.inputs: list[TensorSpec] = []
@@ -111,6 +226,17 @@ class Engine(ABC):
     def probe(cls) -> Probe:
         """Cheap availability check; never raises."""
 
+    @classmethod
+    def supports(cls, model: Path, device: str) -> str:
+        """Why ``model`` cannot run on ``device`` with this engine; "" when it can.
+
+        Cheap: looks at the file name (and, in subclasses, what the model needs).
+        """
+        suffix = Path(model).suffix.lower()
+        if suffix not in cls.formats:
+            return f"does not load {suffix or 'suffix-less'} files (loads {', '.join(cls.formats)})"
+        return ""
+
     @abstractmethod
     def load(self, model: Path, device: str = "cpu", **options: Any) -> None:
         """Load ``model`` on ``device``; ModelError for a bad file, EngineError otherwise."""
@@ -118,6 +244,32 @@ class Engine(ABC):
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once: input name -> array in, output name -> array out."""
+
+    @property
+    def depth(self) -> int:
+        """Inferences worth keeping in flight through :meth:`submit` (1: it runs at once)."""
+        return 1
+
+    def submit(self, inputs: Mapping[str, np.ndarray]) -> Pending:
+        """Start one inference and return at once where the engine can (here: synchronous).
+
+        ``inputs`` must stay unchanged until the result is waited for. Results
+        come back in submission order; submitting more than :attr:`depth`
+        without waiting makes ``submit`` wait for the oldest first.
+        """
+        return Pending.completed(self.run(inputs))
+
+    def run_many(
+        self, batches: Iterable[Mapping[str, np.ndarray]]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Outputs for each of ``batches``, in order, with up to :attr:`depth` in flight."""
+        pending: deque[Pending] = deque()
+        for inputs in batches:
+            if len(pending) >= self.depth:
+                yield pending.popleft().wait()
+            pending.append(self.submit(inputs))
+        while pending:
+            yield pending.popleft().wait()
 
     def close(self) -> None:
         """Release the model and its resources (idempotent)."""

@@ -1,10 +1,23 @@
-"""ONNX Runtime engine: CPU now; other execution providers through ``providers``.
+"""ONNX Runtime engine: CPU, and the CUDA, TensorRT and OpenVINO execution providers.
 
-Options of :meth:`OnnxRuntimeEngine.load`:
+The execution provider follows the device: ``cpu`` -> CPU, ``cuda[:N]`` -> CUDA,
+``gpu``/``npu``/``auto`` (Intel, OpenVINO's names) -> OpenVINO; the option
+``provider`` overrides it (``"tensorrt"`` puts TensorRT in front of CUDA, with
+its engine and timing caches under ``cache_dir``). onnxruntime-gpu lists GPU
+providers even when their CUDA/cuDNN/TensorRT libraries are missing, and ONNX
+Runtime then quietly runs on the CPU: after loading, the provider actually in
+use is read back from the session and a mismatch is an EngineError, or a loud
+warning with ``fallback = "warn"``. :attr:`OnnxRuntimeEngine.device` names the
+provider in use.
 
+Options of :meth:`OnnxRuntimeEngine.load`, besides the common ones (base.Options;
+``threads`` sets the intra-op threads, ``precision`` "fp16"/"auto" enables fp16
+in TensorRT and OpenVINO GPU):
+
+- ``provider``: ``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"openvino"``.
 - ``providers``: ONNX Runtime execution providers, as ``InferenceSession`` takes
-  them (names or ``(name, options)`` pairs); default from the device.
-- ``intra_op_threads``: threads inside one operator (0 = ONNX Runtime decides).
+  them (names or ``(name, options)`` pairs): full control, overrides ``provider``.
+- ``intra_op_threads``: ONNX Runtime's name for ``threads``.
 - ``graph_optimisation``: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"``.
 - ``spin``: let idle worker threads spin-wait between runs (default False: on a
   shared edge CPU spinning steals time from acquisition and display).
@@ -12,10 +25,9 @@ Options of :meth:`OnnxRuntimeEngine.load`:
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +35,39 @@ import numpy as np
 
 from daemon.engines.base import (
     Engine,
+    Options,
     Probe,
     TensorSpec,
     detect_layout,
+    device_index,
     device_kind,
     import_library,
+    parse_options,
 )
 from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
-# Execution provider -> device class it runs on; add a provider here (and to
-# _DEVICE_PROVIDERS) to make it selectable by device.
-_PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu"}
-_DEVICE_PROVIDERS: dict[str, list[str]] = {"cpu": ["CPUExecutionProvider"]}
+# Short provider names -> ONNX Runtime's, and the device classes each serves.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+_PROVIDER_DEVICES: dict[str, tuple[str, ...]] = {
+    "CPUExecutionProvider": ("cpu",),
+    "CUDAExecutionProvider": ("cuda",),
+    "TensorrtExecutionProvider": ("cuda",),
+    "OpenVINOExecutionProvider": ("gpu", "npu", "auto"),
+}
+_DEVICE_PROVIDER = {
+    "cpu": "cpu",
+    "cuda": "cuda",
+    "gpu": "openvino",
+    "npu": "openvino",
+    "auto": "openvino",
+}
 
 _OPTIMISATION = {
     "disable": "ORT_DISABLE_ALL",
@@ -44,7 +75,7 @@ _OPTIMISATION = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
-_OPTIONS = ("providers", "intra_op_threads", "graph_optimisation", "spin")
+_OPTIONS = ("provider", "providers", "intra_op_threads", "graph_optimisation", "spin")
 
 # ONNX Runtime's type strings -> numpy dtypes.
 _DTYPES = {
@@ -87,27 +118,21 @@ class OnnxRuntimeEngine(Engine):
             providers = ort.get_available_providers()
         except Exception as exc:  # a broken install may fail here too
             return Probe(cls.name, ort.__version__, False, (), f"{type(exc).__name__}: {exc}")
-        devices = tuple(
-            dict.fromkeys(_PROVIDER_DEVICE[p] for p in providers if p in _PROVIDER_DEVICE)
-        )
+        devices = tuple(dict.fromkeys(d for p in providers for d in _PROVIDER_DEVICES.get(p, ())))
         if not devices:
             return Probe(cls.name, ort.__version__, False, (), f"no usable provider in {providers}")
         return Probe(cls.name, ort.__version__, True, devices, "")
 
     def load(self, model: Path, device: str = "cpu", **options: Any) -> None:
-        unknown = [k for k in options if k not in _OPTIONS]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], _OPTIONS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(_OPTIONS)}"
-            raise EngineError(f"onnxruntime: unknown option {unknown[0]!r}: {hint}")
+        opts = parse_options(self.name, options, _OPTIONS)
         ort, reason = import_library("onnxruntime")
         if ort is None:
             raise EngineError(f"onnxruntime is not usable here: {reason}")
         model = Path(model)
         if not model.is_file():
             raise ModelError(f"model file not found: {model}")
-        providers = self._providers(device, options.get("providers"))
-        so = self._session_options(ort, options)
+        providers = opts.extra.get("providers") or _providers(device, opts)
+        so = self._session_options(ort, opts)
         try:
             session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
         except Exception as exc:
@@ -117,7 +142,13 @@ class OnnxRuntimeEngine(Engine):
         used = session.get_providers()
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if used[0] != wanted:
-            log.warning("onnxruntime: asked for %s, running on %s", wanted, used[0])
+            msg = (
+                f"onnxruntime: asked for {wanted} on {device!r} but the session runs on "
+                f"{used[0]} (its libraries are missing or do not fit; ONNX Runtime's log says why)"
+            )
+            if opts.fallback == "error":
+                raise EngineError(msg + '; set fallback = "warn" to run there anyway')
+            log.warning("%s: RUNNING ON %s", msg, used[0])
         self._session = session
         self.device = used[0]
         self.version = ort.__version__
@@ -126,20 +157,9 @@ class OnnxRuntimeEngine(Engine):
         log.info("onnxruntime %s loaded %s on %s", ort.__version__, model, ", ".join(used))
 
     @staticmethod
-    def _providers(device: str, providers: Sequence[Any] | None) -> list[Any]:
-        if providers:
-            return list(providers)
-        found = _DEVICE_PROVIDERS.get(device_kind(device))
-        if found is None:
-            raise EngineError(
-                f"onnxruntime: no execution provider for device {device!r} "
-                f"(known: {', '.join(_DEVICE_PROVIDERS)}); pass providers=[...]"
-            )
-        return found
-
-    @staticmethod
-    def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
+    def _session_options(ort: Any, opts: Options) -> Any:
         so = ort.SessionOptions()
+        options = opts.extra
         level = str(options.get("graph_optimisation", "all"))
         if level not in _OPTIMISATION:
             raise EngineError(
@@ -147,7 +167,7 @@ class OnnxRuntimeEngine(Engine):
                 f"{', '.join(_OPTIMISATION)}"
             )
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMISATION[level])
-        threads = options.get("intra_op_threads")
+        threads = options.get("intra_op_threads", opts.threads or None)
         if threads is not None:
             if not isinstance(threads, int) or threads < 0:
                 raise EngineError(
@@ -171,6 +191,49 @@ class OnnxRuntimeEngine(Engine):
     def close(self) -> None:
         self._session = None
         super().close()
+
+
+def _providers(device: str, opts: Options) -> list[Any]:
+    """Execution providers for ``device`` (or the ``provider`` option), best first."""
+    kind = device_kind(device)
+    short = opts.extra.get("provider") or _DEVICE_PROVIDER.get(kind)
+    if short is None:
+        raise EngineError(
+            f"onnxruntime: no execution provider for device {device!r} "
+            f"(devices: {', '.join(_DEVICE_PROVIDER)}); set the option provider or providers"
+        )
+    if short not in PROVIDERS:
+        raise EngineError(f"onnxruntime: provider {short!r} is not one of {', '.join(PROVIDERS)}")
+    if opts.precision == "bf16":
+        raise EngineError('onnxruntime: precision "bf16" is not offered; use "fp32" or "fp16"')
+    index = device_index(device)
+    fp16 = opts.precision == "fp16" or (opts.precision == "auto" and kind != "cpu")
+    cpu = PROVIDERS["cpu"]
+    cuda = (PROVIDERS["cuda"], {"device_id": index})
+    if short == "cpu":
+        return [cpu]
+    if short == "cuda":
+        return [cuda, cpu]
+    if short == "tensorrt":
+        trt: dict[str, Any] = {"device_id": index, "trt_fp16_enable": fp16}
+        if opts.cache_dir is not None:
+            cache = opts.cache_dir / "ort-tensorrt"
+            cache.mkdir(parents=True, exist_ok=True)
+            trt |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache),
+            }
+        return [(PROVIDERS["tensorrt"], trt), cuda, cpu]
+    ov_device = "AUTO" if kind == "auto" else device.strip().upper().replace(":", ".")
+    ov: dict[str, Any] = {"device_type": ov_device}
+    if kind == "gpu":
+        ov["precision"] = "FP16" if fp16 else "FP32"
+    if opts.cache_dir is not None:
+        (opts.cache_dir / "ort-openvino").mkdir(parents=True, exist_ok=True)
+        ov["cache_dir"] = str(opts.cache_dir / "ort-openvino")
+    return [(PROVIDERS["openvino"], ov), cpu]
 
 
 def _spec(arg: Any) -> TensorSpec:

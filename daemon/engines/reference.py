@@ -9,6 +9,18 @@ framework), opset 13, dynamic batch axis, checked with ``onnx.checker``.
   3 classes (background, artery, vein), softmax output; 4 levels of two 3x3
   conv + ReLU from 16 to 256 channels, max-pool down, 2x2 transposed conv up,
   concatenated skips, 1x1 conv to the classes: 1,940,851 parameters.
+- ``unet3d-32x256x256``: the same U-Net in 3-D (3x3x3 convs, 2x2x2 pooling and
+  transposed convs) for CT slabs of 32 x 256 x 256, 2 classes (background,
+  nodule): 5,644,930 parameters (the paper reports about 5.9 M).
+- ``inception-v3-512``: Inception v3 (BatchNorm folded into the convolutions,
+  no auxiliary head) at 512x512 RGB, global average pooling, a 64-unit fully
+  connected layer with ReLU, dropout and 4 classes (normal, benign, in-situ,
+  invasive) with softmax: 21,899,748 parameters (the paper: about 21.9 M).
+
+``ensure_reference(name, cache_dir, fmt)`` also writes the same network as a
+PyTorch ExportedProgram (``"pt2"``) or TorchScript (``"torchscript"``) file,
+through :func:`torch_module`, a small ONNX interpreter for the operators these
+networks (and the tests' small models) use: the same weights on every engine.
 """
 
 from __future__ import annotations
@@ -17,9 +29,10 @@ import difflib
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -92,64 +105,247 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x: str, cin: int, cout: int, k: int = 3, relu: bool = True) -> str:
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int | tuple[int, ...] = 3,
+        relu: bool = True,
+        stride: int = 1,
+        pad: bool = True,
+    ) -> str:
+        """Conv (+ ReLU); ``k`` an int (2-D square) or a kernel shape (2-D or 3-D);
+        ``pad`` keeps the size ("same"), else "valid"."""
+        kernel = (k, k) if isinstance(k, int) else k
         n = self._name("Conv")
-        w = self._weight(f"{n}.w", (cout, cin, k, k), cin * k * k)
+        w = self._weight(f"{n}.w", (cout, cin, *kernel), cin * int(np.prod(kernel)))
+        pads = [d // 2 if pad else 0 for d in kernel] * 2
         y = self.node(
-            "Conv", [x, w, self._bias(f"{n}.b", cout)], kernel_shape=[k, k], pads=[k // 2] * 4
+            "Conv",
+            [x, w, self._bias(f"{n}.b", cout)],
+            kernel_shape=list(kernel),
+            pads=pads,
+            strides=[stride] * len(kernel),
         )
         return self.node("Relu", [y]) if relu else y
 
-    def block(self, x: str, cin: int, cout: int) -> str:
-        return self.conv(self.conv(x, cin, cout), cout, cout)
+    def block(self, x: str, cin: int, cout: int, dims: int = 2) -> str:
+        k = (3,) * dims
+        return self.conv(self.conv(x, cin, cout, k), cout, cout, k)
 
-    def up(self, x: str, cin: int, cout: int) -> str:
+    def up(self, x: str, cin: int, cout: int, dims: int = 2) -> str:
         n = self._name("ConvTranspose")
-        w = self._weight(f"{n}.w", (cin, cout, 2, 2), cin)  # stride 2: each output sees cin taps
+        w = self._weight(f"{n}.w", (cin, cout, *(2,) * dims), cin)  # stride 2: cin taps each
         return self.node(
-            "ConvTranspose", [x, w, self._bias(f"{n}.b", cout)], kernel_shape=[2, 2], strides=[2, 2]
+            "ConvTranspose",
+            [x, w, self._bias(f"{n}.b", cout)],
+            kernel_shape=[2] * dims,
+            strides=[2] * dims,
         )
+
+    def pool(self, op: str, x: str, k: int, stride: int, pad: int = 0) -> str:
+        return self.node(op, [x], kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4)
+
+    def dense(self, x: str, cin: int, cout: int) -> str:
+        n = self._name("Gemm")
+        w = self._weight(f"{n}.w", (cout, cin), cin)
+        return self.node("Gemm", [x, w, self._bias(f"{n}.b", cout)], transB=1)
+
+
+def _model(
+    g: _Graph, name: str, inp: list[str | int], out: list[str | int], doc: str
+) -> onnx.ModelProto:
+    """Wrap the graph (input ``image``, output ``probabilities``), opset 13, checked."""
+    graph = helper.make_graph(
+        g.nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, inp)],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, out)],
+        initializer=g.weights,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="echod", doc_string=doc
+    )
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"echod.reference": name, "echod.weights": "random"})
+    onnx.checker.check_model(model)
+    return model
+
+
+def _unet(g: _Graph, cin: int, classes: int, dims: int) -> None:
+    """U-Net from ``image`` to ``probabilities``: widths 16..128, 256 at the bottom."""
+    widths = (16, 32, 64, 128)
+    x, skips = "image", []
+    for c in widths:
+        x = g.block(x, cin, c, dims)
+        skips.append(x)
+        x = g.node("MaxPool", [x], kernel_shape=[2] * dims, strides=[2] * dims)
+        cin = c
+    x = g.block(x, cin, 2 * cin, dims)
+    cin *= 2
+    for c, skip in zip(reversed(widths), reversed(skips), strict=True):
+        x = g.node("Concat", [g.up(x, cin, c, dims), skip], axis=1)
+        x = g.block(x, 2 * c, c, dims)
+        cin = c
+    logits = g.conv(x, cin, classes, (1,) * dims, relu=False)
+    g.nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], name="softmax", axis=1))
 
 
 def unet2d_256(seed: int = SEED) -> onnx.ModelProto:
     """The FAST paper's 2-D ultrasound U-Net at 256x256, 3 classes, random weights."""
     g = _Graph(seed)
-    widths = (16, 32, 64, 128)
-    x, skips, cin = "image", [], 1
-    for c in widths:
-        x = g.block(x, cin, c)
-        skips.append(x)
-        x = g.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
-        cin = c
-    x = g.block(x, cin, 2 * cin)
-    cin *= 2
-    for c, skip in zip(reversed(widths), reversed(skips), strict=True):
-        x = g.node("Concat", [g.up(x, cin, c), skip], axis=1)
-        x = g.block(x, 2 * c, c)
-        cin = c
-    logits = g.conv(x, cin, 3, k=1, relu=False)
-    g.nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], name="softmax", axis=1))
-    graph = helper.make_graph(
-        g.nodes,
-        "unet2d_256",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 256, 256])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3, 256, 256])],
-        initializer=g.weights,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="echod",
-        doc_string=__doc__,
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"echod.reference": "unet2d-256", "echod.weights": "random"})
-    onnx.checker.check_model(model)
-    return model
+    _unet(g, 1, 3, dims=2)
+    return _model(g, "unet2d-256", ["batch", 1, 256, 256], ["batch", 3, 256, 256], __doc__ or "")
 
+
+def unet3d_32x256x256(seed: int = SEED) -> onnx.ModelProto:
+    """The paper-size 3-D CT U-Net for 32 x 256 x 256 slabs, 2 classes, random weights."""
+    g = _Graph(seed)
+    _unet(g, 1, 2, dims=3)
+    shape: list[str | int] = ["batch", 1, 32, 256, 256]
+    return _model(g, "unet3d-32x256x256", shape, ["batch", 2, 32, 256, 256], __doc__ or "")
+
+
+def _inception_a(g: _Graph, x: str, cin: int, pool: int) -> tuple[str, int]:
+    b1 = g.conv(x, cin, 64, 1)
+    b5 = g.conv(g.conv(x, cin, 48, 1), 48, 64, 5)
+    b3 = g.conv(g.conv(g.conv(x, cin, 64, 1), 64, 96, 3), 96, 96, 3)
+    bp = g.conv(g.pool("AveragePool", x, 3, 1, 1), cin, pool, 1)
+    return g.node("Concat", [b1, b5, b3, bp], axis=1), 224 + pool
+
+
+def _inception_b(g: _Graph, x: str, cin: int) -> tuple[str, int]:
+    b3 = g.conv(x, cin, 384, 3, stride=2, pad=False)
+    bd = g.conv(g.conv(g.conv(x, cin, 64, 1), 64, 96, 3), 96, 96, 3, stride=2, pad=False)
+    bp = g.pool("MaxPool", x, 3, 2)
+    return g.node("Concat", [b3, bd, bp], axis=1), 480 + cin
+
+
+def _inception_c(g: _Graph, x: str, cin: int, c7: int) -> tuple[str, int]:
+    b1 = g.conv(x, cin, 192, 1)
+    b7 = g.conv(g.conv(g.conv(x, cin, c7, 1), c7, c7, (1, 7)), c7, 192, (7, 1))
+    bd = g.conv(x, cin, c7, 1)
+    for k in ((7, 1), (1, 7), (7, 1)):
+        bd = g.conv(bd, c7, c7, k)
+    bd = g.conv(bd, c7, 192, (1, 7))
+    bp = g.conv(g.pool("AveragePool", x, 3, 1, 1), cin, 192, 1)
+    return g.node("Concat", [b1, b7, bd, bp], axis=1), 768
+
+
+def _inception_d(g: _Graph, x: str, cin: int) -> tuple[str, int]:
+    b3 = g.conv(g.conv(x, cin, 192, 1), 192, 320, 3, stride=2, pad=False)
+    b7 = g.conv(g.conv(g.conv(x, cin, 192, 1), 192, 192, (1, 7)), 192, 192, (7, 1))
+    b7 = g.conv(b7, 192, 192, 3, stride=2, pad=False)
+    bp = g.pool("MaxPool", x, 3, 2)
+    return g.node("Concat", [b3, b7, bp], axis=1), 512 + cin
+
+
+def _inception_e(g: _Graph, x: str, cin: int) -> tuple[str, int]:
+    b1 = g.conv(x, cin, 320, 1)
+    b3 = g.conv(x, cin, 384, 1)
+    b3 = g.node("Concat", [g.conv(b3, 384, 384, (1, 3)), g.conv(b3, 384, 384, (3, 1))], axis=1)
+    bd = g.conv(g.conv(x, cin, 448, 1), 448, 384, 3)
+    bd = g.node("Concat", [g.conv(bd, 384, 384, (1, 3)), g.conv(bd, 384, 384, (3, 1))], axis=1)
+    bp = g.conv(g.pool("AveragePool", x, 3, 1, 1), cin, 192, 1)
+    return g.node("Concat", [b1, b3, bd, bp], axis=1), 2048
+
+
+def inception_v3_512(seed: int = SEED) -> onnx.ModelProto:
+    """Inception v3 (BatchNorm folded) + FC64 + dropout + 4 classes at 512x512, random weights."""
+    g = _Graph(seed)
+    x = g.conv("image", 3, 32, 3, stride=2, pad=False)
+    x = g.conv(g.conv(x, 32, 32, 3, pad=False), 32, 64, 3)
+    x = g.pool("MaxPool", x, 3, 2)
+    x = g.conv(g.conv(x, 64, 80, 1), 80, 192, 3, pad=False)
+    x, c = g.pool("MaxPool", x, 3, 2), 192
+    for pool in (32, 64, 64):
+        x, c = _inception_a(g, x, c, pool)
+    x, c = _inception_b(g, x, c)
+    for c7 in (128, 160, 160, 192):
+        x, c = _inception_c(g, x, c, c7)
+    x, c = _inception_d(g, x, c)
+    for _ in range(2):
+        x, c = _inception_e(g, x, c)
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
+    x = g.node("Relu", [g.dense(x, c, 64)])
+    x = g.node("Dropout", [x])  # the identity at inference
+    logits = g.dense(x, 64, 4)
+    g.nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], name="softmax", axis=1))
+    return _model(g, "inception-v3-512", ["batch", 3, 512, 512], ["batch", 4], __doc__ or "")
+
+
+UNET3D_CARD = """\
+# Model card of a reference network generated by echod (daemon/engines/reference.py).
+task = "segmentation"
+provenance = "FAST paper-size reference 3-D U-Net (32x256x256 CT slabs, 1 channel, 2 classes, \
+5,644,930 parameters; the paper's is about 5.9 M); random weights (He init, seed 0): for timing \
+only, its output means nothing"
+
+[input]
+layout = "NCDHW"
+channels = 1
+
+[input.normalisation]
+clip = [-1200.0, 400.0]
+scale = 0.000625
+mean = [-0.75]
+
+[output]
+activation = "softmax"
+
+[[classes]]
+name = "background"
+colour = [0, 0, 0]
+opacity = 0.0
+
+[[classes]]
+name = "nodule"
+colour = [255, 200, 0]
+opacity = 0.6
+"""
+
+INCEPTION_CARD = """\
+# Model card of a reference network generated by echod (daemon/engines/reference.py).
+task = "classification"
+provenance = "FAST paper-size reference Inception v3 + FC64 + dropout + 4 classes (512x512 RGB, \
+21,899,748 parameters with BatchNorm folded); random weights (He init, seed 0): for timing only, \
+its output means nothing"
+
+[input]
+size = [512, 512]
+layout = "NCHW"
+channels = 3
+
+[input.normalisation]
+scale = 0.00392156862745098
+mean = [0.5]
+std = [0.25]
+
+[output]
+activation = "softmax"
+
+[[classes]]
+name = "normal"
+colour = [0, 160, 0]
+
+[[classes]]
+name = "benign"
+colour = [0, 90, 255]
+
+[[classes]]
+name = "in-situ"
+colour = [255, 200, 0]
+
+[[classes]]
+name = "invasive"
+colour = [230, 0, 0]
+"""
 
 REFERENCES: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
     "unet2d-256": (unet2d_256, UNET2D_CARD),
+    "unet3d-32x256x256": (unet3d_32x256x256, UNET3D_CARD),
+    "inception-v3-512": (inception_v3_512, INCEPTION_CARD),
 }
 
 
@@ -168,14 +364,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def ensure_reference(name: str, cache_dir: Path) -> Path:
-    """Path of reference network ``name`` in ``cache_dir/models``, generated the first time."""
+TorchFormat = Literal["pt2", "torchscript"]
+SUFFIX: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts"}
+
+
+def ensure_reference(
+    name: str, cache_dir: Path, fmt: Literal["onnx", "pt2", "torchscript"] = "onnx"
+) -> Path:
+    """Path of reference network ``name`` in ``cache_dir/models``, generated the first time.
+
+    ``fmt`` "pt2" / "torchscript" (needs torch) converts the ONNX file.
+    """
     if name not in REFERENCES:
         close = difflib.get_close_matches(name, REFERENCES, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(REFERENCES)}"
         raise ModelError(f"unknown reference model {name!r}: {hint}")
     path = Path(cache_dir) / "models" / f"{name}.onnx"
     card = path.with_suffix(".toml")
+    if fmt != "onnx":
+        target = path.with_suffix(SUFFIX[fmt])
+        if not target.is_file():
+            export_torch(ensure_reference(name, cache_dir), target, fmt)
+        return target
     if path.is_file() and card.is_file():
         return path
     build, card_text = REFERENCES[name]
@@ -193,3 +403,124 @@ def ensure_reference(name: str, cache_dir: Path) -> Path:
         parameter_count(model),
     )
     return path
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def torch_module(model: onnx.ModelProto) -> Any:
+    """A ``torch.nn.Module`` computing ``model`` (one input, one output; operators Conv,
+    ConvTranspose, MaxPool, Relu, Sigmoid, Add, Concat, Softmax, Transpose)."""
+    import torch
+    import torch.nn.functional as F
+
+    graph = model.graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    (inp,) = [i.name for i in graph.input if i.name not in weights]
+    out = graph.output[0].name
+
+    def op_conv(node: onnx.NodeProto, x: Any, w: Any, b: Any = None) -> Any:
+        n = w.dim() - 2
+        pads = list(_attr(node, "pads", [0] * 2 * n))
+        if pads[:n] != pads[n:]:
+            raise ModelError(f"{node.name}: asymmetric padding is not converted")
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+        return conv(
+            x,
+            w,
+            b,
+            stride=list(_attr(node, "strides", [1] * n)),
+            padding=pads[:n],
+            dilation=list(_attr(node, "dilations", [1] * n)),
+            groups=_attr(node, "group", 1),
+        )
+
+    def op_up(node: onnx.NodeProto, x: Any, w: Any, b: Any = None) -> Any:
+        n = w.dim() - 2
+        up = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+        return up(x, w, b, stride=list(_attr(node, "strides", [1] * n)))
+
+    def op_pool(node: onnx.NodeProto, x: Any) -> Any:
+        k = list(_attr(node, "kernel_shape"))
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(k)]
+        return pool(x, k, stride=list(_attr(node, "strides", k)))
+
+    ops: dict[str, Any] = {
+        "Conv": op_conv,
+        "ConvTranspose": op_up,
+        "MaxPool": op_pool,
+        "Relu": lambda node, x: F.relu(x),
+        "Sigmoid": lambda node, x: torch.sigmoid(x),
+        "Add": lambda node, a, b: a + b,
+        "Concat": lambda node, *xs: torch.cat(xs, dim=_attr(node, "axis")),
+        "Softmax": lambda node, x: torch.softmax(x, dim=_attr(node, "axis", -1)),
+        "Transpose": lambda node, x: x.permute(*_attr(node, "perm")),
+    }
+    missing = sorted({n.op_type for n in graph.node} - set(ops))
+    if missing:
+        raise ModelError(f"{graph.name}: operators {', '.join(missing)} are not converted")
+
+    class OnnxModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names = {k: f"w{i}" for i, k in enumerate(weights)}
+            for k, v in weights.items():
+                self.register_buffer(self.names[k], torch.from_numpy(v.copy()))
+
+        def forward(self, x: Any) -> Any:
+            env = {inp: x, **{k: getattr(self, v) for k, v in self.names.items()}}
+            for node in graph.node:
+                args = [env[i] for i in node.input if i]
+                env[node.output[0]] = ops[node.op_type](node, *args)
+            return env[out]
+
+    return OnnxModule().eval()
+
+
+def export_torch(onnx_path: Path, target: Path, fmt: TorchFormat) -> Path:
+    """Write ``onnx_path``'s network to ``target`` as a PyTorch ``fmt`` file (and its card).
+
+    Dimensions named in the ONNX file (``"batch"``, ``"h"``) stay dynamic.
+    """
+    import torch
+
+    from daemon.engines.base import TensorSpec, detect_layout
+    from daemon.engines.pytorch import IO_FILE, io_json
+
+    model = onnx.load(str(onnx_path))
+    module = torch_module(model)
+
+    def spec(v: onnx.ValueInfoProto) -> TensorSpec:
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+        )
+        return TensorSpec(v.name, shape, np.dtype(np.float32), detect_layout(shape))
+
+    weights = {t.name for t in model.graph.initializer}
+    (inp,) = [spec(i) for i in model.graph.input if i.name not in weights]
+    outs = [spec(o) for o in model.graph.output]
+    example = torch.rand(*(2 if d is None else d for d in inp.shape))
+    extra = {IO_FILE: io_json([inp], outs)}
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+    try:
+        if fmt == "pt2":
+            dyn = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(inp.shape) if d is None}
+            program = torch.export.export(module, (example,), dynamic_shapes=({**dyn},))
+            torch.export.save(program, str(tmp), extra_files=extra)
+        else:
+            with warnings.catch_warnings():  # TorchScript is deprecated from torch 2.10 on
+                warnings.simplefilter("ignore", DeprecationWarning)
+                traced = torch.jit.trace(module, (example,))
+                torch.jit.save(traced, str(tmp), _extra_files=extra)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    card = onnx_path.with_suffix(".toml")
+    if card.is_file():
+        target.with_suffix(".toml").write_bytes(card.read_bytes())
+    log.info("converted %s to %s (%s)", onnx_path, target, fmt)
+    return target

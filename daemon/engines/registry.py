@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from daemon.engines.base import Engine, Probe, device_kind
 from daemon.errors import EngineError
@@ -23,11 +24,20 @@ ENTRY_POINT_GROUP = "echod.engines"
 
 BUILTINS: dict[str, str] = {
     "onnxruntime": "daemon.engines.onnxruntime:OnnxRuntimeEngine",
+    "openvino": "daemon.engines.openvino:OpenVinoEngine",
+    "tensorrt": "daemon.engines.tensorrt:TensorRtEngine",
+    "pytorch": "daemon.engines.pytorch:PyTorchEngine",
 }
 
-# Fixed preference per device class; names that are not registered are skipped.
+# Fixed preference per device class (base.DEVICE_CLASSES); names that are not
+# registered are skipped. GPUs: the engine that compiles for the device first.
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("onnxruntime",),
+    "cpu": ("onnxruntime", "openvino", "pytorch"),
+    "cuda": ("tensorrt", "onnxruntime", "pytorch"),
+    "gpu": ("openvino", "onnxruntime"),
+    "npu": ("openvino", "onnxruntime"),
+    "myriad": ("openvino",),
+    "auto": ("openvino",),
 }
 
 
@@ -92,11 +102,14 @@ def preference(device: str) -> tuple[str, ...]:
     return fixed + tuple(n for n in engines() if n not in fixed)
 
 
-def select(preferred: Sequence[str], device: str) -> tuple[type[Engine], list[str]]:
-    """The first engine in ``preferred`` whose probe says it can run on ``device``.
+def select(
+    preferred: Sequence[str], device: str, model: Path | None = None
+) -> tuple[type[Engine], list[str]]:
+    """The first engine in ``preferred`` whose probe says it can run on ``device``
+    and, given ``model``, that loads that file and supports what it needs.
 
-    Returns the class and why each engine before it was skipped; raises
-    EngineError with all the reasons when none fits.
+    Returns the class and why each engine before it was skipped (also logged);
+    raises EngineError with all the reasons when none fits.
     """
     kind = device_kind(device)
     skipped: list[str] = []
@@ -106,7 +119,18 @@ def select(preferred: Sequence[str], device: str) -> tuple[type[Engine], list[st
             skipped.append(f"{name}: {p.reason}")
         elif kind not in p.devices:
             skipped.append(f"{name}: no device {device!r} (has {', '.join(p.devices) or 'none'})")
+        elif model is not None and (why := _supports(name, model, device)):
+            skipped.append(f"{name}: {why}")
         else:
+            for s in skipped:
+                log.info("engine %s skipped: %s", *s.split(": ", 1))
             return engine_class(name), skipped
     why = "; ".join(skipped) or "no engine was named"
     raise EngineError(f"no engine can run on {device!r}: {why}")
+
+
+def _supports(name: str, model: Path, device: str) -> str:
+    try:
+        return engine_class(name).supports(model, device)
+    except Exception as exc:  # a third-party check broke
+        return f"cannot check the model: {type(exc).__name__}: {exc}"

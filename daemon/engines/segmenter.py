@@ -8,6 +8,13 @@ paper's Table 2: NN input, NN inference, NN output)::
     x = seg.prepare(frame)                        # resize + normalise + layout
     y = seg.infer(x)                              # the engine
     label_map = seg.finish(y, frame.shape)        # argmax/threshold + resize back
+
+For throughput (mode "all"), keep up to ``seg.depth`` frames in flight:
+``p = seg.submit(x)`` returns at once, ``seg.result(p)`` waits for that
+frame's output; results come back in submission order.
+
+``preprocess`` ("cpu", "opencl", "auto") picks the pre-processing path
+(``opencl.choose``); what runs, and why not OpenCL, is in :meth:`Segmenter.describe`.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from daemon.engines import postprocess, preprocess, registry
-from daemon.engines.base import Engine, TensorSpec
+from daemon.engines import opencl, postprocess, preprocess, registry
+from daemon.engines.base import Engine, Pending, TensorSpec
 from daemon.engines.card import ClassCard, ModelCard, card_path, load_card
 from daemon.errors import EngineError, ModelError
 
@@ -43,12 +50,20 @@ class Segmenter:
     """A loaded segmentation model that turns frames into label maps."""
 
     def __init__(
-        self, engine: Engine, card: ModelCard, model: Path, skipped: list[str] | None = None
+        self,
+        engine: Engine,
+        card: ModelCard,
+        model: Path,
+        skipped: list[str] | None = None,
+        prepare: opencl.Prepare = preprocess.prepare,
+        prepare_info: tuple[str, str] = ("cpu", ""),
     ):
         self.engine = engine
         self.card = card
         self.model = Path(model)
         self.skipped = skipped or []  # why engines before this one were not chosen
+        self._prepare = prepare
+        self.prepare_info = prepare_info  # (what runs, why not OpenCL or "")
         if card.task != "segmentation":
             raise ModelError(
                 f"model card {card_path(model)}: task is {card.task!r}, not segmentation"
@@ -69,9 +84,15 @@ class Segmenter:
 
     @classmethod
     def open(
-        cls, model: Path, engine: str | None = None, device: str = "cpu", **options: Any
+        cls,
+        model: Path,
+        engine: str | None = None,
+        device: str = "cpu",
+        **options: Any,
     ) -> Segmenter:
-        """Load ``model`` with its card on ``engine`` (None: the best available on ``device``)."""
+        """Load ``model`` with its card on ``engine`` (None: the best available on ``device``);
+        the option ``preprocess`` is "cpu" (default), "opencl" or "auto" (see
+        ``opencl.choose``); the other ``options`` go to the engine's ``load``."""
         model = Path(model)
         if not model.is_file():
             raise ModelError(f"model file not found: {model}")
@@ -80,7 +101,7 @@ class Segmenter:
         if engine is None:
             default = registry.preference(device)
             order = [*card.engines, *(n for n in default if n not in card.engines)]
-            engine_cls, skipped = registry.select(order, device)
+            engine_cls, skipped = registry.select(order, device, model)
             log.info(
                 "engine %s chosen for %s on %s%s",
                 engine_cls.name,
@@ -93,10 +114,12 @@ class Segmenter:
             probe = engine_cls.probe()
             if not probe.available:
                 raise EngineError(f"engine {engine!r} is not usable here: {probe.reason}")
+        preprocess = str(options.pop("preprocess", "cpu"))
         eng = engine_cls()
         eng.load(model, device, **options)
         try:
-            return cls(eng, card, model, skipped)
+            prepare, what, why = opencl.choose(preprocess, device)
+            return cls(eng, card, model, skipped, prepare, (what, why))
         except BaseException:
             eng.close()
             raise
@@ -167,11 +190,24 @@ class Segmenter:
         """Network input for ``image`` (a new array; ``image`` is only read)."""
         if self._checked != (image.shape, image.dtype):
             self.check_frame(image.shape, image.dtype)
-        return preprocess.prepare(image, self.input, self.card)
+        return self._prepare(image, self.input, self.card)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """The model's first output for input ``x``."""
         return self.engine.run({self.input.name: x})[self.output.name]
+
+    @property
+    def depth(self) -> int:
+        """Frames worth keeping in flight with :meth:`submit` (1: it runs at once)."""
+        return self.engine.depth
+
+    def submit(self, x: np.ndarray) -> Pending:
+        """Start inference on ``x`` (from :meth:`prepare`, left unchanged until the result)."""
+        return self.engine.submit({self.input.name: x})
+
+    def result(self, pending: Pending) -> np.ndarray:
+        """The model's first output for a :meth:`submit`; waits for it."""
+        return pending.wait()[self.output.name]
 
     def finish(self, output: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
         """uint8 label map of the frame's height and width."""
@@ -215,6 +251,9 @@ class Segmenter:
             "engine_version": self.engine.version,
             "engine_skipped": list(self.skipped),
             "device": self.engine.device,
+            "in_flight": self.depth,
+            "preprocess": self.prepare_info[0],
+            "preprocess_fallback": self.prepare_info[1],
             "model": self.model.name,
             "model_path": str(self.model),
             "provenance": self.card.provenance,

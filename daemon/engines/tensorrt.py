@@ -1,0 +1,385 @@
+"""TensorRT engine (TensorRT 10 Python API, extra ``tensorrt``): ONNX models on NVIDIA GPUs.
+
+The first load of a model builds a TensorRT engine from the ONNX file (minutes
+for a large network; the builder's phases are logged as they go) and
+serializes it under ``cache_dir/tensorrt``. The file name carries a key of the
+model's SHA-256, the TensorRT version, the GPU's name and compute capability,
+the precision and the optimisation profile's shapes, so an engine copied to
+another GPU or TensorRT is rebuilt rather than loaded (FAST's key lacks the
+GPU); one that fails to deserialize is rebuilt too. Autotuning results are kept
+in a timing cache per GPU and TensorRT version beside it, which makes rebuilds
+(other shapes, other models) much faster.
+
+Dynamic dimensions get one optimisation profile: the batch (axis 0) from 1 to
+``max_batch`` (optimum 1), any other dynamic dimension from 32 to 1024
+(optimum 256), unless the option ``shapes`` gives ``{input: [min, opt, max]}``
+shapes. ``precision``: ``"auto"``/``"fp16"`` allows fp16 kernels, ``"bf16"``
+bf16, ``"fp32"`` neither. Device memory and the stream are cuda-python's
+(``cuda.bindings.runtime``, or ``cuda.cudart`` before cuda-python 12.6).
+
+Own options: ``max_batch`` (int, default 8), ``shapes``, ``workspace_mb``
+(builder scratch memory, default 1024).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.engines.base import (
+    Engine,
+    Options,
+    Probe,
+    TensorSpec,
+    detect_layout,
+    device_index,
+    device_kind,
+    import_library,
+    parse_options,
+)
+from daemon.errors import EngineError, ModelError
+
+log = logging.getLogger(__name__)
+
+_OPTIONS = ("max_batch", "shapes", "workspace_mb")
+_DYNAMIC = (32, 256, 1024)  # min, opt, max of a dynamic non-batch dimension
+
+
+def _cudart() -> tuple[Any, str]:
+    rt, reason = import_library("cuda.bindings.runtime")
+    if rt is not None:
+        return rt, ""
+    old, _ = import_library("cuda.cudart")
+    return (old, "") if old is not None else (None, reason)
+
+
+def _check(result: Any) -> Any:
+    """Unpack a cuda-python call's ``(error, *values)``; raise EngineError on an error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EngineError(f"tensorrt: CUDA error {err}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _gpu(cudart: Any, index: int) -> tuple[str, str]:
+    """The GPU's name and compute capability (``"8.6"``)."""
+    props = _check(cudart.cudaGetDeviceProperties(index))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
+    return str(name).strip("\x00 "), f"{props.major}.{props.minor}"
+
+
+def _library() -> tuple[Any, Any, str]:
+    trt, reason = import_library("tensorrt")
+    if trt is None:
+        return None, None, reason
+    cudart, reason = _cudart()
+    if cudart is None:
+        return None, None, f"cuda-python: {reason}"
+    return trt, cudart, ""
+
+
+class TensorRtEngine(Engine):
+    """One deserialized TensorRT engine with its execution context and device buffers."""
+
+    name = "tensorrt"
+    formats = (".onnx",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trt: Any = None
+        self._cudart: Any = None
+        self._engine: Any = None
+        self._context: Any = None
+        self._stream: Any = None
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    @classmethod
+    def probe(cls) -> Probe:
+        trt, cudart, reason = _library()
+        if trt is None:
+            return Probe(cls.name, None, False, (), reason)
+        version = str(trt.__version__)
+        try:
+            count = _check(cudart.cudaGetDeviceCount())
+        except Exception as exc:  # no driver
+            return Probe(cls.name, version, False, (), f"no CUDA device: {exc}")
+        if not count:
+            return Probe(cls.name, version, False, (), "no CUDA device")
+        return Probe(cls.name, version, True, ("cuda",), "")
+
+    def load(self, model: Path, device: str = "cuda", **options: Any) -> None:
+        opts = parse_options(self.name, options, _OPTIONS)
+        trt, cudart, reason = _library()
+        if trt is None:
+            raise EngineError(
+                f"tensorrt is not usable here (pip install 'echod[tensorrt]'): {reason}"
+            )
+        if device_kind(device) != "cuda":
+            raise EngineError(f"tensorrt: no device {device!r} (cuda[:N])")
+        model = Path(model)
+        if not model.is_file():
+            raise ModelError(f"model file not found: {model}")
+        index = device_index(device)
+        _check(cudart.cudaSetDevice(index))
+        self._trt, self._cudart = trt, cudart
+        logger = _logger(trt)
+        gpu, cc = _gpu(cudart, index)
+        data = model.read_bytes()
+        precision = "fp16" if opts.precision == "auto" else opts.precision
+        shapes = _profile(model, opts)
+        key = {
+            "model_sha256": hashlib.sha256(data).hexdigest(),
+            "tensorrt": str(trt.__version__),
+            "gpu": gpu,
+            "compute_capability": cc,
+            "precision": precision,
+            "shapes": shapes,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        cache = opts.cache_dir / "tensorrt" if opts.cache_dir else None
+        path = cache / f"{model.stem}-{digest}.engine" if cache else None
+        runtime = trt.Runtime(logger)
+        engine = None
+        if path is not None and path.is_file():
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                log.warning("tensorrt: cached engine %s does not deserialize; rebuilding", path)
+            else:
+                log.info("tensorrt: loaded cached engine %s", path)
+        if engine is None:
+            plan = self._build(trt, logger, data, model, precision, shapes, opts, cache, gpu, cc)
+            if path is not None:
+                _write(path, plan)
+                _write(path.with_suffix(".json"), json.dumps(key, indent=1).encode())
+                log.info("tensorrt: engine cached as %s", path)
+            engine = runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise EngineError(f"tensorrt: the engine built from {model} does not deserialize")
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        self._stream = _check(cudart.cudaStreamCreate())
+        self.inputs, self.outputs = [], []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            shape = tuple(None if d < 0 else int(d) for d in engine.get_tensor_shape(name))
+            spec = TensorSpec(
+                name,
+                shape,
+                np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
+                detect_layout(shape),
+            )
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs).append(spec)
+        self.version = str(trt.__version__)
+        self.device = f"cuda:{index} {gpu} (sm {cc}) {precision}"
+        log.info("tensorrt %s: %s ready on %s", self.version, model, self.device)
+
+    @staticmethod
+    def _build(
+        trt: Any,
+        logger: Any,
+        data: bytes,
+        model: Path,
+        precision: str,
+        shapes: dict[str, list[list[int]]],
+        opts: Options,
+        cache: Path | None,
+        gpu: str,
+        cc: str,
+    ) -> bytes:
+        log.info(
+            "tensorrt: building an engine for %s (%s, %s); this takes a while",
+            model,
+            gpu,
+            precision,
+        )
+        builder, network, _parser = _parse(trt, logger, data, model)
+        config = builder.create_builder_config()
+        workspace = opts.extra.get("workspace_mb", 1024)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace) << 20)
+        if precision in ("fp16", "bf16"):
+            flag = getattr(trt.BuilderFlag, precision.upper(), None)
+            if flag is None:
+                raise EngineError(f"tensorrt {trt.__version__}: no {precision} builder flag")
+            config.set_flag(flag)
+        if shapes:
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in shapes.items():
+                profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(profile)
+        timing = (
+            cache / f"timing-{gpu.replace(' ', '_')}-sm{cc}-trt{trt.__version__}.cache"
+            if cache
+            else None
+        )
+        blob = timing.read_bytes() if timing is not None and timing.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(blob), False)
+        config.progress_monitor = _progress(trt, model.name)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise EngineError(f"tensorrt could not build an engine for {model} (see the log above)")
+        if timing is not None:
+            _write(timing, bytes(config.get_timing_cache().serialize()))
+        return bytes(plan)
+
+    def _bind(self, name: str, nbytes: int) -> int:
+        """A device buffer of at least ``nbytes`` for tensor ``name``, bound to the context."""
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check(self._cudart.cudaFree(ptr))
+            ptr = int(_check(self._cudart.cudaMalloc(nbytes)))
+            self._buffers[name] = (ptr, nbytes)
+            self._context.set_tensor_address(name, ptr)
+        return ptr
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._context is None:
+            raise EngineError("tensorrt: run() before load() or after close()")
+        rt, kind = self._cudart, self._cudart.cudaMemcpyKind
+        for spec in self.inputs:
+            x = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
+            if not self._context.set_input_shape(spec.name, x.shape):
+                raise EngineError(
+                    f"tensorrt: input {spec.name!r} shape {x.shape} is outside the profile"
+                )
+            ptr = self._bind(spec.name, x.nbytes)
+            _check(
+                rt.cudaMemcpyAsync(
+                    ptr, x.ctypes.data, x.nbytes, kind.cudaMemcpyHostToDevice, self._stream
+                )
+            )
+        results = {}
+        for spec in self.outputs:
+            shape = tuple(self._context.get_tensor_shape(spec.name))
+            results[spec.name] = np.empty(shape, spec.dtype)
+            self._bind(spec.name, results[spec.name].nbytes)
+        if not self._context.execute_async_v3(self._stream):
+            raise EngineError("tensorrt: execute_async_v3 failed (see the log)")
+        for name, y in results.items():
+            ptr = self._buffers[name][0]
+            _check(
+                rt.cudaMemcpyAsync(
+                    y.ctypes.data, ptr, y.nbytes, kind.cudaMemcpyDeviceToHost, self._stream
+                )
+            )
+        _check(rt.cudaStreamSynchronize(self._stream))
+        return results
+
+    def close(self) -> None:
+        if self._cudart is not None:
+            for ptr, _ in self._buffers.values():
+                self._cudart.cudaFree(ptr)
+            if self._stream is not None:
+                self._cudart.cudaStreamDestroy(self._stream)
+        self._buffers = {}
+        self._context = self._engine = self._stream = None
+        super().close()
+
+
+def _parse(trt: Any, logger: Any, data: bytes, model: Path) -> tuple[Any, Any, Any]:
+    """Builder, network and parser (kept: the network refers to the parser's weights)."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch always
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(data):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"tensorrt cannot parse {model}: {errors}")
+    return builder, network, parser
+
+
+def _profile(model: Path, opts: Options) -> dict[str, list[list[int]]]:
+    """``{input: [min, opt, max]}`` for each ONNX input with a dynamic dimension."""
+    import onnx
+
+    given = opts.extra.get("shapes") or {}
+    max_batch = opts.extra.get("max_batch", 8)
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise EngineError(f"tensorrt: option max_batch must be an int >= 1, got {max_batch!r}")
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception as exc:
+        raise ModelError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
+    weights = {t.name for t in graph.initializer}
+    shapes: dict[str, list[list[int]]] = {}
+    for t in graph.input:
+        if t.name in weights:
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") else -1 for d in t.type.tensor_type.shape.dim
+        ]
+        if t.name in given:
+            shapes[t.name] = [[int(d) for d in s] for s in given[t.name]]
+        elif any(d < 0 for d in dims):
+            batch = (1, 1, max_batch)
+            shapes[t.name] = [
+                [d if d >= 0 else (batch if a == 0 else _DYNAMIC)[k] for a, d in enumerate(dims)]
+                for k in range(3)
+            ]
+    return shapes
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _logger(trt: Any) -> Any:
+    """A TensorRT logger that forwards to this module's logger."""
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.DEBUG,
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+
+    class Logger(trt.ILogger):
+        def log(self, severity: Any, msg: str) -> None:
+            log.log(levels.get(severity, logging.INFO), "tensorrt: %s", msg)
+
+    return Logger()
+
+
+def _progress(trt: Any, model: str) -> Any:
+    """A build progress monitor that logs each top-level phase and every 10% of its steps."""
+
+    class Progress(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.steps: dict[str, int] = {}
+            self.logged: dict[str, int] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self.steps[phase_name] = num_steps
+            if parent_phase is None:
+                log.info("tensorrt build %s: %s (%d steps)", model, phase_name, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            total = self.steps.get(phase_name, 0)
+            tenth = (10 * (step + 1)) // total if total else 0
+            if tenth > self.logged.get(phase_name, 0):
+                self.logged[phase_name] = tenth
+                log.info("tensorrt build %s: %s %d%%", model, phase_name, 10 * tenth)
+            return True  # go on
+
+        def phase_finish(self, phase_name: str) -> None:
+            self.steps.pop(phase_name, None)
+            self.logged.pop(phase_name, None)
+
+    return Progress()

@@ -1,0 +1,189 @@
+"""GPU engines on an NVIDIA machine, each against the CPU: PyTorch on CUDA (fp16 +
+CUDA graphs), OpenCL pre-processing on the NVIDIA GPU, ONNX Runtime's CUDA
+provider and TensorRT. Each skips with the precise reason where it cannot run.
+
+Tolerances against float32 on the CPU (reference U-Net, softmax outputs):
+fp32 on the GPU ``FP32_ATOL``; fp16 ``FP16_ATOL`` in probabilities and at most
+``FP16_FLIPS`` of labels different (near-ties). OpenCL pre-processing as in
+tests/test_engines_opencl.py (one input level).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon.engines.base import import_library
+from daemon.engines.onnxruntime import OnnxRuntimeEngine
+from daemon.engines.reference import ensure_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+FP32_ATOL = 1e-4  # "fp32" turns TF32 off
+FP16_ATOL = 2e-2
+FP16_FLIPS = 5e-3
+NVIDIA_ICD = "libnvidia-opencl.so.1"
+
+
+def need(module: str) -> Any:
+    lib, reason = import_library(module)
+    if lib is None:
+        pytest.skip(f"{module} is not importable: {reason}")
+    return lib
+
+
+def need_cuda() -> Any:
+    torch = need("torch")
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} sees no CUDA device")
+    return torch
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def unet(cache: Path) -> Path:
+    return ensure_reference("unet2d-256", cache)
+
+
+@pytest.fixture(scope="module")
+def batch() -> np.ndarray:
+    return np.random.default_rng(3).random((4, 1, 256, 256), np.float32)
+
+
+@pytest.fixture(scope="module")
+def cpu_out(unet: Path, batch: np.ndarray) -> np.ndarray:
+    eng = OnnxRuntimeEngine()
+    eng.load(unet, "cpu")
+    return eng.run({"image": batch})["probabilities"]
+
+
+def agree(y: np.ndarray, ref: np.ndarray, atol: float, flips: float) -> None:
+    np.testing.assert_allclose(y, ref, rtol=0, atol=atol)
+    differ = float(np.mean(y.argmax(1) != ref.argmax(1)))
+    assert differ <= flips, f"{differ:.3%} of labels differ"
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_pytorch_cuda_fp16_cuda_graphs(
+    fmt: str, cache: Path, batch: np.ndarray, cpu_out: np.ndarray
+) -> None:
+    need_cuda()
+    from daemon.engines.pytorch import PyTorchEngine
+
+    path = ensure_reference("unet2d-256", cache, fmt)  # type: ignore[arg-type]
+    eng = PyTorchEngine()
+    eng.load(path, "cuda", mode="all")
+    assert eng.device == "cuda:0 float16 cuda-graphs" and eng.depth > 1
+    agree(eng.run({"image": batch})["probabilities"], cpu_out, FP16_ATOL, FP16_FLIPS)
+    # one frame at a time through the asynchronous path: in order, same values
+    frames = [{"image": batch[i : i + 1]} for i in range(4)] * 3
+    got = np.concatenate([o["probabilities"] for o in eng.run_many(frames)])
+    agree(got, np.concatenate([cpu_out] * 3), FP16_ATOL, FP16_FLIPS)
+    eng.close()
+
+    fp32 = PyTorchEngine()
+    fp32.load(path, "cuda", precision="fp32", cuda_graphs=False)
+    assert fp32.device == "cuda:0 float32"
+    agree(fp32.run({"image": batch})["probabilities"], cpu_out, FP32_ATOL, FP16_FLIPS)
+
+
+def test_onnxruntime_cuda(unet: Path, batch: np.ndarray, cpu_out: np.ndarray) -> None:
+    ort = need("onnxruntime")
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        pytest.skip(
+            f"onnxruntime {ort.__version__} has no CUDA provider ({', '.join(providers)}): "
+            "install onnxruntime-gpu"
+        )
+    eng = OnnxRuntimeEngine()
+    eng.load(unet, "cuda")  # raises if the session fell back to the CPU
+    assert eng.device == "CUDAExecutionProvider"
+    agree(eng.run({"image": batch})["probabilities"], cpu_out, FP32_ATOL, FP16_FLIPS)
+
+
+def test_tensorrt(unet: Path, cache: Path, batch: np.ndarray, cpu_out: np.ndarray) -> None:
+    need("tensorrt")
+    from daemon.engines.tensorrt import TensorRtEngine
+
+    probe = TensorRtEngine.probe()
+    if not probe.available:
+        pytest.skip(f"tensorrt: {probe.reason}")
+    eng = TensorRtEngine()
+    eng.load(unet, "cuda", cache_dir=cache, max_batch=4)
+    agree(eng.run({"image": batch})["probabilities"], cpu_out, FP16_ATOL, FP16_FLIPS)
+    engines = list((cache / "tensorrt").glob("unet2d-256-*.engine"))
+    assert len(engines) == 1 and engines[0].with_suffix(".json").is_file()
+    again = TensorRtEngine()
+    again.load(unet, "cuda", cache_dir=cache, max_batch=4)  # from the cache this time
+    assert list((cache / "tensorrt").glob("unet2d-256-*.engine")) == engines
+    agree(again.run({"image": batch[:1]})["probabilities"], cpu_out[:1], FP16_ATOL, FP16_FLIPS)
+
+
+OPENCL_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from daemon.engines import opencl, preprocess
+    from daemon.engines.base import TensorSpec
+    from daemon.engines.card import ModelCard
+
+    device, reason = opencl.probe(gpu_only=True)
+    if device is None:
+        print(json.dumps({"device": None, "reason": reason}))
+        sys.exit(0)
+    run = opencl.OpenClPrepare(device)
+    norm = {"scale": 1 / 200, "clip": [20, 220], "mean": [0.4], "std": [0.2]}
+    card = ModelCard.model_validate({"input": {"normalisation": norm}})
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    cases = [((616, 820), np.uint8), ((480, 640, 3), np.uint8), ((300, 200), np.float32)]
+    for shape, dtype in cases:
+        img = rng.integers(0, 256, shape).astype(dtype)
+        for layout, c in [("NCHW", 1), ("NHWC", 3)]:
+            dims = (1, c, 256, 256) if layout == "NCHW" else (1, 256, 256, c)
+            spec = TensorSpec("x", dims, np.dtype(np.float32), layout)
+            d = np.abs(run(img, spec, card) - preprocess.prepare(img, spec, card)).max()
+            worst = max(worst, float(d) / (1 / 200 / 0.2))  # in input levels
+    print(json.dumps({"device": run.description, "worst_levels": worst}))
+    """
+)
+
+
+def test_opencl_on_the_nvidia_gpu(tmp_path: Path) -> None:
+    need("pyopencl")
+    try:
+        ctypes.CDLL(NVIDIA_ICD)
+    except OSError as exc:
+        pytest.skip(f"no NVIDIA OpenCL library here: {exc}")
+    env = dict(os.environ)
+    if not Path("/etc/OpenCL/vendors/nvidia.icd").is_file():
+        vendors = tmp_path / "vendors"
+        vendors.mkdir()
+        (vendors / "nvidia.icd").write_text(NVIDIA_ICD + "\n")
+        env["OCL_ICD_VENDORS"] = str(vendors)
+    # its own process: the ICD loader reads the vendor list once per process
+    done = subprocess.run(
+        [sys.executable, "-c", OPENCL_CHECK],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["device"] is not None, result["reason"]
+    assert "NVIDIA" in result["device"]
+    assert result["worst_levels"] <= 1.5, result  # 1.5: RGB frames into 1 channel
