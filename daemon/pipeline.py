@@ -205,7 +205,8 @@ class InferStage(Stage):
         if not f.valid():  # overwritten while we read it: "newest" mode under load
             self.torn += 1
             return True
-        self.inflight.append((self.seg.submit(x), f.meta, t0, time.perf_counter()))
+        t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
+        self.inflight.append((self.seg.submit(x), f.meta, t0, t1))
         while len(self.inflight) >= self.seg.depth:  # depth 1: at once, in order
             self._finish_oldest()
         return True

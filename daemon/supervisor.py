@@ -588,6 +588,7 @@ class Supervisor:
             "dropped": dropped,
             "fps": sink.get("fps", 0.0),
             "latency_ms": sink.get("latency_ms", {}),
+            "overhead_ms": sink.get("overhead_ms", {}),
             "stages": sink.get("stages", {}),
             "engine": infer.info.get("engine"),
             "device": infer.info.get("device"),

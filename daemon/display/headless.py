@@ -24,6 +24,7 @@ class HeadlessSink(Stage):
     def setup(self) -> dict[str, Any]:
         self.reader = self.ctx.input("results")
         self.latency = Percentiles()
+        self.overhead = Percentiles()  # latency minus the frame's own inference time
         self.stages = {name: RunningStats() for name in TABLE2}
         self.count = 0
         self.first_ns = self.last_ns = 0
@@ -37,7 +38,9 @@ class HeadlessSink(Stage):
         if f is not None:
             now_ns = time.monotonic_ns()
             meta = f.meta
-            self.latency.add((now_ns - meta.t_acquired_ns) / 1e6)
+            latency = (now_ns - meta.t_acquired_ns) / 1e6
+            self.latency.add(latency)
+            self.overhead.add(latency - float(meta.timings_ms[Timing.NN_INFERENCE]))
             for name, idx in TABLE2.items():
                 self.stages[name].add(float(meta.timings_ms[idx]))
             self.count += 1
@@ -66,5 +69,6 @@ class HeadlessSink(Stage):
             "frames_out": self.count,
             "fps": round((self.count - 1) / span, 2) if span > 0 else 0.0,
             "latency_ms": self.latency.summary(50, 90, 99),
+            "overhead_ms": self.overhead.summary(50, 99),
             "stages": {name: s.summary() for name, s in self.stages.items()},
         }
