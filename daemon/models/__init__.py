@@ -1,22 +1,34 @@
-"""Bundled models, and the model a run uses when none is named."""
+"""Bundled models, the model a run uses when none is named, and the model catalogue.
+
+Bundled (trained on echod's phantoms, see README.md beside this file):
+``ultrasound-seg.onnx`` (artery/vein, the live default), ``ct-nodule-seg.onnx``
+(3-D lung nodules) and ``wsi-patch-cls.onnx`` (4-class H&E patches), each with
+its card. Paper-size reference networks (random weights) are generated into
+the cache on demand (:mod:`daemon.engines.reference`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 BUNDLED = Path(__file__).resolve().parent
 ULTRASOUND = "ultrasound-seg.onnx"
+CT = "ct-nodule-seg.onnx"
+WSI = "wsi-patch-cls.onnx"
 REFERENCE_2D = "unet2d-256"
 
 
 def default_model(cache_dir: Path) -> Path:
     """The bundled ultrasound segmentation model.
 
-    Until a trained one is bundled, the paper-size 2-D U-Net (random weights)
-    is generated into the cache, and the log says so: its overlay is noise.
+    If it is missing (a stripped install), the paper-size 2-D U-Net with random
+    weights is generated into the cache, and the log says so: its overlay is noise.
     """
     bundled = BUNDLED / ULTRASOUND
     if bundled.exists():
@@ -25,8 +37,85 @@ def default_model(cache_dir: Path) -> Path:
 
     path = ensure_reference(REFERENCE_2D, cache_dir)
     log.warning(
-        "no trained ultrasound model is bundled yet: using the paper-size 2-D U-Net with "
+        "no trained ultrasound model is bundled: using the paper-size 2-D U-Net with "
         "random weights from %s (timings are real, the overlay is not)",
         path,
     )
     return path
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model file as ``echod models`` lists it."""
+
+    name: str
+    path: Path
+    origin: str  # "bundled" or "cache"
+    task: str = ""
+    input_shape: tuple[int | str, ...] = ()  # named dimensions are dynamic
+    layout: str | None = None
+    classes: tuple[str, ...] = ()
+    parameters: int = 0
+    weights: str = "unknown"  # "trained", "random" or "unknown"
+    scores: dict[str, float] = field(default_factory=dict)
+    provenance: str = ""
+    error: str = ""  # why the file or its card could not be read
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["input_shape"] = list(self.input_shape)
+        d["classes"] = list(self.classes)
+        return d
+
+
+def describe(path: Path, origin: str) -> ModelInfo:
+    """What the ONNX file and its card say (metadata ``echod.weights``, ``echod.scores``)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from daemon.engines.base import detect_layout
+    from daemon.engines.card import load_card
+    from daemon.errors import ModelError
+
+    name = path.stem
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        card = load_card(path)
+    except (OSError, DecodeError, ModelError) as exc:
+        return ModelInfo(name, path, origin, error=str(exc).splitlines()[0])
+    weights = {t.name for t in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in weights)
+    shape = tuple(d.dim_value or d.dim_param or "?" for d in inp.type.tensor_type.shape.dim)
+    out = model.graph.output[0].type.tensor_type.shape.dim
+    n_out = out[1].dim_value if len(out) > 1 else 0
+    props = {p.key: p.value for p in model.metadata_props}
+    numeric = tuple(d if isinstance(d, int) else None for d in shape)
+    return ModelInfo(
+        name=name,
+        path=path,
+        origin=origin,
+        task=card.task,
+        input_shape=shape,
+        layout=card.input.layout or detect_layout(numeric),
+        classes=tuple(c.name for c in card.class_list(max(n_out, 2))),
+        parameters=sum(_numel(t.dims) for t in model.graph.initializer),
+        weights=props.get("echod.weights", "unknown"),
+        scores=json.loads(props.get("echod.scores", "{}")),
+        provenance=card.provenance,
+    )
+
+
+def _numel(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def list_models(cache_dir: Path | None) -> list[ModelInfo]:
+    """Bundled models, then ONNX models in ``cache_dir/models`` (generated references)."""
+    found = [describe(p, "bundled") for p in sorted(BUNDLED.glob("*.onnx"))]
+    if cache_dir is not None:
+        found += [describe(p, "cache") for p in sorted((Path(cache_dir) / "models").glob("*.onnx"))]
+    return found

@@ -1,0 +1,200 @@
+"""What the three training scripts share: devices, budgets, losses, ONNX export, cards.
+
+Needs numpy, torch and onnx only (``pip install -e .[train]``); never imported by
+the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # ONNX Runtime and OpenVINO both read it
+
+
+def arguments(doc: str | None, epochs: int, minutes: float) -> argparse.ArgumentParser:
+    """The options every script takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent,
+        help="folder for the .onnx and its card (default: daemon/models)",
+    )
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=minutes,
+        help=f"stop training after this long, whatever the epoch (default {minutes})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes that render phantom data",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a CPU smoke run: little data, one epoch (the scores mean little)",
+    )
+    return p
+
+
+def setup(seed: int) -> torch.device:
+    """Seeded torch on the best device here; logging to stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log.info("training on %s", hardware(dev))
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+
+
+def hardware(dev: torch.device) -> str:
+    cpu = f"{os.cpu_count()} CPU cores"
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, {cpu}, torch {torch.__version__}"
+    return f"CPU only ({platform.machine()}, {cpu}), torch {torch.__version__}"
+
+
+def autocast(dev: torch.device) -> torch.autocast:
+    """bf16 mixed precision on a GPU; a no-op context on the CPU."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+class Budget:
+    """Wall-clock budget for a training loop."""
+
+    def __init__(self, minutes: float) -> None:
+        self.start = time.perf_counter()
+        self.deadline = self.start + 60.0 * minutes
+
+    def over(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int]
+) -> torch.Tensor:
+    """1 - mean soft Dice over ``classes`` (foreground), pooled over the batch."""
+    prob = logits.float().softmax(1)
+    losses = []
+    for c in classes:
+        p, t = prob[:, c], (target == c).float()
+        losses.append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+    return torch.stack(losses).mean()
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
+    """Dice of ``label`` between two label maps (1.0 when neither has it)."""
+    p, t = pred == label, truth == label
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+
+
+class Softmax(nn.Module):
+    """The network as exported: class probabilities over axis 1."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x).softmax(1)
+        return out
+
+
+def export(net: nn.Module, example: torch.Tensor, path: Path, props: dict[str, Any]) -> int:
+    """ONNX (opset 17, dynamic batch, BatchNorm folded) at ``path`` with ``props`` as
+    metadata (``echod.*`` keys, JSON values); returns the parameter count in the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = Softmax(net).cpu().float().eval()
+    torch.onnx.export(
+        model,
+        (example.cpu().float(),),
+        str(path),
+        input_names=["image"],
+        output_names=["probabilities"],
+        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        opset_version=OPSET,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+    proto = onnx.load(str(path))
+    helper.set_model_props(
+        proto, {f"echod.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in props.items()}
+    )
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    log.info("exported %s: %d parameters, %.1f MB", path, params, path.stat().st_size / 1e6)
+    return params
+
+
+def card(fields: str, provenance: str, training: dict[str, Any], scores: dict[str, float]) -> str:
+    """Model card text: the training record as comments, then ``fields`` (TOML)."""
+    lines = ["# Model card (daemon/engines/card.py), written by daemon/models/train/."]
+    lines += [f"# {k}: {v}" for k, v in training.items()]
+    lines += [f"# held-out {k}: {v:.4f}" for k, v in scores.items()]
+    lines.append(f"provenance = {json.dumps(provenance)}")
+    return "\n".join(lines) + "\n" + fields
+
+
+def fit(
+    opt: torch.optim.Optimizer,
+    step: Any,
+    steps_per_epoch: int,
+    epochs: int,
+    budget: Budget,
+    lr: float,
+) -> tuple[int, int]:
+    """Run ``step(i) -> loss`` for ``epochs`` or until the budget is spent, with a
+    warm-up then cosine learning rate over whichever ends first; returns
+    (epochs, steps) done."""
+    total = max(1, epochs * steps_per_epoch)
+    done = 0
+    for epoch in range(epochs):
+        losses = []
+        for _ in range(steps_per_epoch):
+            progress = max(done / total, budget.seconds() / (budget.deadline - budget.start))
+            warm = min(1.0, (done + 1) / max(1, total // 30))
+            for group in opt.param_groups:
+                group["lr"] = lr * warm * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
+            losses.append(float(step(done)))
+            done += 1
+            if budget.over():
+                break
+        log.info("epoch %d: loss %.4f (%.0f s)", epoch + 1, np.mean(losses), budget.seconds())
+        if budget.over():
+            log.info("time budget spent after %d steps", done)
+            return epoch + 1, done
+    return epochs, done
