@@ -495,12 +495,9 @@ class Supervisor:
         return node
 
     def _models(self) -> list[dict[str, Any]]:
-        from daemon.models import BUNDLED
+        from daemon.models import list_models
 
-        found = sorted(BUNDLED.glob("*.onnx")) + sorted(
-            (self.config.paths.cache() / "models").glob("*.onnx")
-        )
-        return [{"name": p.name, "path": str(p)} for p in found]
+        return [m.to_dict() for m in list_models(self.config.paths.cache())]
 
     def _uptime(self) -> float:
         return round(time.monotonic() - self.started, 3)

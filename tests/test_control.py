@@ -102,7 +102,9 @@ def test_read_commands_answer_with_live_figures(daemon: Running) -> None:
     assert "source" in c.call("config.get")
     engines = {e["name"]: e for e in c.call("engines")}
     assert engines["onnxruntime"]["available"]
-    assert any(m["name"].endswith(".onnx") for m in c.call("models"))
+    models = {m["name"]: m for m in c.call("models")}
+    assert models["ultrasound-seg"]["weights"] == "trained"
+    assert models["ultrasound-seg"]["path"].endswith(".onnx")
     c.close()
 
 
