@@ -196,9 +196,11 @@ class InferStage(Stage):
         if not self.active:
             self.ctx.stop.wait(STANDBY_POLL_S)  # a successor in standby: commands come soon
             return True
-        f = self.reader.read(timeout=POLL_S)
+        # with inferences in flight, never sleep on the reader: finish one instead
+        f = self.reader.read(timeout=0.0 if self.inflight else POLL_S)
         if f is None:
-            self.flush()  # nothing new: finish what is in flight
+            if self.inflight:
+                self._finish_oldest()
             return True
         t0 = time.perf_counter()
         x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
@@ -207,7 +209,10 @@ class InferStage(Stage):
             return True
         t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
         self.inflight.append((self.seg.submit(x), f.meta, t0, t1))
-        while len(self.inflight) >= self.seg.depth:  # depth 1: at once, in order
+        # in order; at most `depth` in flight; a finished one goes out at once (latency)
+        while self.inflight and (
+            len(self.inflight) >= self.seg.depth or self.inflight[0][0].done()
+        ):
             self._finish_oldest()
         return True
 
