@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import helper
 from torch import nn
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,55 @@ def dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
     p, t = pred == label, truth == label
     denom = int(p.sum()) + int(t.sum())
     return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+
+
+def conv_block(dims: int, cin: int, cout: int) -> nn.Sequential:
+    """Two 3x3(x3) convolutions, each with batch norm and ReLU."""
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+    return nn.Sequential(
+        conv(cin, cout, 3, padding=1, bias=False),
+        norm(cout),
+        nn.ReLU(inplace=True),
+        conv(cout, cout, 3, padding=1, bias=False),
+        norm(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net of ``dims`` (2 or 3) spatial dimensions: conv blocks, max-pool down,
+    transposed-convolution up, skip connections by concatenation; returns logits."""
+
+    def __init__(self, dims: int, widths: tuple[int, ...], classes: int, channels: int = 1) -> None:
+        super().__init__()
+        self.pool = F.max_pool2d if dims == 2 else F.max_pool3d
+        up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        self.down = nn.ModuleList()
+        cin = channels
+        for c in widths:
+            self.down.append(conv_block(dims, cin, c))
+            cin = c
+        self.bottom = conv_block(dims, cin, 2 * cin)
+        cin *= 2
+        self.ups, self.up_blocks = nn.ModuleList(), nn.ModuleList()
+        for c in reversed(widths):
+            self.ups.append(up(cin, c, 2, stride=2))
+            self.up_blocks.append(conv_block(dims, 2 * c, c))
+            cin = c
+        self.head = (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for b in self.down:
+            x = b(x)
+            skips.append(x)
+            x = self.pool(x, 2)
+        x = self.bottom(x)
+        for up, b, skip in zip(self.ups, self.up_blocks, reversed(skips), strict=True):
+            x = b(torch.cat([up(x), skip], 1))
+        out: torch.Tensor = self.head(x)
+        return out
 
 
 class Softmax(nn.Module):

@@ -88,47 +88,7 @@ def normalise(hu: torch.Tensor) -> torch.Tensor:
     return (hu.float().clamp(lo, hi) - lo) / (hi - lo)
 
 
-def block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv3d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm3d(cout),
-        nn.ReLU(inplace=True),
-        nn.Conv3d(cout, cout, 3, padding=1, bias=False),
-        nn.BatchNorm3d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-class UNet3D(nn.Module):
-    """3-D U-Net (see the module docstring); returns logits."""
-
-    def __init__(self, widths: tuple[int, ...] = (8, 16, 32, 64), classes: int = 2) -> None:
-        super().__init__()
-        self.down = nn.ModuleList()
-        cin = 1
-        for c in widths:
-            self.down.append(block(cin, c))
-            cin = c
-        self.bottom = block(cin, 2 * cin)
-        cin *= 2
-        self.ups, self.up_blocks = nn.ModuleList(), nn.ModuleList()
-        for c in reversed(widths):
-            self.ups.append(nn.ConvTranspose3d(cin, c, 2, stride=2))
-            self.up_blocks.append(block(2 * c, c))
-            cin = c
-        self.head = nn.Conv3d(cin, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for b in self.down:
-            x = b(x)
-            skips.append(x)
-            x = F.max_pool3d(x, 2)
-        x = self.bottom(x)
-        for up, b, skip in zip(self.ups, self.up_blocks, reversed(skips), strict=True):
-            x = b(torch.cat([up(x), skip], 1))
-        out: torch.Tensor = self.head(x)
-        return out
+WIDTHS = (8, 16, 32, 64)  # see the module docstring
 
 
 def evaluate(
@@ -168,7 +128,7 @@ def train(a: argparse.Namespace) -> None:
     )
     x = torch.from_numpy(hu).to(dev)
     y = torch.from_numpy(labels).to(dev)
-    net = UNet3D().to(dev)
+    net = common.UNet(3, WIDTHS, classes=2).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     batch = 1 if a.quick else 4
     weights = torch.tensor([0.3, 1.0], device=dev)

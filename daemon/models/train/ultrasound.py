@@ -121,47 +121,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, a)
 
 
-def block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-class UNet2D(nn.Module):
-    """The paper's 2-D U-Net (see the module docstring); returns logits."""
-
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), classes: int = 3) -> None:
-        super().__init__()
-        self.down = nn.ModuleList()
-        cin = 1
-        for c in widths:
-            self.down.append(block(cin, c))
-            cin = c
-        self.bottom = block(cin, 2 * cin)
-        cin *= 2
-        self.ups, self.up_blocks = nn.ModuleList(), nn.ModuleList()
-        for c in reversed(widths):
-            self.ups.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
-            self.up_blocks.append(block(2 * c, c))
-            cin = c
-        self.head = nn.Conv2d(cin, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for b in self.down:
-            x = b(x)
-            skips.append(x)
-            x = F.max_pool2d(x, 2)
-        x = self.bottom(x)
-        for up, b, skip in zip(self.ups, self.up_blocks, reversed(skips), strict=True):
-            x = b(torch.cat([up(x), skip], 1))
-        out: torch.Tensor = self.head(x)
-        return out
+WIDTHS = (16, 32, 64, 128)  # see the module docstring
 
 
 def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +175,7 @@ def train(a: argparse.Namespace) -> None:
     log.info("%d training frames, %d held out", len(x_all), len(data["x_val"]))
     x = torch.from_numpy(x_all).to(dev)
     y = torch.from_numpy(y_all).to(dev)
-    net = UNet2D().to(dev).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net = common.UNet(2, WIDTHS, classes=3).to(dev).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     batch = 8 if a.quick else 32
     weights = torch.tensor([0.5, 1.0, 1.0], device=dev)
