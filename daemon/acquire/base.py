@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from daemon.errors import SourceError
-from daemon.frame import Frame
+from daemon.frame import Frame, FrameMeta
 
 DEFAULT_FPS = 30.0
 """Frame rate assumed for ``t_source`` when a source carries no timing at all."""
@@ -47,3 +47,17 @@ def fps_str(fps: float | None) -> str:
 
 def closed_error(path: Path) -> SourceError:
     return SourceError(f"{path}: the source was closed; open it again to read frames")
+
+
+def recorded_frame(
+    image: np.ndarray,
+    index: int,
+    t_source: float,
+    spacing: tuple[float, float, float],
+    transform: np.ndarray,
+) -> Frame:
+    """Frame ``index`` of a recording, with its own copy of the recording's geometry."""
+    meta = FrameMeta.for_array(
+        image, index=index, t_source=t_source, spacing=spacing, transform=transform.copy()
+    )
+    return Frame(image, meta)

@@ -35,9 +35,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder, iter_pixels, pixel_array
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, shape_str
+from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
 from daemon.errors import SourceError
-from daemon.frame import Frame, FrameMeta
+from daemon.frame import Frame
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +145,7 @@ class DicomCine:
         try:
             for i, decoded in enumerate(iter_pixels(path)):
                 image = np.ascontiguousarray(decoded)
-                yield Frame(
-                    image,
-                    FrameMeta.for_array(
-                        image,
-                        index=i,
-                        t_source=float(self._t[i]),
-                        spacing=self._spacing,
-                        transform=self._transform.copy(),
-                    ),
-                )
+                yield recorded_frame(image, i, float(self._t[i]), self._spacing, self._transform)
         except Exception as exc:  # a frame after the first is corrupt, or the file changed
             raise SourceError(f"{path}: a frame cannot be decoded ({exc}); {_FIX}") from exc
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, shape_str
+from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
 from daemon.errors import SourceError
-from daemon.frame import Frame, FrameMeta
+from daemon.frame import Frame
 
 if TYPE_CHECKING:  # SimpleITK is imported when a recording is opened, not with echod
     import SimpleITK as sitk
@@ -226,16 +226,7 @@ class MetaImageSequence:
             raise closed_error(self.path)
         for i in self._valid:
             image = array[i]
-            yield Frame(
-                image,
-                FrameMeta.for_array(
-                    image,
-                    index=i,
-                    t_source=float(self._t[i]),
-                    spacing=self._spacing,
-                    transform=self._transform.copy(),
-                ),
-            )
+            yield recorded_frame(image, i, float(self._t[i]), self._spacing, self._transform)
 
     def close(self) -> None:
         """Release the pixel data."""

@@ -31,9 +31,9 @@ from typing import Any
 import nrrd
 import numpy as np
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, shape_str
+from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
 from daemon.errors import SourceError
-from daemon.frame import Frame, FrameMeta
+from daemon.frame import Frame
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +176,7 @@ class NrrdSequence:
             raise closed_error(self.path)
         for i in range(array.shape[0]):
             image = np.ascontiguousarray(array[i])
-            yield Frame(
-                image,
-                FrameMeta.for_array(
-                    image,
-                    index=i,
-                    t_source=float(self._t[i]),
-                    spacing=self._spacing,
-                    transform=self._transform.copy(),
-                ),
-            )
+            yield recorded_frame(image, i, float(self._t[i]), self._spacing, self._transform)
 
     def close(self) -> None:
         """Release the pixel data."""
