@@ -180,10 +180,18 @@ class Supervisor:
     # -- starting ---------------------------------------------------------------
 
     def _start_all(self) -> None:
-        """Downstream stages first: their readers exist before the first frame is written."""
-        order = list(self.workers.values())
-        downstream, sources = order[:-1], order[-1:]
-        for wave in (downstream, sources):
+        """Inference first (the slowest to be ready: the sinks learn from it what runs),
+        then the other readers, then the source: every reader exists before the first
+        frame is written."""
+        infer = self.workers["infer"]
+        self._spawn(infer)
+        self._await_ready([infer])
+        running = {k: infer.info.get(k) for k in ("engine", "device")}
+        running["model"] = infer.info.get("model_path")
+        others = [w for w in self.workers.values() if w.spec.kind not in ("infer", "acquire")]
+        for w in others:
+            w.spec = dataclasses.replace(w.spec, params={**w.spec.params, **running})
+        for wave in (others, [self.workers["acquire"]]):
             for w in wave:
                 self._spawn(w)
             self._await_ready(wave)
