@@ -34,6 +34,7 @@ import psutil
 from daemon import __version__, pipeline, protocol
 from daemon.config import Config, ConfigError, validate_change
 from daemon.errors import EchodError, StageError, from_dict
+from daemon.events import EventBus, PipeEvents
 from daemon.notify import notify, watchdog_interval
 from daemon.paths import confine
 from daemon.protocol import Parsed, ProtocolError, Role
@@ -93,7 +94,7 @@ class Supervisor:
         self.config = config
         self.threads = config.pipeline.workers == "threads"
         self._mp = mp.get_context("spawn")
-        self.events: Any = queue.Queue() if self.threads else self._mp.Queue()
+        self.events = EventBus(None if self.threads else self._mp)
         self.stop: Any = threading.Event() if self.threads else self._mp.Event()
         self.rings: dict[str, Ring] = {}
         self.workers: dict[str, Worker] = {}
@@ -135,6 +136,7 @@ class Supervisor:
             self._stop_all()
             if self.control is not None:
                 self.control.close()
+            self.events.close()
             self._remove_rings()
             self._restore_signals(previous)
 
@@ -198,7 +200,8 @@ class Supervisor:
 
     def _spawn(self, w: Worker) -> None:
         w.commands = queue.Queue() if self.threads else self._mp.Queue()
-        args = (w.spec, self.config, self.events, self.stop, w.commands)
+        channel = self.events.channel()
+        args = (w.spec, self.config, channel, self.stop, w.commands)
         if self.threads:
             w.handle = threading.Thread(
                 target=_thread_main, args=args, name=f"echod-{w.spec.name}", daemon=True
@@ -209,6 +212,8 @@ class Supervisor:
             )
         w.ready, w.failure, w.heartbeat = False, None, time.monotonic()
         w.handle.start()
+        if isinstance(channel, PipeEvents):
+            channel.close()  # the child has its copy: its death now shows as end of pipe
         self._publish("stage", {"stage": w.spec.name, "state": "started", "restarts": w.restarts})
         log.info("stage %s started (pid %s)", w.spec.name, getattr(w.handle, "pid", "thread"))
 
@@ -279,22 +284,11 @@ class Supervisor:
         )
 
     def _pending_events(self) -> bool:
-        try:
-            return not self.events.empty()
-        except (OSError, ValueError):
-            return False
+        return self.events.pending()
 
     def _drain_events(self, timeout: float) -> None:
-        try:
-            event = self.events.get(timeout=timeout)
-        except queue.Empty:
-            return
-        while True:
+        for event in self.events.get(timeout):
             self._handle(event)
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return
 
     def _handle(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -405,7 +399,7 @@ class Supervisor:
     def _in_main(self, fn: Callable[[], Any]) -> Any:
         fut: Future[Any] = Future()
         self._actions.put((fn, fut))
-        self.events.put({"stage": "", "event": "wake"})
+        self.events.wake()
         return fut.result(timeout=self.config.pipeline.stage_timeout_s + CALL_TIMEOUT_S)
 
     def _run_actions(self) -> None:
@@ -560,9 +554,7 @@ class Supervisor:
                 log.warning("stage %s did not stop within %g s: killed", w.spec.name, JOIN_S)
                 w.handle.kill()
                 w.handle.join(1.0)
-        with contextlib.suppress(Exception):
-            while True:
-                self._handle(self.events.get_nowait())
+        self._drain_events(0.0)
 
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
@@ -663,7 +655,6 @@ def _process_main(
         sys.exit(e.exit_code)
     code = run_stage(cls, spec, config, events, stop, commands)
     events.close()
-    events.join_thread()
     sys.exit(code)
 
 

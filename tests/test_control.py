@@ -352,3 +352,25 @@ def test_telemetry_and_events_are_published(daemon: Running) -> None:
     finally:
         sub.close(0)
         c.close()
+
+
+def test_a_model_that_cannot_load_is_refused_and_the_old_one_keeps_running(
+    daemon: Running, tmp_path: Path
+) -> None:
+    from tests.test_live import volume_model
+
+    daemon.sup.config.control.roots.append(str(tmp_path))
+    c = daemon.client(timeout_s=90)
+    until(lambda: (c.call("status")["frames"] or 0) > 0, 30)
+    infer_pid = c.call("status")["stages"]["infer"]["pid"]
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07 not a model")
+    for bad, words in ((volume_model(tmp_path / "volume.onnx"), "5-D"), (corrupt, "corrupt.onnx")):
+        with pytest.raises(CtlError) as e:
+            c.call("model.load", {"path": str(bad)})
+        assert e.value.code == "model" and words in e.value.message, e.value.message
+    s = c.call("status")
+    assert s["stages"]["infer"]["pid"] == infer_pid and s["model"] == "ultrasound-seg.onnx"
+    before = s["frames"]
+    until(lambda: c.call("status")["frames"] > before, 30)  # the old model still runs
+    c.close()
