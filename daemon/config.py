@@ -165,6 +165,21 @@ class ControlConfig(Section):
     )
 
 
+# display settings a running display takes (its "set" command), without a new window
+DISPLAY_RUNTIME = (
+    "overlay",
+    "opacity",
+    "contour_px",
+    "sync",
+    "status_line",
+    "allow_quit",
+    "inference_stopped_ms",
+    "no_frames_ms",
+    "frame_old_ms",
+    "screenshot_dir",
+)
+
+
 class DisplayConfig(Section):
     """The ``[display]`` settings."""
 

@@ -31,13 +31,11 @@ from typing import Any
 
 import psutil
 
-from daemon import __version__, pipeline, protocol
-from daemon.config import Config, ConfigError, validate_change
+from daemon import __version__, pipeline
+from daemon.config import Config
 from daemon.errors import EchodError, StageError, from_dict
 from daemon.events import EventBus, PipeEvents
 from daemon.notify import notify, watchdog_interval
-from daemon.paths import confine
-from daemon.protocol import Parsed, ProtocolError, Role
 from daemon.ring import Ring, remove_segments, remove_stale_segments
 from daemon.stage import RETIRE, Stage, StageSpec, StopFlag, run_stage
 
@@ -47,26 +45,6 @@ TICK_S = 0.2  # the monitor loop's period
 JOIN_S = 5.0  # how long a stopping stage may take before it is killed
 HEARTBEAT_STALE_S = 5.0
 CALL_TIMEOUT_S = 10.0  # a stage must answer a command within this
-
-# settings that may change while running -> the stage that applies them
-RUNTIME_SETTINGS = {
-    "source.paused": "acquire",
-    **{
-        f"display.{k}": "sink"
-        for k in (
-            "overlay",
-            "opacity",
-            "contour_px",
-            "sync",
-            "status_line",
-            "allow_quit",
-            "inference_stopped_ms",
-            "no_frames_ms",
-            "frame_old_ms",
-            "screenshot_dir",
-        )
-    },
-}
 
 
 @dataclass
@@ -214,7 +192,7 @@ class Supervisor:
         w.handle.start()
         if isinstance(channel, PipeEvents):
             channel.close()  # the child has its copy: its death now shows as end of pipe
-        self._publish("stage", {"stage": w.spec.name, "state": "started", "restarts": w.restarts})
+        self.publish("stage", {"stage": w.spec.name, "state": "started", "restarts": w.restarts})
         log.info("stage %s started (pid %s)", w.spec.name, getattr(w.handle, "pid", "thread"))
 
     def _await_ready(self, wave: list[Worker]) -> None:
@@ -267,7 +245,7 @@ class Supervisor:
                 f" after {w.restarts} restart(s)"
             )
         w.restarts += 1
-        self._publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
+        self.publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
         log.warning(
             "stage %s died (%s): restart %d of %d",
             w.spec.name,
@@ -304,7 +282,7 @@ class Supervisor:
             w.ready = True
             w.info.update(data)
             log.info("stage %s ready %s", w.spec.name, data or "")
-            self._publish("stage", {"stage": w.spec.name, "state": "ready"})
+            self.publish("stage", {"stage": w.spec.name, "state": "ready"})
         elif kind == "stats":
             w.stats = data
             self._status_line(data)
@@ -313,7 +291,7 @@ class Supervisor:
         elif kind == "failed":
             w.failure = data
             log.error("stage %s failed: %s", w.spec.name, data["error"]["message"])
-            self._publish("stage", {"stage": w.spec.name, "state": "failed", **data})
+            self.publish("stage", {"stage": w.spec.name, "state": "failed", **data})
 
     def _worker(self, name: str, generation: int) -> Worker | None:
         for w in (self.workers.get(name), self._successor):
@@ -341,62 +319,20 @@ class Supervisor:
     def _start_control(self) -> None:
         if not self.config.control.enabled:
             return
+        from daemon.commands import ControlCommands
         from daemon.control import ControlServer
 
         self.control = ControlServer(
-            self.config.control, self.config.paths.runtime(), self.handle_request, self.telemetry
+            self.config.control, self.config.paths.runtime(), ControlCommands(self), self.telemetry
         )
         self.control.start()
 
-    def _publish(self, topic: str, data: dict[str, Any]) -> None:
+    def publish(self, topic: str, data: dict[str, Any]) -> None:
         if self.control is not None:
             self.control.publish(topic, data)
 
-    def handle_request(self, req: Parsed, role: Role) -> Any:
-        """Answer one control request (control thread). Reads are served here from
-        snapshots; changes run in the supervisor's own thread (:meth:`_in_main`)."""
-        name, args = req.command.name, req.args
-        if name == "ping":
-            return {
-                "pong": True,
-                "version": __version__,
-                "uptime_s": self._uptime(),
-                "telemetry": self.control.telemetry_endpoint,
-            }
-        if name == "status":
-            return self.status()
-        if name == "config.get":
-            return self._config_get(args.key)  # type: ignore[attr-defined]
-        if name == "engines":
-            from daemon.engines.registry import probe_all
-
-            return [dataclasses.asdict(p) for p in probe_all()]
-        if name == "models":
-            return self._models()
-        if name == "shutdown":
-            self.request_stop(f"shutdown requested by a {role} client")
-            return {"stopping": True}
-        if name == "config.set":
-            return self._in_main(lambda: self._set(args.key, args.value))  # type: ignore[attr-defined]
-        if name == "model.load":
-            return self._in_main(lambda: self._load_model(args))
-        if name == "screenshot" and self.workers["sink"].spec.kind == "display":
-            shot = args.path  # type: ignore[attr-defined]
-            path = confine(shot, self._roots("screenshots"), what="screenshot", must_exist=False)
-            return self._in_main(
-                lambda: self._call(self.workers["sink"], "screenshot", {"path": str(path)})
-            )
-        if name == "screenshot":
-            raise ProtocolError(
-                protocol.UNAVAILABLE,
-                "no display is running (headless): screenshots need the display stage",
-            )
-        raise ProtocolError(
-            protocol.UNAVAILABLE,
-            f"'{name}' is not available in this version: offline jobs arrive with the job system",
-        )
-
-    def _in_main(self, fn: Callable[[], Any]) -> Any:
+    def in_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the supervisor's thread (from the control thread) and return its result."""
         fut: Future[Any] = Future()
         self._actions.put((fn, fut))
         self.events.wake()
@@ -413,7 +349,7 @@ class Supervisor:
             except BaseException as e:  # handed to the waiting control thread
                 fut.set_exception(e)
 
-    def _call(self, w: Worker, name: str, args: dict[str, Any] | None = None) -> Any:
+    def call(self, w: Worker, name: str, args: dict[str, Any] | None = None) -> Any:
         """Send a stage a command and wait for its answer (supervisor thread)."""
         token = uuid.uuid4().hex
         w.commands.put((token, name, args or {}))
@@ -427,28 +363,16 @@ class Supervisor:
             raise from_dict(reply["error"])
         return reply.get("result")
 
-    def _set(self, key: str, value: Any) -> dict[str, Any]:
-        stage = RUNTIME_SETTINGS.get(key)
-        if stage is None:
-            raise ConfigError(
-                f"'{key}' cannot change while running (restart to change it); "
-                f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
-            )
-        self.config = validate_change(self.config, key, value)
-        result = self._call(self.workers[stage], "set", {"key": key, "value": value})
-        self._publish("config", {"key": key, "value": value})
-        return {"key": key, "value": value, "applied": result}
-
-    def _load_model(self, args: Any) -> dict[str, Any]:
-        """Hot-swap: a successor loads and warms up while the current model keeps
-        running, then takes over its reader cursor (mode ``all`` loses no frame)."""
-        path = confine(args.path, self._roots("models"), what="model")
+    def swap_model(self, path: Path, engine: str, device: str) -> dict[str, Any]:
+        """Hot-swap (supervisor thread): a successor loads and warms up while the current
+        model keeps running, then takes over its reader cursor (mode ``all`` loses no
+        frame); a model that fails to load is refused and the current one runs on."""
         old = self.workers["infer"]
         params = {
             **old.spec.params,
             "model": str(path),
-            "engine": args.engine,
-            "device": args.device,
+            "engine": engine,
+            "device": device,
             "standby": True,
         }
         new = Worker(
@@ -463,13 +387,13 @@ class Supervisor:
             raise
         finally:
             self._successor = None
-        self._call(old, RETIRE)
+        self.call(old, RETIRE)
         if old.handle is not None:
             old.handle.join(JOIN_S)
         self.workers["infer"] = new
-        self._call(new, "go")
+        self.call(new, "go")
         new.spec = dataclasses.replace(new.spec, params={**params, "standby": False})
-        self._publish("model", {"state": "switched", "model": new.info.get("model")})
+        self.publish("model", {"state": "switched", "model": new.info.get("model")})
         log.info("model switched to %s", path)
         return new.info
 
@@ -478,30 +402,7 @@ class Supervisor:
             w.handle.kill()
             w.handle.join(1.0)
 
-    def _roots(self, kind: str) -> list[Path]:
-        from daemon.models import BUNDLED
-
-        roots = [Path(r) for r in self.config.control.roots]
-        if kind == "models":
-            roots += [BUNDLED, self.config.paths.cache() / "models"]
-        elif kind == "screenshots":
-            roots.append(self.config.paths.state() / "screenshots")
-        return roots
-
-    def _config_get(self, key: str) -> Any:
-        node: Any = self.config.model_dump(mode="json")
-        for part in [p for p in key.split(".") if p]:
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"no setting '{key}'")
-            node = node[part]
-        return node
-
-    def _models(self) -> list[dict[str, Any]]:
-        from daemon.models import list_models
-
-        return [m.to_dict() for m in list_models(self.config.paths.cache())]
-
-    def _uptime(self) -> float:
+    def uptime(self) -> float:
         return round(time.monotonic() - self.started, 3)
 
     def status(self) -> dict[str, Any]:
@@ -511,7 +412,7 @@ class Supervisor:
         infer = self.workers["infer"].info if "infer" in self.workers else {}
         return {
             "state": self.state,
-            "uptime_s": self._uptime(),
+            "uptime_s": self.uptime(),
             "source": self.source.get("description"),
             "mode": self.config.pipeline.mode,
             "stages": {

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from daemon.config import Config, DisplayConfig
+from daemon.config import DISPLAY_RUNTIME, Config, DisplayConfig
 from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
 from daemon.display.headless import TABLE2, HeadlessSink
@@ -70,21 +70,6 @@ IDLE_S = min(POLL_S, 0.05)  # longest wait for a frame: keys and the status line
 STATUS_S = 0.5  # status line refresh
 TEXT_COLOUR: Colour = (235, 235, 235)
 WARN_COLOUR: Colour = (255, 176, 0)
-# settings a running display takes (the "set" command), without a new window
-RUNTIME_SETTINGS = frozenset(
-    {
-        "overlay",
-        "opacity",
-        "contour_px",
-        "sync",
-        "status_line",
-        "allow_quit",
-        "inference_stopped_ms",
-        "no_frames_ms",
-        "frame_old_ms",
-        "screenshot_dir",
-    }
-)
 INFERENCE_STOPPED = "inference stopped"
 SCANNER_DISCONNECTED = "scanner disconnected"
 FRAME_OLD = "frame old"
@@ -827,18 +812,18 @@ class DisplayStage(Stage):
 
     def command(self, name: str, args: dict[str, Any]) -> Any:
         """``screenshot`` {path}: save the screen as a PNG. ``set`` {key: "display.<name>",
-        value}: change one of :data:`RUNTIME_SETTINGS` while running."""
+        value}: change one of :data:`~daemon.config.DISPLAY_RUNTIME` while running."""
         if name == "screenshot":
             path = self.screenshot(Path(args["path"]))
             return {"path": str(path), "frame": None if self.shown is None else self.shown.index}
         key = str(args.get("key", ""))
-        if name == "set" and key.removeprefix("display.") in RUNTIME_SETTINGS:
+        if name == "set" and key.removeprefix("display.") in DISPLAY_RUNTIME:
             self.set(key.removeprefix("display."), args["value"])
             return {"key": key, "value": args["value"]}
         return super().command(name, args)
 
     def set(self, name: str, value: Any) -> None:
-        """Change the display setting ``name`` (one of :data:`RUNTIME_SETTINGS`)."""
+        """Change the display setting ``name`` (one of :data:`~daemon.config.DISPLAY_RUNTIME`)."""
         try:
             self.settings = DisplayConfig.model_validate(
                 {**self.settings.model_dump(), name: value}

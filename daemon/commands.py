@@ -1,0 +1,126 @@
+"""What each control command does, for a running :class:`~daemon.supervisor.Supervisor`.
+
+Reads (ping, status, config.get, engines, models) are answered in the control
+thread from the supervisor's snapshots; changes (config.set, model.load,
+screenshot) run in the supervisor's own thread through ``in_main``, so they
+never race its bookkeeping of the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon import __version__, protocol
+from daemon.config import DISPLAY_RUNTIME, ConfigError, validate_change
+from daemon.paths import confine
+from daemon.protocol import Parsed, ProtocolError, Role
+
+if TYPE_CHECKING:
+    from daemon.supervisor import Supervisor
+
+# settings that may change while running -> the stage that applies them
+RUNTIME_SETTINGS = {
+    "source.paused": "acquire",
+    **{f"display.{k}": "sink" for k in DISPLAY_RUNTIME},
+}
+
+
+class ControlCommands:
+    """The control server's handler: one method per command (``config.set`` -> ``config_set``)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+
+    def __call__(self, req: Parsed, role: Role) -> Any:
+        name = req.command.name
+        if name.startswith("jobs."):
+            raise ProtocolError(
+                protocol.UNAVAILABLE,
+                f"'{name}' is not available in this version: offline jobs arrive with the job"
+                " system",
+            )
+        return getattr(self, name.replace(".", "_"))(req.args, role)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def ping(self, args: Any, role: Role) -> dict[str, Any]:
+        return {
+            "pong": True,
+            "version": __version__,
+            "uptime_s": self.sup.uptime(),
+            "telemetry": self.sup.control.telemetry_endpoint,
+        }
+
+    def status(self, args: Any, role: Role) -> dict[str, Any]:
+        return self.sup.status()
+
+    def config_get(self, args: protocol.ConfigGetArgs, role: Role) -> Any:
+        node: Any = self.sup.config.model_dump(mode="json")
+        for part in [p for p in args.key.split(".") if p]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"no setting '{args.key}'")
+            node = node[part]
+        return node
+
+    def engines(self, args: Any, role: Role) -> list[dict[str, Any]]:
+        from daemon.engines.registry import probe_all
+
+        return [dataclasses.asdict(p) for p in probe_all()]
+
+    def models(self, args: Any, role: Role) -> list[dict[str, Any]]:
+        from daemon.models import list_models
+
+        return [m.to_dict() for m in list_models(self.sup.config.paths.cache())]
+
+    # -- changes ----------------------------------------------------------------------
+
+    def config_set(self, args: protocol.ConfigSetArgs, role: Role) -> dict[str, Any]:
+        stage = RUNTIME_SETTINGS.get(args.key)
+        if stage is None:
+            raise ConfigError(
+                f"'{args.key}' cannot change while running (restart to change it); "
+                f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
+            )
+        changed = validate_change(self.sup.config, args.key, args.value)
+
+        def apply() -> dict[str, Any]:
+            result = self.sup.call(
+                self.sup.workers[stage], "set", {"key": args.key, "value": args.value}
+            )
+            self.sup.config = changed
+            self.sup.publish("config", {"key": args.key, "value": args.value})
+            return {"key": args.key, "value": args.value, "applied": result}
+
+        return self.sup.in_main(apply)
+
+    def model_load(self, args: protocol.ModelLoadArgs, role: Role) -> dict[str, Any]:
+        path = confine(args.path, self.roots("models"), what="model")
+        return self.sup.in_main(lambda: self.sup.swap_model(path, args.engine, args.device))
+
+    def screenshot(self, args: protocol.ScreenshotArgs, role: Role) -> dict[str, Any]:
+        sink = self.sup.workers["sink"]
+        if sink.spec.kind != "display":
+            raise ProtocolError(
+                protocol.UNAVAILABLE,
+                "no display is running (headless): screenshots need the display stage",
+            )
+        path = confine(args.path, self.roots("screenshots"), what="screenshot", must_exist=False)
+        return self.sup.in_main(lambda: self.sup.call(sink, "screenshot", {"path": str(path)}))
+
+    def shutdown(self, args: Any, role: Role) -> dict[str, Any]:
+        self.sup.request_stop(f"shutdown requested by a {role} client")
+        return {"stopping": True}
+
+    def roots(self, kind: str) -> list[Path]:
+        """Folders a path argument of ``kind`` may lie in."""
+        from daemon.models import BUNDLED
+
+        cfg = self.sup.config
+        roots = [Path(r) for r in cfg.control.roots]
+        if kind == "models":
+            roots += [BUNDLED, cfg.paths.cache() / "models"]
+        elif kind == "screenshots":
+            roots.append(cfg.paths.state() / "screenshots")
+        return roots
