@@ -190,3 +190,19 @@ def test_echod_models_lists_bundled_and_cached(
         "ultrasound-seg",
         "wsi-patch-cls",
     ]
+
+
+def test_a_training_script_makes_a_model_echod_loads(tmp_path: Path) -> None:
+    """The WSI script's CPU smoke run: an ONNX file and a card that load and run."""
+    pytest.importorskip("torch", reason="the training scripts need the 'train' extra (torch)")
+    from daemon.models.train import wsi
+
+    wsi.main(["--quick", "--minutes", "0.2", "--workers", "1", "--out", str(tmp_path)])
+    card = load_card(tmp_path / "wsi-patch-cls.onnx")
+    assert card.task == "classification" and len(card.classes) == 4
+    assert "synthetic data only" in card.provenance
+    engine = OnnxRuntimeEngine()
+    engine.load(tmp_path / "wsi-patch-cls.onnx")
+    out = engine.run({engine.inputs[0].name: np.zeros((2, 3, 512, 512), np.float32)})
+    probs = next(iter(out.values()))
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)

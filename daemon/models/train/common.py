@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +248,47 @@ def fit(
             log.info("time budget spent after %d steps", done)
             return epoch + 1, done
     return epochs, done
+
+
+def publish(
+    net: nn.Module,
+    example: torch.Tensor,
+    out: Path,
+    name: str,
+    task: str,
+    fields: str,
+    training: dict[str, Any],
+    scores: dict[str, float],
+    provenance: Callable[[int], str],
+) -> None:
+    """Export ``net`` to ``out/name.onnx`` with its training record, and write its card
+    (``provenance`` gets the exported parameter count)."""
+    record = {"task": task, "weights": "trained", "scores": scores, "training": training}
+    params = export(net, example, out / f"{name}.onnx", record)
+    (out / f"{name}.toml").write_text(card(fields, provenance(params), training, scores))
+
+
+def training_record(
+    script: str,
+    data: str,
+    held_out: str,
+    *,
+    seed: int,
+    epochs: int,
+    steps: int,
+    batch: int,
+    dev: torch.device,
+    seconds: float,
+) -> dict[str, Any]:
+    """What the card and the ONNX metadata say about a training run."""
+    return {
+        "script": f"python -m daemon.models.train.{script}",
+        "data": data,
+        "held_out": held_out,
+        "seed": seed,
+        "epochs": epochs,
+        "steps": steps,
+        "batch": batch,
+        "hardware": hardware(dev),
+        "training_seconds": round(seconds, 1),
+    }

@@ -166,31 +166,34 @@ def train(a: argparse.Namespace) -> None:
     seconds = budget.seconds()
     scores = evaluate(net, hu_val, labels_val, dev)
     log.info("held-out scores: %s", scores)
-    training = {
-        "script": "python -m daemon.models.train.ct",
-        "data": f"{n_train} phantom slabs of 32x256x256, seeds {TRAIN_SEED0}-"
+    training = common.training_record(
+        "ct",
+        f"{n_train} phantom slabs of 32x256x256, seeds {TRAIN_SEED0}-"
         f"{TRAIN_SEED0 + n_train - 1}, 0-5 nodules of 3-30 mm each",
-        "held_out": f"{n_val} slabs of seeds {VAL_SEED0}-{VAL_SEED0 + n_val - 1}",
-        "seed": a.seed,
-        "epochs": epochs,
-        "steps": steps,
-        "batch": batch,
-        "hardware": common.hardware(dev),
-        "training_seconds": round(seconds, 1),
-    }
-    params = common.export(
+        f"{n_val} slabs of seeds {VAL_SEED0}-{VAL_SEED0 + n_val - 1}",
+        seed=a.seed,
+        epochs=epochs,
+        steps=steps,
+        batch=batch,
+        dev=dev,
+        seconds=seconds,
+    )
+    common.publish(
         net,
         torch.zeros(1, 1, *SHAPE),
-        a.out / f"{NAME}.onnx",
-        {"task": "segmentation", "weights": "trained", "scores": scores, "training": training},
+        a.out,
+        NAME,
+        "segmentation",
+        FIELDS,
+        training,
+        scores,
+        lambda params: (
+            f"3-D U-Net for lung nodules, 32x256x256 slabs ({params:,} parameters, half the "
+            f"paper's width), trained on the echod CT phantom ({n_train} slabs, {steps} steps, "
+            f"{common.device_name(dev)}, {seconds:.0f} s); held-out nodule Dice "
+            f"{scores['dice_nodule']:.3f}; synthetic data only, not for clinical use"
+        ),
     )
-    provenance = (
-        f"3-D U-Net for lung nodules, 32x256x256 slabs ({params:,} parameters, half the "
-        f"paper's width), trained on the echod CT phantom ({n_train} slabs, {steps} steps, "
-        f"{common.device_name(dev)}, {seconds:.0f} s); held-out nodule Dice "
-        f"{scores['dice_nodule']:.3f}; synthetic data only, not for clinical use"
-    )
-    (a.out / f"{NAME}.toml").write_text(common.card(FIELDS, provenance, training, scores))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -201,31 +201,34 @@ def train(a: argparse.Namespace) -> None:
     seconds = budget.seconds()
     scores = evaluate(net, data["x_val"], data["y_val"], dev)
     log.info("held-out scores: %s", scores)
-    training = {
-        "script": "python -m daemon.models.train.ultrasound",
-        "data": f"{len(x_all)} phantom frames from seeds {TRAIN_SEED0}+ (2 each, 256x256) and "
+    training = common.training_record(
+        "ultrasound",
+        f"{len(x_all)} phantom frames from seeds {TRAIN_SEED0}+ (2 each, 256x256) and "
         f"{BIG_SEED0}+ (1 each, 384 or 512 resized to 256)",
-        "held_out": f"{len(data['x_val'])} frames (2 per seed) of seeds {VAL_SEED0}+",
-        "seed": a.seed,
-        "epochs": epochs,
-        "steps": steps,
-        "batch": batch,
-        "hardware": common.hardware(dev),
-        "training_seconds": round(seconds, 1),
-    }
-    params = common.export(
+        f"{len(data['x_val'])} frames (2 per seed) of seeds {VAL_SEED0}+",
+        seed=a.seed,
+        epochs=epochs,
+        steps=steps,
+        batch=batch,
+        dev=dev,
+        seconds=seconds,
+    )
+    common.publish(
         net,
         torch.zeros(1, 1, SIZE, SIZE),
-        a.out / f"{NAME}.onnx",
-        {"task": "segmentation", "weights": "trained", "scores": scores, "training": training},
+        a.out,
+        NAME,
+        "segmentation",
+        FIELDS,
+        training,
+        scores,
+        lambda params: (
+            f"FAST paper 2-D U-Net ({params:,} parameters) trained on the echod B-mode phantom "
+            f"({len(x_all)} frames, {steps} steps, {common.device_name(dev)}, "
+            f"{seconds:.0f} s); held-out Dice artery {scores['dice_artery']:.3f}, "
+            f"vein {scores['dice_vein']:.3f}; synthetic data only, not for clinical use"
+        ),
     )
-    provenance = (
-        f"FAST paper 2-D U-Net ({params:,} parameters) trained on the echod B-mode phantom "
-        f"({len(x_all)} frames, {steps} steps, {common.device_name(dev)}, "
-        f"{seconds:.0f} s); held-out Dice artery {scores['dice_artery']:.3f}, "
-        f"vein {scores['dice_vein']:.3f}; synthetic data only, not for clinical use"
-    )
-    (a.out / f"{NAME}.toml").write_text(common.card(FIELDS, provenance, training, scores))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -191,30 +191,33 @@ def train(a: argparse.Namespace) -> None:
     seconds = budget.seconds()
     scores = evaluate(net, xv, yv, dev)
     log.info("held-out scores: %s", scores)
-    training = {
-        "script": "python -m daemon.models.train.wsi",
-        "data": f"{len(x_np)} phantom patches ({per_class} per class), seeds {TRAIN_SEED0}+",
-        "held_out": f"{len(xv)} patches ({val_per_class} per class), seeds {VAL_SEED0}+",
-        "seed": a.seed,
-        "epochs": epochs,
-        "steps": steps,
-        "batch": batch,
-        "hardware": common.hardware(dev),
-        "training_seconds": round(seconds, 1),
-    }
-    params = common.export(
+    training = common.training_record(
+        "wsi",
+        f"{len(x_np)} phantom patches ({per_class} per class), seeds {TRAIN_SEED0}+",
+        f"{len(xv)} patches ({val_per_class} per class), seeds {VAL_SEED0}+",
+        seed=a.seed,
+        epochs=epochs,
+        steps=steps,
+        batch=batch,
+        dev=dev,
+        seconds=seconds,
+    )
+    common.publish(
         net,
         torch.zeros(1, 3, SIZE, SIZE),
-        a.out / f"{NAME}.onnx",
-        {"task": "classification", "weights": "trained", "scores": scores, "training": training},
+        a.out,
+        NAME,
+        "classification",
+        FIELDS,
+        training,
+        scores,
+        lambda params: (
+            f"small CNN + FC64 + dropout, 4 classes at 512x512 ({params:,} parameters), trained "
+            f"on the echod H&E phantom ({len(x_np)} patches, {steps} steps, "
+            f"{common.device_name(dev)}, {seconds:.0f} s); held-out patch accuracy "
+            f"{scores['accuracy']:.3f}; synthetic data only, not for clinical use"
+        ),
     )
-    provenance = (
-        f"small CNN + FC64 + dropout, 4 classes at 512x512 ({params:,} parameters), trained "
-        f"on the echod H&E phantom ({len(x_np)} patches, {steps} steps, "
-        f"{common.device_name(dev)}, {seconds:.0f} s); held-out patch accuracy "
-        f"{scores['accuracy']:.3f}; synthetic data only, not for clinical use"
-    )
-    (a.out / f"{NAME}.toml").write_text(common.card(FIELDS, provenance, training, scores))
 
 
 def main(argv: list[str] | None = None) -> None:
