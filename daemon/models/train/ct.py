@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daemon.models import cards
 from daemon.models.train import common
 from daemon.phantoms.ct import ct_phantom
 
@@ -40,32 +41,7 @@ HU_RANGE = (-1200.0, 400.0)
 TRAIN_SEED0, TRAIN_VOLUMES = 40_000, 640
 VAL_SEED0, VAL_VOLUMES = 50_000, 16
 
-FIELDS = """
-task = "segmentation"
-engines = []
-
-[input]
-layout = "NCDHW"
-channels = 1
-
-[input.normalisation]
-clip = [-1200.0, 400.0]
-scale = 0.000625
-mean = [-0.75]
-
-[output]
-activation = "softmax"
-
-[[classes]]
-name = "background"
-colour = [0, 0, 0]
-opacity = 0.0
-
-[[classes]]
-name = "nodule"
-colour = [255, 200, 0]
-opacity = 0.6
-"""
+FIELDS = cards.CT
 
 
 def slab(seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daemon.models import cards
 from daemon.models.train import common
 
 log = logging.getLogger(__name__)
@@ -43,36 +44,7 @@ BIG_SEED0, BIG_SEEDS = 20_000, 80  # one frame each at 384 or 512, resized
 VAL_SEED0, VAL_SEEDS = 30_000, 20  # two frames each, held out
 FRAMES_PER_SEED = 2
 
-FIELDS = """
-task = "segmentation"
-engines = []
-
-[input]
-size = [256, 256]
-layout = "NCHW"
-channels = 1
-
-[input.normalisation]
-scale = 0.00392156862745098
-
-[output]
-activation = "softmax"
-
-[[classes]]
-name = "background"
-colour = [0, 0, 0]
-opacity = 0.0
-
-[[classes]]
-name = "artery"
-colour = [255, 0, 0]
-opacity = 0.5
-
-[[classes]]
-name = "vein"
-colour = [0, 0, 255]
-opacity = 0.5
-"""
+FIELDS = cards.ULTRASOUND
 
 
 def render(seeds: range, size: int, per_seed: int) -> tuple[np.ndarray, np.ndarray]:

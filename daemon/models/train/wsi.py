@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daemon.models import cards
 from daemon.models.train import common
 from daemon.phantoms.wsi import CLASSES, tissue_patch
 
@@ -36,45 +37,9 @@ NAME = "wsi-patch-cls"
 SIZE = 512
 TRAIN_SEED0, TRAIN_PER_CLASS = 60_000, 1200
 VAL_SEED0, VAL_PER_CLASS = 70_000, 100
-MEAN, STD = 0.5, 0.25
+MEAN, STD = cards.WSI_MEAN, cards.WSI_STD
 
-FIELDS = f"""
-task = "classification"
-engines = []
-
-[input]
-size = [512, 512]
-layout = "NCHW"
-channels = 3
-
-[input.normalisation]
-scale = 0.00392156862745098
-mean = [{MEAN}]
-std = [{STD}]
-
-[output]
-activation = "softmax"
-
-[[classes]]
-name = "normal"
-colour = [0, 160, 0]
-opacity = 0.4
-
-[[classes]]
-name = "benign"
-colour = [0, 90, 255]
-opacity = 0.4
-
-[[classes]]
-name = "in-situ"
-colour = [255, 200, 0]
-opacity = 0.5
-
-[[classes]]
-name = "invasive"
-colour = [230, 0, 0]
-opacity = 0.5
-"""
+FIELDS = cards.WSI
 
 
 def _patch(job: tuple[int, int]) -> np.ndarray:
