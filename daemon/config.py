@@ -262,34 +262,28 @@ def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -
             ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
-    for dotted, value in (overrides or {}).items():
+    return _validated(data, overrides or {}, source)
+
+
+def validate_change(config: Config, key: str, value: Any) -> Config:
+    """``config`` with one dotted setting changed, validated like the file."""
+    return _validated(config.model_dump(), {key: value}, None)
+
+
+def _validated(data: dict[str, Any], overrides: Mapping[str, Any], source: Path | None) -> Config:
+    """``data`` with the dotted ``overrides`` set, validated: the one way a Config is made."""
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"no setting '{dotted}': '{p}' is a value, not a table")
         node[leaf] = value
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
-
-
-def validate_change(config: Config, key: str, value: Any) -> Config:
-    """``config`` with one dotted setting changed, validated like the file."""
-    data = config.model_dump()
-    node = data
-    *parents, leaf = key.split(".")
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            raise ConfigError(f"no setting '{key}'")
-        node = node[p]
-    if leaf not in node:
-        raise ConfigError(_describe_unknown(key.split(".")))
-    node[leaf] = value
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_describe(e, None)) from None
 
 
 def _describe_unknown(loc: list[str]) -> str:

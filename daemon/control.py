@@ -59,7 +59,12 @@ class ControlServer:
         self._stop = threading.Event()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.pub = self._ctx.socket(zmq.PUB)
-        self.endpoint, self.telemetry_endpoint = self._bind(runtime_dir)
+        try:
+            self.endpoint, self.telemetry_endpoint = self._bind(runtime_dir)
+        except BaseException:
+            # a context left to the garbage collector with sockets open blocks in term()
+            self._release()
+            raise
         self._thread = threading.Thread(target=self._serve, name="echod-control", daemon=True)
 
     # -- binding and security ------------------------------------------------
@@ -209,14 +214,17 @@ class ControlServer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(2)
-        if self._auth is not None:
-            self._auth.stop()
-        for sock, endpoint in ((self.router, self.endpoint), (self.pub, self.telemetry_endpoint)):
-            sock.close(0)
+        for endpoint in (self.endpoint, self.telemetry_endpoint):
             if endpoint.startswith("ipc://"):
                 Path(endpoint[len("ipc://") :]).unlink(missing_ok=True)
-        self._ctx.term()
+        self._release()
 
+    def _release(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+        self.router.close(0)
+        self.pub.close(0)
+        self._ctx.term()
 
 def load_client_keys(clients_dir: Path) -> dict[str, Role]:
     """Allowed client public keys (z85) and their role, from ``{read,control,admin}/*.key``."""

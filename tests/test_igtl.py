@@ -510,7 +510,8 @@ def test_echod_follows_a_scanner_records_it_and_counts(tmp_path: Path) -> None:
     assert result, "the run did not end after its frames"
     s = result[0]
     assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, 0)
-    assert s["source_stats"]["errors"] == 0 and s["source_stats"]["reconnects"] >= 0
+    stats = s["source_stats"]
+    assert (stats["state"], stats["errors"], stats["reconnects"]) == ("connected", 0, 0)
     replay = list(open_source(str(recording)).frames())
     assert len(replay) == n
     for i, frame in enumerate(replay):
