@@ -111,7 +111,14 @@ class Client:
 
 
 def add_parser(sub: Any) -> None:
-    ctl = sub.add_parser("ctl", help="talk to a running daemon over its control socket")
+    listing = "\n".join(f"  {c.name:<12} {c.help} ({c.role})" for c in protocol.COMMANDS.values())
+    ctl = sub.add_parser(
+        "ctl",
+        help="talk to a running daemon over its control socket",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"commands (and the role each needs):\n{listing}\n  watch        print live "
+        "telemetry and events",
+    )
     ctl.add_argument("--endpoint", help="control endpoint (default: ipc in the runtime directory)")
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON result")

@@ -21,14 +21,13 @@ MAX_DIMS = 3
 class Timing(IntEnum):
     """Indices of the per-stage timings carried in the header (milliseconds).
 
-    The three ``NN_*`` rows are the paper's Table 2 columns.
+    The three ``NN_*`` rows are the paper's Table 2 columns; the header has room
+    for ``N_TIMINGS`` so that more stages can report without a layout change.
     """
 
-    ACQUIRE = 0
     NN_INPUT = 1
     NN_INFERENCE = 2
     NN_OUTPUT = 3
-    DISPLAY = 4
 
 
 N_TIMINGS = 8

@@ -31,7 +31,6 @@ import numpy as np
 from daemon.errors import EngineError
 
 Layout = Literal["NC", "NCHW", "NHWC", "NCDHW", "NDHWC"]
-LAYOUTS: tuple[Layout, ...] = ("NC", "NCHW", "NHWC", "NCDHW", "NDHWC")
 
 
 @dataclass(frozen=True)
