@@ -69,6 +69,9 @@ class Client:
         self.timeout_ms = int(timeout_s * 1000)
         self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # a DEALER holds a message until some peer takes it: with no daemon there, or
+        # a CURVE handshake refused, send would wait for ever
+        self.sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
         self._curve(self.sock, server_key, client_key)
         self.sock.connect(endpoint)
 
@@ -91,7 +94,15 @@ class Client:
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """The result, or :class:`CtlError` with the daemon's code and message."""
         rid = uuid.uuid4().hex[:12]
-        self.sock.send(protocol.request(cmd, args, request_id=rid))
+        try:
+            self.sock.send(protocol.request(cmd, args, request_id=rid))
+        except zmq.Again:
+            raise CtlError(
+                "timeout",
+                f"cannot reach {self.endpoint} within "
+                f"{self.timeout_ms / 1000:g} s: is echod running there, and does it "
+                "accept this client's key?",
+            ) from None
         while True:
             if not self.sock.poll(self.timeout_ms):
                 raise CtlError(
