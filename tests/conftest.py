@@ -21,6 +21,15 @@ DATA = ROOT.parent / "shared" / "data"
 WATERTANK = DATA / "us" / "WaterTankBottomTranslationVideoBuffer.igs.mha"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Each test session gets runtime and state directories of its own: daemons of
+    concurrent sessions (CI, a developer's run) never meet, and none touches the user's."""
+    import tempfile
+
+    for var in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY"):
+        os.environ[var] = tempfile.mkdtemp(prefix=f"echod-test-{var.split('_')[0].lower()}-")
+
+
 def need_data(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} is missing (../shared/data beside the checkout)")
