@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= onnxruntime,openvino,opencl,display,dev
-# Debian packages the tests and the embedded default need (installed as root only).
-DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0
+# Debian packages the tests and the embedded default need (installed as root only);
+# PoCL from Debian knows CPUs that the PoCL inside the pyopencl wheel (LLVM 14) cannot build for.
+DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd
 
 .PHONY: run test lint bench clean
 

@@ -38,7 +38,7 @@ def main() -> None:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if (client.call("status")["frames"] or 0) > 30:
+                if (client.call("status")["frames_out"] or 0) > 30:
                     break
             except CtlError:
                 pass

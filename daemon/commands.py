@@ -3,28 +3,40 @@
 Reads (ping, status, config.get, engines, models) are answered in the control
 thread from the supervisor's snapshots; changes (config.set, model.load,
 screenshot) run in the supervisor's own thread through ``in_main``, so they
-never race its bookkeeping of the stages.
+never race its bookkeeping of the stages. Neither thread ever waits: a change
+returns a Future, and the control server replies when it resolves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, protocol
-from daemon.config import DISPLAY_RUNTIME, ConfigError, validate_change
+from daemon.config import RUNTIME_SETTINGS, ConfigError, validate_change
 from daemon.paths import confine
 from daemon.protocol import Parsed, ProtocolError, Role
 
 if TYPE_CHECKING:
     from daemon.supervisor import Supervisor
 
-# settings that may change while running -> the stage that applies them
-RUNTIME_SETTINGS = {
-    "source.paused": "acquire",
-    **{f"display.{k}": "sink" for k in DISPLAY_RUNTIME},
-}
+
+def then(future: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
+    """A Future of ``fn(result)`` once ``future`` succeeds (its error otherwise); ``fn``
+    runs in the thread that resolves ``future``."""
+    out: Future[Any] = Future()
+
+    def step(f: Future[Any]) -> None:
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as e:
+            out.set_exception(e)
+
+    future.add_done_callback(step)
+    return out
 
 
 class ControlCommands:
@@ -76,7 +88,7 @@ class ControlCommands:
 
     # -- changes ----------------------------------------------------------------------
 
-    def config_set(self, args: protocol.ConfigSetArgs, role: Role) -> dict[str, Any]:
+    def config_set(self, args: protocol.ConfigSetArgs, role: Role) -> Future[Any]:
         stage = RUNTIME_SETTINGS.get(args.key)
         if stage is None:
             raise ConfigError(
@@ -84,22 +96,22 @@ class ControlCommands:
                 f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
             )
         changed = validate_change(self.sup.config, args.key, args.value)
+        sup = self.sup
 
-        def apply() -> dict[str, Any]:
-            result = self.sup.call(
-                self.sup.workers[stage], "set", {"key": args.key, "value": args.value}
-            )
-            self.sup.config = changed
-            self.sup.publish("config", {"key": args.key, "value": args.value})
+        def applied(result: Any) -> dict[str, Any]:  # in the supervisor's thread
+            sup.config = changed
+            sup.publish("config", {"key": args.key, "value": args.value})
             return {"key": args.key, "value": args.value, "applied": result}
 
-        return self.sup.in_main(apply)
+        set_args = {"key": args.key, "value": args.value}
+        return sup.in_main(lambda: then(sup.call(sup.workers[stage], "set", set_args), applied))
 
-    def model_load(self, args: protocol.ModelLoadArgs, role: Role) -> dict[str, Any]:
+    def model_load(self, args: protocol.ModelLoadArgs, role: Role) -> Future[Any]:
+        """Returns at once with the swap's id; its outcome is published on ``model``."""
         path = confine(args.path, self.roots("models"), what="model")
-        return self.sup.in_main(lambda: self.sup.swap_model(path, args.engine, args.device))
+        return self.sup.in_main(lambda: self.sup.begin_swap(path, args.engine, args.device))
 
-    def screenshot(self, args: protocol.ScreenshotArgs, role: Role) -> dict[str, Any]:
+    def screenshot(self, args: protocol.ScreenshotArgs, role: Role) -> Future[Any]:
         sink = self.sup.workers["sink"]
         if sink.spec.kind != "display":
             raise ProtocolError(

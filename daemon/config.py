@@ -66,7 +66,18 @@ class PipelineConfig(Section):
     stage_timeout_s: float = Field(
         60.0, gt=0, description="a stage must report ready (model loaded, warmed up) within this"
     )
-    max_restarts: int = Field(5, ge=0, description="restarts of one crashed stage before giving up")
+    max_restarts: int = Field(
+        5, ge=0, description="restarts of one stage within restart_window_s before giving up"
+    )
+    restart_window_s: float = Field(
+        60.0, gt=0, description="the window max_restarts counts in (older restarts are forgiven)"
+    )
+    heartbeat_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="a running stage silent this long is hung: killed (SIGABRT, then SIGKILL) and"
+        " restarted; keep it under the unit's WatchdogSec",
+    )
 
 
 class ModelConfig(Section):
@@ -178,6 +189,12 @@ DISPLAY_RUNTIME = (
     "frame_old_ms",
     "screenshot_dir",
 )
+
+# every setting that may change while running -> the stage that applies it (its "set")
+RUNTIME_SETTINGS: dict[str, str] = {
+    "source.paused": "acquire",
+    **{f"display.{k}": "sink" for k in DISPLAY_RUNTIME},
+}
 
 
 class DisplayConfig(Section):

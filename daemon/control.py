@@ -5,7 +5,10 @@ not thread-safe: other threads hand it messages to publish through a queue).
 A request is parsed and checked by :mod:`daemon.protocol`, answered by the
 supervisor's handler, and every failure becomes an error reply: the server
 never dies of a request, and a slow or vanished client never blocks it (sends
-are non-blocking; a reply that cannot be queued is dropped).
+are non-blocking; a reply that cannot be queued is dropped). A handler that
+needs the supervisor's thread returns a :class:`~concurrent.futures.Future`:
+the request is parked and answered when it resolves, while other requests
+(``ping``, ``status``) go on being answered.
 
 Endpoints: ``ipc://`` in the runtime directory by default (socket mode 0660);
 ``tcp://`` only with CURVE, a server key and an allow-list of client public
@@ -20,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Parsed, Role], Any]
 POLL_MS = 50
+PARKED_POLL_MS = 2  # while replies are pending
+PARKED_TIMEOUT_S = 120.0  # a parked request is answered by then, whatever happens
 HARD_LIMIT_FACTOR = 16  # messages above this many times the limit are cut by ZeroMQ itself
 
 
@@ -57,6 +63,7 @@ class ControlServer:
         self._roles: dict[str, Role] = {}
         self._outbox: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._parked: list[tuple[list[Any], str | None, Future[Any], float]] = []
         self.router = self._ctx.socket(zmq.ROUTER)
         self.pub = self._ctx.socket(zmq.PUB)
         try:
@@ -150,8 +157,10 @@ class ControlServer:
         poller.register(self.router, zmq.POLLIN)
         next_telemetry = time.monotonic()
         while not self._stop.is_set():
-            if poller.poll(POLL_MS):
+            if poller.poll(PARKED_POLL_MS if self._parked else POLL_MS):
                 self._drain_requests()
+            if self._parked:
+                self._answer_parked()
             while True:
                 try:
                     topic, data = self._outbox.get_nowait()
@@ -169,14 +178,45 @@ class ControlServer:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            envelope = frames[:-1]
             reply = self.answer(frames[-1].bytes, self._role(frames[-1]))
-            try:
-                self.router.send_multipart([*frames[:-1], reply], zmq.NOBLOCK)
-            except zmq.ZMQError as e:  # the client is gone or not reading: drop the reply
-                log.debug("reply dropped: %s", e)
+            if isinstance(reply, tuple):
+                rid, future = reply
+                self._parked.append((envelope, rid, future, time.monotonic() + PARKED_TIMEOUT_S))
+            else:
+                self._reply(envelope, reply)
 
-    def answer(self, raw: bytes, role: Role) -> bytes:
-        """One request in, one reply out; never raises."""
+    def _reply(self, envelope: list[Any], reply: bytes) -> None:
+        try:
+            self.router.send_multipart([*envelope, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the client is gone or not reading: drop the reply
+            log.debug("reply dropped: %s", e)
+
+    def _answer_parked(self) -> None:
+        now = time.monotonic()
+        waiting = []
+        for envelope, rid, future, deadline in self._parked:
+            if future.done():
+                self._reply(envelope, self._outcome(rid, future))
+            elif now > deadline:
+                late = protocol.error(rid, protocol.UNAVAILABLE, "no answer in time")
+                self._reply(envelope, late)
+            else:
+                waiting.append((envelope, rid, future, deadline))
+        self._parked = waiting
+
+    def _outcome(self, rid: str | None, future: Future[Any]) -> bytes:
+        error = future.exception()
+        if error is None:
+            return protocol.ok(rid, future.result())
+        if isinstance(error, (ProtocolError, EchodError)):
+            return protocol.error(rid, error.code, error.message)
+        log.error("control request failed: %s: %s", type(error).__name__, error)
+        return protocol.error(rid, protocol.INTERNAL, f"{type(error).__name__}: {error}")
+
+    def answer(self, raw: bytes, role: Role) -> bytes | tuple[str | None, Future[Any]]:
+        """One request in, one reply out (or, for work in the supervisor's thread, the
+        request id and the Future of its result); never raises."""
         rid: str | None = None
         try:
             parsed = protocol.parse(raw, self.settings.max_message_bytes)
@@ -187,7 +227,10 @@ class ControlServer:
                     f"'{parsed.command.name}' needs the "
                     f"{parsed.command.role} role; this client has {role}",
                 )
-            return protocol.ok(rid, self.handler(parsed, role))
+            result = self.handler(parsed, role)
+            if isinstance(result, Future):
+                return rid, result
+            return protocol.ok(rid, result)
         except ProtocolError as e:
             return protocol.error(rid or e.request_id, e.code, e.message)
         except EchodError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -117,6 +118,21 @@ class Client:
             raise CtlError(reply["error"]["code"], reply["error"]["message"])
         return reply["result"]
 
+    def wait_swap(self, swap: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Poll ``status`` until the model hot-swap ``swap`` (the id ``model.load`` returned)
+        has switched (its last event) or failed (:class:`CtlError` with the reason)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            last = self.call("status").get("last_swap") or {}
+            if last.get("swap") == swap:
+                if last["state"] == "failed":
+                    error = last.get("error") or {}
+                    raise CtlError(error.get("code", "model"), error.get("message", "failed"))
+                return dict(last)
+            if time.monotonic() > deadline:
+                raise CtlError("timeout", f"model swap {swap} did not finish in {timeout_s:g} s")
+            time.sleep(0.1)
+
     def close(self) -> None:
         self.sock.close(0)
 
@@ -133,6 +149,11 @@ def add_parser(sub: Any) -> None:
     ctl.add_argument("--endpoint", help="control endpoint (default: ipc in the runtime directory)")
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON result")
+    ctl.add_argument(
+        "--wait",
+        action="store_true",
+        help="model.load: wait until the new model runs, or the swap fails (exit code 65)",
+    )
     ctl.add_argument("--server-key", type=Path, help="server public key file (tcp + CURVE)")
     ctl.add_argument("--client-key", type=Path, help="client secret key file (tcp + CURVE)")
     ctl.add_argument("command", help=f"one of: watch, {', '.join(protocol.COMMANDS)}")
@@ -177,6 +198,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         client = Client(endpoint, args.timeout, args.server_key, args.client_key)
         try:
             result = client.call(args.command, parse_args(args.command, args.args))
+            if args.wait and args.command == "model.load":
+                result = client.wait_swap(result["swap"], max(args.timeout, 120.0))
         finally:
             client.close()
     except CtlError as e:

@@ -65,6 +65,14 @@ class RingError(EchodError):
     exit_code = 71  # EX_OSERR
 
 
+class AlreadyRunningError(EchodError):
+    """Another echod holds this runtime directory (its sockets and rings)."""
+
+    code = "already_running"
+    exit_code = 75  # EX_TEMPFAIL: RestartPreventExitStatus in the unit
+    fatal = True
+
+
 class StageError(EchodError):
     """A pipeline stage failed to start or died."""
 
@@ -81,6 +89,7 @@ ERRORS: dict[str, type[EchodError]] = {
         ModelError,
         EngineError,
         RingError,
+        AlreadyRunningError,
         StageError,
     )
 }

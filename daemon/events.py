@@ -1,15 +1,17 @@
-"""Events from stages to the supervisor: ready, failed, heartbeat, stats, done, reply.
+"""Events from stages to the supervisor (ready, failed, heartbeat, stats, source, done,
+reply), and commands from the supervisor to a stage.
 
-Each stage process writes to a pipe of its own. A shared ``multiprocessing.Queue``
-would be simpler, but a process killed while it holds the queue's write lock
-(SIGKILL, the OOM killer) blocks every other writer for good: the supervisor
-would go deaf while frames still flow. With one pipe per stage a killed stage
-can only break its own pipe, and its restart gets a new one. Stages run as
-threads share one plain queue.
+Each stage process has two pipes of its own, one each way. A shared
+``multiprocessing.Queue`` would be simpler, but a process killed while it holds
+the queue's lock (SIGKILL, the OOM killer) blocks every other user for good:
+the supervisor would go deaf while frames still flow. A pipe has no lock: a
+killed stage can only break its own pipes, and its restart gets new ones.
+Stages run as threads use plain queues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
@@ -24,6 +26,26 @@ class PipeEvents:
 
     def put(self, event: dict[str, Any]) -> None:
         self._conn.send(event)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PipeCommands:
+    """Commands to one stage process: the supervisor :meth:`put` s, the stage
+    :meth:`get_nowait` s (``queue.Empty`` when there is none), like a queue."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def put(self, command: Any) -> None:
+        with contextlib.suppress(OSError):  # the stage is gone: the caller's deadline passes
+            self._conn.send(command)
+
+    def get_nowait(self) -> Any:
+        if not self._conn.poll():
+            raise queue.Empty
+        return self._conn.recv()
 
     def close(self) -> None:
         self._conn.close()
@@ -48,6 +70,14 @@ class EventBus:
         reader, writer = self._mp.Pipe(duplex=False)
         self._readers.append(reader)
         return PipeEvents(writer)
+
+    def commands(self) -> tuple[Any, Any]:
+        """A new command channel for one stage: (the supervisor's end, the stage's end)."""
+        if self._mp is None:
+            q: queue.Queue[Any] = queue.Queue()
+            return q, q
+        reader, writer = self._mp.Pipe(duplex=False)
+        return PipeCommands(writer), PipeCommands(reader)
 
     def wake(self) -> None:
         """Make :meth:`get` return now (any thread)."""

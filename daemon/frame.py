@@ -44,6 +44,7 @@ META_DTYPE = np.dtype(
         ("transform", "<f8", (4, 4)),  # ijk-to-world
         ("timings_ms", "<f4", (N_TIMINGS,)),
         ("checksum", "<u8"),  # optional content checksum (0 = none), used by tests
+        ("generation", "<u4"),  # results: which model made it (0, then +1 per hot-swap)
     ],
     align=True,
 )
@@ -84,6 +85,7 @@ class FrameMeta:
     transform: np.ndarray = field(default_factory=lambda: np.eye(4))
     timings_ms: np.ndarray = field(default_factory=lambda: np.zeros(N_TIMINGS, np.float32))
     checksum: int = 0
+    generation: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -108,6 +110,7 @@ class FrameMeta:
             *np.asarray(self.transform, np.float64).ravel(),
             *self.timings_ms,
             self.checksum,
+            self.generation,
         )
 
     @classmethod
@@ -125,7 +128,8 @@ class FrameMeta:
             spacing=v[d : d + 3],
             transform=np.array(v[d + 3 : d + 19], np.float64).reshape(4, 4),
             timings_ms=np.array(v[d + 19 : d + 19 + N_TIMINGS], np.float32),
-            checksum=v[-1],
+            checksum=v[-2],
+            generation=v[-1],
         )
 
     @classmethod

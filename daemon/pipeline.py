@@ -18,7 +18,9 @@ from typing import Any, Literal
 from daemon.acquire import FrameSource, open_source, paced
 from daemon.config import Config, SourceConfig
 from daemon.engines.base import Pending
+from daemon.errors import ModelError
 from daemon.frame import Frame, FrameMeta, Timing
+from daemon.ring import ReaderMode
 from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,10 @@ def build(
     every = config.pipeline.mode == "all"
     policy: Literal["block", "overwrite"] = "block" if every else "overwrite"
     frames, results = ring_names["frames"], ring_names["results"]
+    # a consumer of label maps gets every one in mode "all", the newest in real time
+    consumers = config.pipeline.mode
     specs = [
-        _sink(config, frames, results),
+        _sink(config, frames, results, consumers),
         StageSpec(
             "infer",
             "infer",
@@ -56,7 +60,7 @@ def build(
         specs.append(StageSpec("record", "record", inputs={"frames": InputPort(frames, "all")}))
     if config.igtl_out.enabled:
         specs.append(
-            StageSpec("igtl_out", "igtl_out", inputs={"results": InputPort(results, "newest")})
+            StageSpec("igtl_out", "igtl_out", inputs={"results": InputPort(results, consumers)})
         )
     specs.append(StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}))
     return specs
@@ -71,15 +75,15 @@ def screen_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _sink(config: Config, frames: str, results: str) -> StageSpec:
-    """The display (the newest frame and result) when there is a screen, else the headless
-    sink (every result)."""
+def _sink(config: Config, frames: str, results: str, consumers: ReaderMode) -> StageSpec:
+    """The display (the newest frame; the results as ``consumers`` reads them) when there is
+    a screen, else the headless sink (every result: it measures)."""
     if config.sink.headless or not screen_available():
         return StageSpec("sink", "headless", inputs={"results": InputPort(results, "all")})
     return StageSpec(
         "sink",
         "display",
-        inputs={"frames": InputPort(frames, "newest"), "results": InputPort(results, "newest")},
+        inputs={"frames": InputPort(frames, "newest"), "results": InputPort(results, consumers)},
     )
 
 
@@ -106,7 +110,31 @@ class AcquireStage(Stage):
         self.limit = src.frames or None
         self.count = 0
         self.paused = src.paused
+        self.source_state = ""
+        self._report_source()
         return {"source": self.source.description}
+
+    def _report_source(self) -> None:
+        """Tell the supervisor when the source's connection state changes (a scanner:
+        connecting, connected, disconnected; a recording: streaming)."""
+        raw = getattr(self.source, "state", "streaming")
+        stats = self.source.stats() if hasattr(self.source, "stats") else {}
+        if raw == "connected":
+            state = "connected"
+        elif raw in ("waiting", "connecting"):
+            state = "disconnected" if stats.get("connects") else "connecting"
+        else:
+            state = "streaming"
+        if state != self.source_state:
+            self.source_state = state
+            endpoint = getattr(self.source, "endpoint", None)
+            self.ctx.report(
+                "source",
+                state=state,
+                since=time.time(),
+                reconnects=stats.get("reconnects", 0),
+                **({"endpoint": endpoint} if endpoint else {}),
+            )
 
     def command(self, name: str, args: dict[str, Any]) -> Any:
         if name == "set" and args["key"] == "source.paused":
@@ -119,6 +147,7 @@ class AcquireStage(Stage):
             return False
         if self.live is not None:
             frame = self.live(POLL_S)  # keeps reading the socket while paused
+            self._report_source()
             if frame is None or self.paused:
                 return True  # heartbeats, commands and stop keep flowing
         elif self.paused:
@@ -171,15 +200,19 @@ class InferStage(Stage):
             device=p.get("device") or m.device,
             **options,
         )
-        self.seg.check_frame(tuple(p["frame_shape"]))
-        self.seg.warmup(m.warmup)
+        shape = tuple(p["frame_shape"])
+        self.seg.check_frame(shape)
+        self.seg.fit_frames(shape)  # the real frame size: a misfit fails here, exit 65
+        warmup_ms = self.seg.warmup(m.warmup, frame_shape=shape) if m.warmup else None
         self.count = 0
         self.torn = 0
+        self.rejected = 0
+        self._refused: set[tuple[tuple[int, ...], str]] = set()
         self.inflight: deque[tuple[Pending, FrameMeta, float, float]] = deque()
         self.active = False
         if not p.get("standby"):
             self._activate()
-        return self.seg.describe()
+        return {**self.seg.describe(), "warmup_ms": warmup_ms}
 
     def _activate(self) -> None:
         self.reader = self.ctx.input("frames")
@@ -203,7 +236,11 @@ class InferStage(Stage):
                 self._finish_oldest()
             return True
         t0 = time.perf_counter()
-        x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
+        try:
+            x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
+        except ModelError as e:  # this frame does not fit the model: refuse it, go on
+            self._refuse(f.image, e)
+            return True
         if not f.valid():  # overwritten while we read it: "newest" mode under load
             self.torn += 1
             return True
@@ -225,8 +262,16 @@ class InferStage(Stage):
         meta.timings_ms[Timing.NN_INPUT] = (t1 - t0) * 1e3
         meta.timings_ms[Timing.NN_INFERENCE] = (t2 - t1) * 1e3
         meta.timings_ms[Timing.NN_OUTPUT] = (t3 - t2) * 1e3
+        meta.generation = self.spec.generation
         self.ctx.send("results", labels, meta)
         self.count += 1
+
+    def _refuse(self, image: Any, error: ModelError) -> None:
+        self.rejected += 1
+        key = (tuple(image.shape), str(image.dtype))
+        if key not in self._refused:  # once per kind of frame, not per frame
+            self._refused.add(key)
+            log.warning("frames refused: %s", error)
 
     def flush(self) -> None:
         while self.inflight:
@@ -237,4 +282,4 @@ class InferStage(Stage):
             self.seg.close()
 
     def summary(self) -> dict[str, Any]:
-        return {"frames": self.count, "torn": self.torn}
+        return {"frames": self.count, "torn": self.torn, "rejected": self.rejected}

@@ -63,6 +63,7 @@ import numpy as np
 
 from daemon.errors import RingError
 from daemon.frame import MAX_DIMS, META_DTYPE, META_SIZE, FrameMeta
+from daemon.lifeline import owner_alive
 from daemon.wakeup import AtomicWord, Futex
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 PREFIX = "echod-"
 MAGIC = b"ECHORING"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 ReaderMode = Literal["all", "newest"]
 WriterPolicy = Literal["overwrite", "block"]
@@ -460,6 +461,39 @@ class Ring:
                 }
             return {"written": written, "closed": bool(self._closed.load()), "readers": readers}
 
+    def held(self, name: str) -> int | None:
+        """The frame reader ``name`` was given and has not released (its stage is working
+        on it, or died on it), or ``None``."""
+        with self._table_lock():
+            i = self._active_entry(name)
+            if i is None:
+                return None
+            release = self._release[i].load()
+            return release if self._entries[i][_DELIVERED] > release else None
+
+    def skip_held(self, name: str) -> int | None:
+        """Release, and count as dropped, the frame reader ``name`` holds (its stage died on
+        it: the poison-pill rule), so that the restarted stage resumes after it. Returns
+        its sequence number, or ``None`` when it held none."""
+        with self._table_lock():
+            i = self._active_entry(name)
+            if i is None:
+                return None
+            release = self._release[i].load()
+            if self._entries[i][_DELIVERED] <= release:
+                return None
+            self._entries[i][_DROPPED] += 1
+            self._release[i].store(release + 1)
+        self._space.notify()
+        return release
+
+    def _active_entry(self, name: str) -> int | None:
+        key = name.encode()
+        for i, state in enumerate(self._state):
+            if state.load() in (_ALL, _NEWEST) and bytes(self._table[i]["name"]) == key:
+                return i
+        return None
+
     # -- frames --------------------------------------------------------------------
 
     def _frame(self, seq: int) -> RingFrame | None:
@@ -823,12 +857,18 @@ def remove_segments(owner_pid: int) -> list[str]:
             continue
         removed.append(path.name[len(PREFIX) :])
     if removed:
-        log.info("removed rings of pid %d: %s", owner_pid, ", ".join(removed))
+        log.debug("removed rings of pid %d: %s", owner_pid, ", ".join(removed))
     return removed
 
 
 def remove_stale_segments() -> list[str]:
-    """Unlink the rings ``{pid}-*`` whose pid is no longer alive; returns their names."""
+    """Unlink the rings ``{pid}-*`` whose supervisor is gone; returns their names.
+
+    Gone means its lifeline's lock is free (:mod:`daemon.lifeline`): the kernel
+    releases it with the process, so neither a reused pid nor a live daemon in
+    another pid namespace sharing ``/dev/shm`` is mistaken. Rings of an owner
+    without a lifeline (not a supervisor's) are left alone.
+    """
     removed = []
     for pid in sorted(
         {
@@ -837,10 +877,6 @@ def remove_stale_segments() -> list[str]:
             if (m := re.match(rf"{re.escape(PREFIX)}(\d+)-", p.name))
         }
     ):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if owner_alive(pid) is False:
             removed += remove_segments(pid)
-        except PermissionError:
-            pass  # alive, another user's
     return removed

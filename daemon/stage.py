@@ -5,7 +5,9 @@ supervisor wires each port to a shared-memory ring. The stage creates its
 heavy resources in :meth:`Stage.setup` (inside its own process), reports
 ``ready``, then :meth:`Stage.step` runs until it returns ``False`` (its input
 ended) or the supervisor asks it to stop. Events travel to the supervisor on a
-small queue; frames never do.
+pipe of the stage's own (:mod:`daemon.events`); frames never do. While it works
+or waits, a stage sends a heartbeat every :data:`HEARTBEAT_S`: a stage silent
+for ``pipeline.heartbeat_timeout_s`` is hung, and the supervisor kills it.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class StageContext:
         self.events = events
         self.stop = stop
         self.commands = commands
+        self._beat = time.monotonic()
         self._rings: dict[str, Ring] = {}
         self._readers: dict[str, RingReader] = {}
         self._writers: dict[str, RingWriter] = {}
@@ -142,8 +145,15 @@ class StageContext:
                 writer.write(image, meta, timeout=POLL_S)
                 return True
             except TimeoutError:
-                continue
+                self.beat()  # waiting for a slow reader is not hanging
         return False
+
+    def beat(self) -> None:
+        """A heartbeat, at most every :data:`HEARTBEAT_S` (call it freely)."""
+        now = time.monotonic()
+        if now - self._beat >= HEARTBEAT_S:
+            self._beat = now
+            self.report("heartbeat")
 
     def report(self, event: str, **data: Any) -> None:
         self.events.put(
@@ -192,7 +202,6 @@ def run_stage(
     try:
         stage = stage_cls(spec, config, ctx)
         ctx.report("ready", **stage.setup())
-        beat = time.monotonic()
         while not stop.is_set():
             if commands is not None and _serve_commands(stage, ctx, commands):
                 return 0  # retired: `finished` stays False
@@ -202,26 +211,28 @@ def run_stage(
             except EndOfStream:
                 stage.flush()
                 break
-            now = time.monotonic()
-            if now - beat >= HEARTBEAT_S:
-                ctx.report("heartbeat")
-                beat = now
+            ctx.beat()
         finished = True
         ctx.report("done", **stage.summary())
         return 0
     except EchodError as e:
         ctx.report("failed", error=e.to_dict(), fatal=e.fatal)
         return e.exit_code
-    except Exception as e:  # a bug: report it with its type, the supervisor decides
-        log.exception("stage %s crashed", spec.name)
-        ctx.report(
-            "failed", error={"code": "internal", "message": f"{type(e).__name__}: {e}"}, fatal=False
-        )
+    except Exception as e:  # a bug or a library's error: one line, the supervisor decides
+        log.debug("stage %s crashed", spec.name, exc_info=True)
+        message = f"{type(e).__name__}: {_first_line(e)}"
+        ctx.report("failed", error={"code": "internal", "message": message}, fatal=False)
         return 70
     finally:
         if stage is not None:
             stage.teardown()
         ctx.close(finished)
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to its first non-empty line (engines raise pages)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else "(no message)"
 
 
 def _serve_commands(stage: Stage, ctx: StageContext, commands: Commands) -> bool:

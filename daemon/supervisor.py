@@ -1,23 +1,33 @@
 """The supervisor (gunicorn's arbiter): owns the rings, starts, watches and stops stages.
 
 It is the systemd main process: it alone installs signal handlers, sends
-``READY=1`` once every stage has loaded and warmed up, pings the watchdog only
-while every stage's heartbeat is fresh, restarts a crashed stage (the others
-keep running), and on every exit path removes the shared-memory segments it
-created, also when a stage was killed with SIGKILL.
+``READY=1`` once every stage has loaded and warmed up, pings the watchdog while
+it is in control of every stage, restarts a crashed stage (the others keep
+running), kills a hung one, and on every exit path removes the shared-memory
+segments it created, also when a stage was killed with SIGKILL.
+
+Its loop never blocks. Everything that takes time is a state machine that the
+loop advances a tick at a time: a command to a stage is a :class:`Future`
+resolved when the stage's reply event arrives (or its deadline passes); a model
+hot-swap goes warming -> retiring -> announcing -> switching; a hung stage is
+sent SIGABRT, then SIGKILL. So a ``ping`` and the watchdog are answered however
+slow a model load is.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import importlib
 import logging
 import multiprocessing as mp
 import os
 import platform
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -34,35 +44,69 @@ import psutil
 from daemon import __version__, pipeline
 from daemon.config import Config
 from daemon.errors import EchodError, StageError, from_dict
-from daemon.events import EventBus, PipeEvents
+from daemon.events import EventBus
+from daemon.instance import InstanceLock
+from daemon.lifeline import Lifeline
 from daemon.notify import notify, watchdog_interval
 from daemon.ring import Ring, remove_segments, remove_stale_segments
 from daemon.stage import RETIRE, Stage, StageSpec, StopFlag, run_stage
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.2  # the monitor loop's period
+TICK_S = 0.2  # the loop's longest sleep
 JOIN_S = 5.0  # how long a stopping stage may take before it is killed
-HEARTBEAT_STALE_S = 5.0
+KILL_GRACE_S = 2.0  # SIGABRT (a traceback) -> SIGKILL
 CALL_TIMEOUT_S = 10.0  # a stage must answer a command within this
+MAX_PENDING_CALLS = 32  # per stage: a stage that does not read its commands is not flooded
 
 
 @dataclass
 class Worker:
     spec: StageSpec
     handle: mp.process.BaseProcess | threading.Thread | None = None
+    commands: Any = None  # the supervisor's end of the stage's command channel
     ready: bool = False
     done: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     restarts: int = 0
+    restart_times: collections.deque[float] = field(default_factory=collections.deque)
+    started: float = field(default_factory=time.monotonic)
     heartbeat: float = field(default_factory=time.monotonic)
+    killing: float | None = None  # when it was found hung and sent SIGABRT
+    retiring: bool = False  # a hot-swap predecessor on its way out
+    crash_held: dict[str, int] = field(default_factory=dict)  # ring -> frame held at a crash
+    poisoned: int = 0  # frames skipped because the stage died on them
     info: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
-    commands: Any = None
 
     @property
     def alive(self) -> bool:
         return self.handle is not None and self.handle.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.handle, "pid", None)
+
+
+@dataclass
+class _Call:
+    future: Future[Any]
+    worker: Worker
+    name: str
+    deadline: float
+
+
+@dataclass
+class Swap:
+    """A model hot-swap in progress (see :meth:`Supervisor.begin_swap`)."""
+
+    id: str
+    worker: Worker
+    model: str
+    deadline: float
+    phase: str = "warming"  # -> retiring -> announcing -> switching
+    pending: Future[Any] | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -73,50 +117,67 @@ class Supervisor:
         self.threads = config.pipeline.workers == "threads"
         self._mp = mp.get_context("spawn")
         self.events = EventBus(None if self.threads else self._mp)
-        self.stop: Any = threading.Event() if self.threads else self._mp.Event()
+        self.stop: Any = threading.Event()  # the shared lifeline replaces it in run()
         self.rings: dict[str, Ring] = {}
         self.workers: dict[str, Worker] = {}
         self.stop_reason: str | None = None
         self.started = time.monotonic()
         self.state = "starting"
         self.source: dict[str, Any] = {}
+        self.source_state: dict[str, Any] = {}
         self.control: Any = None
         self.resources: dict[str, Any] = {}
+        self.swap: Swap | None = None
+        self.last_swap: dict[str, Any] | None = None
         self._actions: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
-        self._replies: dict[str, dict[str, Any]] = {}
-        self._successor: Worker | None = None  # a hot-swap successor warming up
+        self._calls: dict[str, _Call] = {}
+        self._ping_every = watchdog_interval()
+        self._last_ping = 0.0
+        self._last_line = 0.0
 
     # -- lifecycle ---------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Start, watch until the stream ends or a stop is asked, stop; return the summary."""
-        for name in remove_stale_segments():
-            log.info("removed stale shared-memory segment %s", name)
-        self.source = source = self._probe_source()
-        previous = self._install_signals()
+        runtime = self.config.paths.runtime()
+        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = InstanceLock(runtime)
+        lock.acquire()  # before any socket or ring is touched
         try:
-            self._create_rings(source["shape"], source["dtype"])
-            specs = pipeline.build(
-                self.config, {n: r.name for n, r in self.rings.items()}, source["shape"]
-            )
-            self.workers = {s.name: Worker(s) for s in specs}
-            self._start_control()
-            self._start_all()
-            self.state = "running"
-            notify("READY=1", f"STATUS=running: {source['description']}")
-            self._watch()
-            return self._summary(source)
+            removed = remove_stale_segments()
+            if removed:
+                log.info("removed %d stale shared-memory segment(s) of dead daemons", len(removed))
+            self.source = source = self._probe_source()
+            if not self.threads:
+                self.stop = Lifeline.create()
+            previous = self._install_signals()
+            try:
+                self._create_rings(source["shape"], source["dtype"])
+                specs = pipeline.build(
+                    self.config, {n: r.name for n, r in self.rings.items()}, source["shape"]
+                )
+                self.workers = {s.name: Worker(s) for s in specs}
+                self._start_control()
+                self._start_all()
+                self.state = "running"
+                notify("READY=1", f"STATUS=running: {source['description']}")
+                self._watch()
+                return self._summary(source)
+            finally:
+                self.state = "stopping"
+                notify("STOPPING=1")
+                self._stop_all()
+                if self.control is not None:
+                    self.control.close()
+                self.events.close()
+                self._remove_rings()
+                if isinstance(self.stop, Lifeline):
+                    self.stop.close()
+                self._restore_signals(previous)
         finally:
-            self.state = "stopping"
-            notify("STOPPING=1")
-            self._stop_all()
-            if self.control is not None:
-                self.control.close()
-            self.events.close()
-            self._remove_rings()
-            self._restore_signals(previous)
+            lock.release()
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -157,6 +218,9 @@ class Supervisor:
         self.rings.clear()
         remove_segments(os.getpid())
 
+    def _ring(self, name: str) -> Ring:
+        return next(r for r in self.rings.values() if r.name == name)
+
     # -- starting ---------------------------------------------------------------
 
     def _start_all(self) -> None:
@@ -166,7 +230,7 @@ class Supervisor:
         infer = self.workers["infer"]
         self._spawn(infer)
         self._await_ready([infer])
-        running = {k: infer.info.get(k) for k in ("engine", "device")}
+        running = {k: infer.info.get(k) for k in ("engine", "device", "classes")}
         running["model"] = infer.info.get("model_path")
         others = [w for w in self.workers.values() if w.spec.kind not in ("infer", "acquire")]
         for w in others:
@@ -177,9 +241,9 @@ class Supervisor:
             self._await_ready(wave)
 
     def _spawn(self, w: Worker) -> None:
-        w.commands = queue.Queue() if self.threads else self._mp.Queue()
+        w.commands, theirs = self.events.commands()
         channel = self.events.channel()
-        args = (w.spec, self.config, channel, self.stop, w.commands)
+        args = (w.spec, self.config, channel, self.stop, theirs)
         if self.threads:
             w.handle = threading.Thread(
                 target=_thread_main, args=args, name=f"echod-{w.spec.name}", daemon=True
@@ -188,23 +252,25 @@ class Supervisor:
             w.handle = self._mp.Process(
                 target=_process_main, args=args, name=f"echod-{w.spec.name}"
             )
-        w.ready, w.failure, w.heartbeat = False, None, time.monotonic()
+        w.ready, w.failure, w.killing = False, None, None
+        w.started = w.heartbeat = time.monotonic()
         w.handle.start()
-        if isinstance(channel, PipeEvents):
-            channel.close()  # the child has its copy: its death now shows as end of pipe
+        if not self.threads:  # the child has its copies: its death shows as end of pipe
+            channel.close()
+            theirs.close()
         self.publish("stage", {"stage": w.spec.name, "state": "started", "restarts": w.restarts})
-        log.info("stage %s started (pid %s)", w.spec.name, getattr(w.handle, "pid", "thread"))
+        log.info("stage %s started (pid %s)", w.spec.name, w.pid or "thread")
 
     def _await_ready(self, wave: list[Worker]) -> None:
         deadline = time.monotonic() + self.config.pipeline.stage_timeout_s
         while not all(w.ready for w in wave):
             if self.stop.is_set():
                 raise StageError(f"stopped while starting ({self.stop_reason})")
-            self._drain_events(TICK_S)
+            self._tick(TICK_S)
             for w in wave:
                 if w.failure is not None:
                     raise from_dict(w.failure["error"])
-                if not w.ready and not w.alive and not self._pending_events():
+                if not w.ready and not w.alive and not self.events.pending():
                     raise StageError(
                         f"stage '{w.spec.name}' exited with code {_exitcode(w)} while starting;"
                         " see its log above"
@@ -221,57 +287,128 @@ class Supervisor:
 
     def _watch(self) -> None:
         """Until the sink has seen the end of the stream, or a stop is requested."""
-        ping = watchdog_interval()
-        last_ping = 0.0
         sink = self.workers["sink"]
         while sink.done is None and not self.stop.is_set():
-            self._drain_events(TICK_S)
-            self._run_actions()
+            self._tick(TICK_S)
+            now = time.monotonic()
             for w in list(self.workers.values()):
+                if w.retiring:
+                    continue
                 if w.failure is not None and w.failure.get("fatal"):
                     raise from_dict(w.failure["error"])
-                if w.done is None and not w.alive and not self._pending_events():
-                    self._restart(w)
-            now = time.monotonic()
-            if ping and now - last_ping >= ping and self._healthy(now):
-                notify("WATCHDOG=1")
-                last_ping = now
+                if w.done is None and not w.alive:
+                    if not self.events.pending():
+                        self._restart(w)
+                elif w.done is None:
+                    self._check_hung(w, now)
+            self._waiting_line(now)
+
+    def _tick(self, timeout: float) -> None:
+        """One turn of the loop: events, control actions, deadlines, the swap, the watchdog.
+        Sleeps at most ``timeout`` (less when an event or a control action arrives)."""
+        for event in self.events.get(timeout):
+            self._handle(event)
+        self._run_actions()
+        now = time.monotonic()
+        self._expire_calls(now)
+        self._advance_swap(now)
+        if self._ping_every and now - self._last_ping >= self._ping_every and self._healthy(now):
+            notify("WATCHDOG=1")
+            self._last_ping = now
+
+    def _check_hung(self, w: Worker, now: float) -> None:
+        """A stage alive but silent (a driver stuck in a call) is killed, then restarted:
+        SIGABRT first (its traceback goes to the log), SIGKILL if that does not end it."""
+        if self.threads or w.pid is None:
+            return
+        if w.killing is not None:
+            if now - w.killing > KILL_GRACE_S:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+            return
+        cfg = self.config.pipeline
+        since, limit = (
+            (w.heartbeat, cfg.heartbeat_timeout_s) if w.ready else (w.started, cfg.stage_timeout_s)
+        )
+        if now - since <= limit:
+            return
+        what = "no heartbeat" if w.ready else "not ready"
+        log.error(
+            "stage %s hung (%s for %.1f s): killing it (SIGABRT, then SIGKILL)",
+            w.spec.name,
+            what,
+            now - since,
+        )
+        self.publish("stage", {"stage": w.spec.name, "state": "hung", "silent_s": now - since})
+        w.failure = {"error": {"code": "stage", "message": f"hung ({what} for {limit:g} s)"}}
+        w.killing = now
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGABRT)
 
     def _restart(self, w: Worker) -> None:
         reason = (w.failure or {}).get("error", {}).get("message") or f"exit code {_exitcode(w)}"
-        if self.threads or w.restarts >= self.config.pipeline.max_restarts:
+        cfg = self.config.pipeline
+        now = time.monotonic()
+        while w.restart_times and now - w.restart_times[0] > cfg.restart_window_s:
+            w.restart_times.popleft()
+        if self.threads or len(w.restart_times) >= cfg.max_restarts:
             raise StageError(
-                f"stage '{w.spec.name}' died ({reason}) and is not restarted again"
-                f" after {w.restarts} restart(s)"
+                f"stage '{w.spec.name}' died ({reason}) and is not restarted again: "
+                f"{len(w.restart_times)} restart(s) within {cfg.restart_window_s:g} s"
+                f" (pipeline.max_restarts = {cfg.max_restarts})"
             )
+        self._skip_poison(w)
         w.restarts += 1
+        w.restart_times.append(now)
         self.publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
-        log.warning(
-            "stage %s died (%s): restart %d of %d",
-            w.spec.name,
-            reason,
-            w.restarts,
-            self.config.pipeline.max_restarts,
-        )
+        log.warning("stage %s died (%s): restart %d", w.spec.name, reason, w.restarts)
         self._spawn(w)
 
+    def _skip_poison(self, w: Worker) -> None:
+        """The poison-pill rule: the frame a stage held when it died is skipped on restart
+        if the stage failed on it (an error while working), or if it already died once
+        holding that same frame (killed from outside, it is delivered once more)."""
+        hung_or_failed = w.failure is not None
+        for port in w.spec.inputs.values():
+            ring = self._ring(port.ring)
+            held = ring.held(w.spec.name)
+            if held is None:
+                continue
+            if hung_or_failed or w.crash_held.get(port.ring) == held:
+                ring.skip_held(w.spec.name)
+                w.poisoned += 1
+                log.warning(
+                    "frame %d of ring %s skipped: stage %s died on it", held, port.ring, w.spec.name
+                )
+            else:
+                w.crash_held[port.ring] = held
+
     def _healthy(self, now: float) -> bool:
-        return all(
-            w.done is not None or now - w.heartbeat < HEARTBEAT_STALE_S
-            for w in self.workers.values()
-        )
-
-    def _pending_events(self) -> bool:
-        return self.events.pending()
-
-    def _drain_events(self, timeout: float) -> None:
-        for event in self.events.get(timeout):
-            self._handle(event)
+        """The watchdog's question: is the supervisor in control of every stage? Yes while
+        each is done, starting within its time, fresh, or being killed within the grace."""
+        cfg = self.config.pipeline
+        for w in self.workers.values():
+            if w.done is not None or w.retiring:
+                continue
+            if w.killing is not None:
+                late = now - w.killing > 2 * KILL_GRACE_S  # it does not die: only systemd can help
+            elif w.ready:
+                late = now - w.heartbeat > cfg.heartbeat_timeout_s + TICK_S
+            else:
+                late = now - w.started > cfg.stage_timeout_s + TICK_S
+            if late:
+                return False
+        return True
 
     def _handle(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "reply":
-            self._replies[event["token"]] = event
+            call = self._calls.pop(event["token"], None)
+            if call is not None:
+                if "error" in event:
+                    call.future.set_exception(from_dict(event["error"]))
+                else:
+                    call.future.set_result(event.get("result"))
             return
         w = self._worker(event["stage"], event.get("generation", 0))
         if w is None:
@@ -281,11 +418,14 @@ class Supervisor:
         if kind == "ready":
             w.ready = True
             w.info.update(data)
-            log.info("stage %s ready %s", w.spec.name, data or "")
+            log.info("stage %s ready%s", w.spec.name, _ready_text(data))
+            log.debug("stage %s ready: %s", w.spec.name, data)
             self.publish("stage", {"stage": w.spec.name, "state": "ready"})
         elif kind == "stats":
             w.stats = data
             self._status_line(data)
+        elif kind == "source":
+            self._source_changed(data)
         elif kind == "done":
             w.done = data
         elif kind == "failed":
@@ -294,23 +434,90 @@ class Supervisor:
             self.publish("stage", {"stage": w.spec.name, "state": "failed", **data})
 
     def _worker(self, name: str, generation: int) -> Worker | None:
-        for w in (self.workers.get(name), self._successor):
+        successor = self.swap.worker if self.swap is not None else None
+        for w in (self.workers.get(name), successor):
             if w is not None and w.spec.name == name and w.spec.generation == generation:
                 return w
         return None
 
-    def _dropped(self) -> int:
-        readers = (r for ring in self.rings.values() for r in ring.stats()["readers"].values())
-        return sum(r["dropped"] for r in readers)
+    # -- the source ---------------------------------------------------------------
+
+    def _source_changed(self, state: dict[str, Any]) -> None:
+        self.source_state = state
+        self.publish("source", state)
+        line = f"source {state.get('state')}"
+        if state.get("endpoint"):
+            line += f": {state['endpoint']}"
+        if state.get("reconnects"):
+            line += f" ({state['reconnects']} reconnects)"
+        log.info("%s", line)
+
+    def _waiting_line(self, now: float) -> None:
+        """Headless, a scanner that is not streaming is said once per status interval
+        (the sink reports nothing while no frame arrives)."""
+        state = self.source_state.get("state")
+        headless = self.workers["sink"].spec.kind == "headless"
+        if state in (None, "connected", "streaming") or not headless:
+            return
+        if now - self._last_line < self.config.sink.status_interval_s:
+            return
+        self._last_line = now
+        since = self.source_state.get("since")
+        when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "?"
+        print(
+            f"echod: waiting for scanner at {self.source_state.get('endpoint', '?')} "
+            f"({state} since {when}, {self.source_state.get('reconnects', 0)} reconnects)",
+            flush=True,
+        )
+
+    # -- counting -----------------------------------------------------------------
+
+    def counts(self) -> dict[str, Any]:
+        """Frames in and out, and where the others went, per reader role:
+
+        - ``dropped``: frames that got no label map. ``infer``: skipped by inference in
+          mode ``newest`` (it took a newer one) or left in the ring at a stop; ``torn``:
+          overwritten while being read; ``poisoned``: a stage died on them.
+        - ``skipped``: label maps a consumer reading the newest did not show or send
+          (``display``, ``igtl_out``); in mode ``all`` every consumer gets every one.
+
+        ``frames_in = frames_out + sum(dropped)`` once the stream has stopped."""
+        if not self.rings:
+            return {"frames_in": 0, "frames_out": 0, "dropped": {}, "skipped": {}}
+        frames = self.rings["frames"].stats()
+        results = self.rings["results"].stats()
+        infer = self.workers["infer"]
+        reader = frames["readers"].get("infer", {})
+        done = infer.done or {}
+        skipped_by_ring = reader.get("dropped", 0) - infer.poisoned  # the ring counts both
+        dropped = {
+            "infer": skipped_by_ring + reader.get("lag", 0) * (infer.done is not None),
+            "torn": done.get("torn", 0),
+            "poisoned": infer.poisoned,
+            "rejected": done.get("rejected", 0),
+        }
+        skipped = {
+            ("display" if name == "sink" else name): r["dropped"]
+            for name, r in results["readers"].items()
+            if r["mode"] == "newest"
+        }
+        return {
+            "frames_in": frames["written"],
+            "frames_out": results["written"],
+            "dropped": {k: v for k, v in dropped.items() if v},
+            "skipped": skipped,
+        }
 
     def _status_line(self, live: dict[str, Any]) -> None:
         if self.workers["sink"].spec.kind != "headless":
             return
+        self._last_line = time.monotonic()
         lat = live["latency_ms"]
+        c = self.counts()
         print(
             f"echod: {live['fps']:6.1f} fps | latency p50 {lat['p50']:.1f} ms p99"
-            f" {lat['p99']:.1f} ms | inference {live['inference_ms']:.1f} ms | frames"
-            f" {live['frames']} dropped {self._dropped()}",
+            f" {lat['p99']:.1f} ms | inference {live['inference_ms']:.1f} ms | frames in"
+            f" {c['frames_in']} out {c['frames_out']} dropped {sum(c['dropped'].values())}",
             flush=True,
         )
 
@@ -331,12 +538,13 @@ class Supervisor:
         if self.control is not None:
             self.control.publish(topic, data)
 
-    def in_main(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in the supervisor's thread (from the control thread) and return its result."""
+    def in_main(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` in the supervisor's thread (from the control thread); its result, or
+        the result of the Future it returns, arrives on the Future returned here."""
         fut: Future[Any] = Future()
         self._actions.put((fn, fut))
         self.events.wake()
-        return fut.result(timeout=self.config.pipeline.stage_timeout_s + CALL_TIMEOUT_S)
+        return fut
 
     def _run_actions(self) -> None:
         while True:
@@ -345,28 +553,49 @@ class Supervisor:
             except queue.Empty:
                 return
             try:
-                fut.set_result(fn())
-            except BaseException as e:  # handed to the waiting control thread
+                result = fn()
+            except BaseException as e:  # handed to the waiting control request
                 fut.set_exception(e)
+                continue
+            if isinstance(result, Future):
+                _chain(result, fut)
+            else:
+                fut.set_result(result)
 
-    def call(self, w: Worker, name: str, args: dict[str, Any] | None = None) -> Any:
-        """Send a stage a command and wait for its answer (supervisor thread)."""
+    def call(self, w: Worker, name: str, args: dict[str, Any] | None = None) -> Future[Any]:
+        """Send a stage a command (supervisor thread); its answer arrives on the Future, or
+        a StageError when the stage does not answer within ``CALL_TIMEOUT_S``."""
+        fut: Future[Any] = Future()
+        if sum(c.worker is w for c in self._calls.values()) >= MAX_PENDING_CALLS:
+            fut.set_exception(StageError(f"stage '{w.spec.name}' is not answering commands"))
+            return fut
         token = uuid.uuid4().hex
+        self._calls[token] = _Call(fut, w, name, time.monotonic() + CALL_TIMEOUT_S)
         w.commands.put((token, name, args or {}))
-        deadline = time.monotonic() + CALL_TIMEOUT_S
-        while token not in self._replies:
-            if time.monotonic() > deadline or not w.alive:
-                raise StageError(f"stage '{w.spec.name}' did not answer '{name}'")
-            self._drain_events(0.01)
-        reply = self._replies.pop(token)
-        if "error" in reply:
-            raise from_dict(reply["error"])
-        return reply.get("result")
+        return fut
 
-    def swap_model(self, path: Path, engine: str, device: str) -> dict[str, Any]:
-        """Hot-swap (supervisor thread): a successor loads and warms up while the current
-        model keeps running, then takes over its reader cursor (mode ``all`` loses no
-        frame); a model that fails to load is refused and the current one runs on."""
+    def _expire_calls(self, now: float) -> None:
+        for token, call in list(self._calls.items()):
+            if now > call.deadline or (not call.worker.alive and not self.events.pending()):
+                del self._calls[token]
+                call.future.set_exception(
+                    StageError(f"stage '{call.worker.spec.name}' did not answer '{call.name}'")
+                )
+
+    # -- model hot-swap -----------------------------------------------------------
+
+    def begin_swap(self, path: Path, engine: str, device: str) -> dict[str, Any]:
+        """Start a hot-swap (supervisor thread) and return at once: a successor loads and
+        warms up in standby while the current model runs on; the loop then retires the old
+        stage (it finishes what it has in flight), tells the sink the new model's classes,
+        and lets the successor take over the reader cursor (mode ``all`` loses no frame).
+        A model that fails to load is refused and the current one runs on. Each step is
+        published on the ``model`` topic."""
+        if self.swap is not None:
+            raise StageError(
+                f"a model swap is already in progress ({self.swap.id}, {self.swap.phase}):"
+                " wait for it (echod ctl model.load --wait)"
+            )
         old = self.workers["infer"]
         params = {
             **old.spec.params,
@@ -378,24 +607,88 @@ class Supervisor:
         new = Worker(
             dataclasses.replace(old.spec, params=params, generation=old.spec.generation + 1)
         )
-        self._successor = new
-        try:
-            self._spawn(new)
-            self._await_ready([new])
-        except EchodError:
-            self._kill(new)
-            raise
-        finally:
-            self._successor = None
-        self.call(old, RETIRE)
-        if old.handle is not None:
-            old.handle.join(JOIN_S)
-        self.workers["infer"] = new
-        self.call(new, "go")
-        new.spec = dataclasses.replace(new.spec, params={**params, "standby": False})
-        self.publish("model", {"state": "switched", "model": new.info.get("model")})
-        log.info("model switched to %s", path)
-        return new.info
+        self.swap = Swap(
+            uuid.uuid4().hex[:12],
+            new,
+            str(path),
+            time.monotonic() + self.config.pipeline.stage_timeout_s,
+        )
+        self._spawn(new)
+        return self._swap_event("warming")
+
+    def _swap_event(self, state: str, **extra: Any) -> dict[str, Any]:
+        sw = self.swap
+        assert sw is not None
+        event = {
+            "swap": sw.id,
+            "state": state,
+            "model": sw.model,
+            "elapsed_s": round(time.monotonic() - sw.started, 3),
+            **extra,
+        }
+        self.publish("model", event)
+        if state in ("switched", "failed"):
+            self.last_swap = event
+            self.swap = None
+            log.log(
+                logging.INFO if state == "switched" else logging.ERROR,
+                "model swap %s: %s%s",
+                sw.model,
+                state,
+                f" ({extra['error']['message']})" if "error" in extra else "",
+            )
+        return event
+
+    def _advance_swap(self, now: float) -> None:
+        sw = self.swap
+        if sw is None:
+            return
+        new, old = sw.worker, self.workers["infer"]
+        if sw.phase == "warming":
+            if new.failure is not None:
+                self._swap_failed(new.failure["error"])
+            elif not new.alive and not self.events.pending():
+                self._swap_failed(f"the new infer stage exited with code {_exitcode(new)}")
+            elif now > sw.deadline:
+                self._swap_failed(
+                    f"not warmed up within {self.config.pipeline.stage_timeout_s:g} s"
+                    " (pipeline.stage_timeout_s)"
+                )
+            elif new.ready:
+                old.retiring = True
+                sw.phase, sw.pending = "retiring", self.call(old, RETIRE)
+                sw.deadline = now + CALL_TIMEOUT_S
+        elif sw.phase == "retiring":
+            if old.alive and now > sw.deadline:
+                log.warning("the old infer stage did not retire in time: killed")
+                self._kill(old)
+            if old.alive:
+                return
+            new.spec = dataclasses.replace(
+                new.spec, params={**new.spec.params, "standby": False}
+            )  # restarted from here on, it reads at once
+            self.workers["infer"] = new
+            sink = self.workers["sink"]
+            announce = {
+                "generation": new.spec.generation,
+                **{k: new.info.get(k) for k in ("model", "engine", "device", "classes")},
+            }
+            sw.phase, sw.pending = "announcing", self.call(sink, "model", announce)
+        elif sw.phase == "announcing":
+            assert sw.pending is not None
+            if sw.pending.done():  # a sink without model-specific drawing may refuse: fine
+                sw.phase, sw.pending = "switching", self.call(new, "go")
+        elif sw.phase == "switching":
+            assert sw.pending is not None
+            if sw.pending.done():
+                self._swap_event("switched", info=_brief(new.info))
+
+    def _swap_failed(self, error: str | dict[str, str]) -> None:
+        assert self.swap is not None
+        self._kill(self.swap.worker)
+        if isinstance(error, str):
+            error = {"code": "stage", "message": error}
+        self._swap_event("failed", error=error)
 
     def _kill(self, w: Worker) -> None:
         if isinstance(w.handle, mp.process.BaseProcess) and w.handle.is_alive():
@@ -410,16 +703,18 @@ class Supervisor:
         now = time.monotonic()
         sink = self.workers["sink"].stats if "sink" in self.workers else {}
         infer = self.workers["infer"].info if "infer" in self.workers else {}
+        state = self.state
+        if state == "running" and self.config.source.paused:
+            state = "paused"
         return {
-            "state": self.state,
+            "state": state,
             "uptime_s": self.uptime(),
-            "source": self.source.get("description"),
+            "source": {"description": self.source.get("description"), **self.source_state},
             "mode": self.config.pipeline.mode,
             "stages": {
                 name: {
-                    "pid": getattr(w.handle, "pid", None),
-                    "alive": w.alive,
-                    "ready": w.ready,
+                    "pid": w.pid,
+                    "state": _stage_state(w),
                     "restarts": w.restarts,
                     "heartbeat_age_s": round(now - w.heartbeat, 3),
                 }
@@ -427,11 +722,12 @@ class Supervisor:
             },
             "fps": sink.get("fps"),
             "latency_ms": sink.get("latency_ms"),
-            "frames": sink.get("frames"),
-            "dropped": self._dropped() if self.rings else 0,
+            **self.counts(),
             "engine": infer.get("engine"),
             "device": infer.get("device"),
             "model": infer.get("model"),
+            "swap": None if self.swap is None else {"id": self.swap.id, "phase": self.swap.phase},
+            "last_swap": self.last_swap,
             "resources": self.resources,
             "versions": {"echod": __version__, "python": platform.python_version()},
         }
@@ -440,14 +736,18 @@ class Supervisor:
         """Refresh resource use (control thread, once per telemetry interval) and report."""
         self.resources = _resources(self.workers.values())
         st = self.status()
-        return {k: st[k] for k in ("state", "fps", "latency_ms", "frames", "dropped", "resources")}
+        keys = ("state", "source", "fps", "latency_ms", "frames_in", "frames_out", "dropped")
+        return {k: st[k] for k in (*keys, "skipped", "resources")}
 
     # -- stopping ---------------------------------------------------------------
 
     def _stop_all(self) -> None:
         self.stop.set()
         deadline = time.monotonic() + JOIN_S
-        for w in self.workers.values():
+        workers = list(self.workers.values())
+        if self.swap is not None:
+            workers.append(self.swap.worker)
+        for w in workers:
             if w.handle is None:
                 continue
             w.handle.join(max(0.0, deadline - time.monotonic()))
@@ -455,7 +755,8 @@ class Supervisor:
                 log.warning("stage %s did not stop within %g s: killed", w.spec.name, JOIN_S)
                 w.handle.kill()
                 w.handle.join(1.0)
-        self._drain_events(0.0)
+        for event in self.events.get(0.0):
+            self._handle(event)
 
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
@@ -475,15 +776,10 @@ class Supervisor:
 
     def _summary(self, source: dict[str, Any]) -> dict[str, Any]:
         self._stop_all()  # collect the final "done" events
-        stats = {name: ring.stats() for name, ring in self.rings.items()}
         sink = self.workers["sink"].done or {}
         infer = self.workers["infer"]
-        dropped = sum(r["dropped"] for s in stats.values() for r in s["readers"].values())
-        dropped += (infer.done or {}).get("torn", 0)
         return {
-            "frames_in": stats["frames"]["written"],
-            "frames_out": sink.get("frames_out", 0),
-            "dropped": dropped,
+            **self.counts(),
             "fps": sink.get("fps", 0.0),
             "latency_ms": sink.get("latency_ms", {}),
             "overhead_ms": sink.get("overhead_ms", {}),
@@ -498,6 +794,46 @@ class Supervisor:
             "stopped_by": self.stop_reason,
             "duration_s": round(time.monotonic() - self.started, 3),
         }
+
+
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    def copy(f: Future[Any]) -> None:
+        e = f.exception()
+        if e is not None:
+            target.set_exception(e)
+        else:
+            target.set_result(f.result())
+
+    source.add_done_callback(copy)
+
+
+def _stage_state(w: Worker) -> str:
+    if w.done is not None:
+        return "done"
+    if w.killing is not None:
+        return "killing"
+    if not w.alive:
+        return "dead"
+    return "running" if w.ready else "starting"
+
+
+def _ready_text(info: dict[str, Any]) -> str:
+    """One short phrase for a stage's ready line: what runs (details at debug level)."""
+    parts = []
+    if info.get("engine"):
+        parts.append(f"{info['engine']} on {info.get('device')}")
+    if info.get("model"):
+        parts.append(f"model {info['model']}")
+    if info.get("warmup_ms") is not None:
+        parts.append(f"warm-up {info['warmup_ms']:.0f} ms")
+    for key in ("source", "display"):
+        if info.get(key):
+            parts.append(str(info[key]))
+    return f": {', '.join(parts)}" if parts else ""
+
+
+def _brief(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: info.get(k) for k in ("engine", "device", "model", "warmup_ms")}
 
 
 def _resources(workers: Any) -> dict[str, Any]:
@@ -542,6 +878,8 @@ def _process_main(
 ) -> None:
     """Entry of a stage process: dies with the supervisor, leaves signals to it."""
     _die_with_parent()
+    faulthandler.enable()  # SIGABRT from the supervisor (hung): the traceback goes to the log
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ...and no core file
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops us via `stop`
     logging.basicConfig(

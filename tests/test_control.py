@@ -93,10 +93,10 @@ def test_read_commands_answer_with_live_figures(daemon: Running) -> None:
     c = daemon.client()
     pong = c.call("ping")
     assert pong["pong"] and pong["telemetry"].startswith("ipc://")
-    until(lambda: (c.call("status")["frames"] or 0) > 3, 30)
+    until(lambda: (c.call("status")["fps"] or 0) > 0, 30)  # the sink has reported
     s = c.call("status")
     assert s["state"] == "running" and set(s["stages"]) == {"sink", "infer", "acquire"}
-    assert all(st["alive"] and st["ready"] for st in s["stages"].values())
+    assert all(st["state"] == "running" for st in s["stages"].values())
     assert s["fps"] > 0 and s["latency_ms"]["p50"] > 0 and s["engine"] == "onnxruntime"
     assert c.call("config.get", {"key": "pipeline.mode"}) == "newest"
     assert "source" in c.call("config.get")
@@ -115,7 +115,7 @@ def test_ipc_socket_is_group_only(daemon: Running) -> None:
 
 def test_run_time_setting_pauses_and_resumes_the_source(daemon: Running) -> None:
     c = daemon.client()
-    until(lambda: (c.call("status")["frames"] or 0) > 0, 30)
+    until(lambda: (c.call("status")["frames_out"] or 0) > 0, 30)
     assert c.call("config.set", {"key": "source.paused", "value": True})["applied"] == {
         "paused": True
     }
@@ -193,14 +193,16 @@ def test_hot_swap_in_mode_all_loses_no_frame(runtime: Path, tmp_path: Path) -> N
         )
     )
     c = r.client(timeout_s=90)
-    until(lambda: (c.call("status")["frames"] or 0) >= 10, 60)
-    info = c.call("model.load", {"path": str(model)})
-    assert info["model"] == "swapped.onnx"
+    until(lambda: (c.call("status")["frames_out"] or 0) >= 10, 60)
+    started = c.call("model.load", {"path": str(model)})
+    assert started["state"] == "warming" and started["model"] == str(model)
+    done = c.wait_swap(started["swap"])
+    assert done["state"] == "switched" and done["info"]["model"] == "swapped.onnx"
     assert c.call("status")["model"] == "swapped.onnx"
     r.thread.join(120)
     s = r.summary
     assert s is not None, r.error
-    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, 0)
+    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, {})
     assert s["restarts"] == {} and s["model"] == "swapped.onnx"
     c.close()
 
@@ -301,8 +303,8 @@ def test_fuzzed_requests_all_get_an_answer_and_the_pipeline_runs_on(runtime: Pat
     sock.connect(r.endpoint)
     codes: dict[str, int] = {}
     try:
-        until(lambda: (r.sup.status()["frames"] or 0) > 0, 30)
-        before = r.sup.status()["frames"]
+        until(lambda: (r.sup.status()["frames_out"] or 0) > 0, 30)
+        before = r.sup.status()["frames_out"]
 
         @settings(
             max_examples=2000,
@@ -323,8 +325,9 @@ def test_fuzzed_requests_all_get_an_answer_and_the_pipeline_runs_on(runtime: Pat
         answered()
         assert protocol.INTERNAL not in codes, codes
         assert {protocol.BAD_JSON, protocol.BAD_REQUEST, protocol.TOO_LARGE} <= set(codes)
-        until(lambda: r.sup.status()["frames"] > before, 30)  # frames still flow
-        assert all(s["restarts"] == 0 and s["alive"] for s in r.sup.status()["stages"].values())
+        until(lambda: r.sup.status()["frames_out"] > before, 30)  # frames still flow
+        stages = r.sup.status()["stages"].values()
+        assert all(s["restarts"] == 0 and s["state"] == "running" for s in stages)
     finally:
         sock.close(0)
         r.stop()
@@ -361,16 +364,17 @@ def test_a_model_that_cannot_load_is_refused_and_the_old_one_keeps_running(
 
     daemon.sup.config.control.roots.append(str(tmp_path))
     c = daemon.client(timeout_s=90)
-    until(lambda: (c.call("status")["frames"] or 0) > 0, 30)
+    until(lambda: (c.call("status")["frames_out"] or 0) > 0, 30)
     infer_pid = c.call("status")["stages"]["infer"]["pid"]
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07 not a model")
     for bad, words in ((volume_model(tmp_path / "volume.onnx"), "5-D"), (corrupt, "corrupt.onnx")):
+        swap = c.call("model.load", {"path": str(bad)})["swap"]
         with pytest.raises(CtlError) as e:
-            c.call("model.load", {"path": str(bad)})
+            c.wait_swap(swap)
         assert e.value.code == "model" and words in e.value.message, e.value.message
     s = c.call("status")
     assert s["stages"]["infer"]["pid"] == infer_pid and s["model"] == "ultrasound-seg.onnx"
-    before = s["frames"]
-    until(lambda: c.call("status")["frames"] > before, 30)  # the old model still runs
+    before = s["frames_out"]
+    until(lambda: c.call("status")["frames_out"] > before, 30)  # the old model still runs
     c.close()

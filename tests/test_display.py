@@ -465,6 +465,35 @@ def test_synchronised_mode_shows_the_frame_the_overlay_was_computed_on(
     assert r.stage.shown.index == 5
 
 
+def test_after_a_hot_swap_each_overlay_has_the_colours_of_the_model_that_made_it(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(sync="synchronised")
+    r.stage.setup()
+    swapped = [c.model_copy(update={"colour": (0, 255, 0)}) for c in CLASSES]
+    assert r.stage.command(
+        "model",
+        {
+            "generation": 1,
+            "model": "swapped.onnx",
+            "engine": "openvino",
+            "device": "cpu",
+            "classes": [c.model_dump() for c in swapped],
+        },
+    ) == {"generation": 1}
+    for generation, classes in ((0, CLASSES), (1, swapped)):
+        index = r.frame(100)
+        r.step_until(
+            lambda index=index: len(r.stage.history) and r.stage.history[-1][1].index == index
+        )
+        meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), generation=generation)
+        r.results.write(square(r.shape), meta)
+        r.step_until(lambda index=index: r.stage.shown is not None and r.stage.shown.index == index)
+        want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(classes))[0, 0]
+        assert np.abs(r.centre() - want).max() <= 2, f"generation {generation}"
+    assert "swapped.onnx" in r.stage.info and "openvino" in r.stage.info
+
+
 def post_key(key: int) -> None:
     pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=key, mod=0, unicode="", scancode=0))
 

@@ -509,7 +509,7 @@ def test_echod_follows_a_scanner_records_it_and_counts(tmp_path: Path) -> None:
         runner.join(90)
     assert result, "the run did not end after its frames"
     s = result[0]
-    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, 0)
+    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, {})
     stats = s["source_stats"]
     assert (stats["state"], stats["errors"], stats["reconnects"]) == ("connected", 0, 0)
     replay = list(open_source(str(recording)).frames())

@@ -29,7 +29,7 @@ def test_recording_mode_all_processes_every_frame(run_echod: type[Echod]) -> Non
     code, out = e.finish(timeout=200)
     assert code == 0, "".join(e.stderr)
     s = summary(out)
-    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (201, 201, 0)
+    assert (s["frames_in"], s["frames_out"], s["dropped"], s["skipped"]) == (201, 201, {}, {})
     assert set(s["stages"]) == {"nn_input", "nn_inference", "nn_output"}
     assert all(s["stages"][k]["n"] == 201 for k in s["stages"])
     assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
@@ -54,8 +54,28 @@ def test_newest_mode_drop_counts_add_up(workers: str) -> None:
     )
     s = Supervisor(cfg).run()
     assert s["frames_in"] == 150
-    assert s["dropped"] > 0
-    assert s["frames_out"] + s["dropped"] == s["frames_in"]
+    assert s["dropped"]["infer"] > 0, "inference skipped to newer frames"
+    assert s["frames_out"] + sum(s["dropped"].values()) == s["frames_in"]
+
+
+def test_mode_all_gives_every_consumer_every_label_map(tmp_path: Path) -> None:
+    """With OpenIGTLink output on, mode "all" sends every label map (nothing skipped) and
+    the counts add up: nothing counted twice across readers or rings."""
+    cfg = config.load(
+        None,
+        {
+            "source.pace": "none",
+            "source.frames": 40,
+            "pipeline.mode": "all",
+            "model.warmup": 1,
+            "igtl_out.enabled": True,
+            "igtl_out.port": 0,
+            "sink.headless": True,
+        },
+    )
+    s = Supervisor(cfg).run()
+    assert (s["frames_in"], s["frames_out"]) == (40, 40)
+    assert s["dropped"] == {} and s["skipped"] == {}
 
 
 def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: type[Echod]) -> None:

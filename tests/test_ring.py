@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from daemon.errors import RingError
 from daemon.frame import N_TIMINGS, FrameMeta
+from daemon.lifeline import Lifeline
 from daemon.ring import (
     PREFIX,
     SHM_DIR,
@@ -376,8 +378,10 @@ def test_remove_segments_of_an_owner(make_ring: Callable[..., Ring]) -> None:
 
 
 def _child_create_ring(out: Any) -> None:
+    stop = Lifeline.create()  # a supervisor's lifeline, dropped by the kernel at exit
     Ring.create(f"{os.getpid()}-stale", slots=2, payload_bytes=8).close()
     out.put(os.getpid())
+    del stop
 
 
 def test_remove_stale_segments_of_dead_owners(make_ring: Callable[..., Ring]) -> None:
@@ -389,9 +393,47 @@ def test_remove_stale_segments_of_dead_owners(make_ring: Callable[..., Ring]) ->
     p.join(T)
     assert p.exitcode == 0 and _segments(f"{pid}-stale")
     removed = remove_stale_segments()
-    assert f"{pid}-stale" in removed
+    assert f"{pid}-stale" in removed and f"{pid}-supervisor" in removed
     assert not _segments(f"{pid}-stale")
     assert _segments(live.name)  # ours: alive
+
+
+def _child_hold_lifeline(ghost: int, out: Any) -> None:
+    stop = Lifeline.create(ghost)
+    Ring.create(f"{ghost}-live", slots=2, payload_bytes=8).close()
+    out.put(True)
+    stop.wait()  # until killed
+
+
+def test_stale_cleanup_trusts_the_lock_not_the_pid(make_ring: Callable[..., Ring]) -> None:
+    """A pid that is not alive here (another pid namespace sharing /dev/shm, or a number
+    that was reused) keeps its rings while its lifeline is locked; once the holder is
+    killed they go. Without a lifeline nothing proves the owner gone: they stay."""
+    ghost = _unused_pid()
+    orphan = _unused_pid(ghost + 1)
+    Ring.create(f"{orphan}-nolifeline", slots=2, payload_bytes=8).close()
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child_hold_lifeline, args=(ghost, q))
+    p.start()
+    try:
+        assert q.get(timeout=T)
+        removed = remove_stale_segments()
+        assert f"{ghost}-live" not in removed and _segments(f"{ghost}-live")
+        assert _segments(f"{orphan}-nolifeline")
+        p.kill()
+        p.join(T)
+        assert f"{ghost}-live" in remove_stale_segments()
+    finally:
+        p.kill()
+        remove_segments(ghost)
+        remove_segments(orphan)
+
+
+def _unused_pid(start: int = 4_000_000) -> int:
+    pid = start
+    while psutil.pid_exists(pid):
+        pid += 1
+    return pid
 
 
 def _child_read_and_crash(name: str, count: int, out: Any) -> None:

@@ -306,6 +306,7 @@ class IgtlSource:
         self.dtype = np.dtype(s.dtype)
         self.nominal_fps: float | None = None
         where = f"{host}:{port}" + (f"/{device}" if device else "")
+        self.endpoint = where
         self.description = (
             f"OpenIGTLink {where} (up to {shape_str(self.max_shape, self.dtype)}, "
             "paced by the sender)"

@@ -550,6 +550,10 @@ class DisplayStage(Stage):
             f"{params.get('engine') or m.engine or 'auto'} {params.get('device') or m.device}"
             f" | {model.name if model else 'bundled model'}"
         )
+        # what each model generation (0, then +1 per hot-swap) is drawn with, and the one
+        # drawn now: every label map in the colours and name of the model that made it
+        self.models: dict[int, tuple[str, list[ClassCard]]] = {}
+        self.generation = 0
         self.frames: RingReader | None = self.ctx.input("frames")
         self.results: RingReader | None = self.ctx.input("results")
         self.mode: Literal["filled", "contour"] = "contour" if s.overlay == "contour" else "filled"
@@ -721,6 +725,11 @@ class DisplayStage(Stage):
             return False
         self.heatmap = result.image.dtype.kind == "f"
         self.overlay_index = result.meta.index
+        generation = result.meta.generation
+        if generation != self.generation and generation in self.models:
+            self.generation = generation
+            self.info, classes = self.models[generation]
+            self.renderer.set_classes(classes)
         return True
 
     def _account(self, shown: FrameMeta, costs: tuple[float, float, float]) -> None:
@@ -812,7 +821,16 @@ class DisplayStage(Stage):
 
     def command(self, name: str, args: dict[str, Any]) -> Any:
         """``screenshot`` {path}: save the screen as a PNG. ``set`` {key: "display.<name>",
-        value}: change one of :data:`~daemon.config.DISPLAY_RUNTIME` while running."""
+        value}: change one of :data:`~daemon.config.DISPLAY_RUNTIME` while running.
+        ``model`` {generation, model, engine, device, classes}: the model that results of
+        that generation come from (sent by the supervisor before a hot-swap takes over)."""
+        if name == "model" and self.headless is not None:
+            return self.headless.command(name, args)
+        if name == "model":  # a hot-swap: results of this generation come from it
+            engine = f"{args.get('engine') or 'auto'} {args.get('device') or ''}".strip()
+            classes = [ClassCard.model_validate(c) for c in args.get("classes") or ()]
+            self.models[int(args["generation"])] = (f"{engine} | {args.get('model')}", classes)
+            return {"generation": args["generation"]}
         if name == "screenshot":
             path = self.screenshot(Path(args["path"]))
             return {"path": str(path), "frame": None if self.shown is None else self.shown.index}

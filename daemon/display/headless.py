@@ -53,6 +53,11 @@ class HeadlessSink(Stage):
             self.ctx.report("stats", **self.live(self.meter.rate(now)))
         return True
 
+    def command(self, name: str, args: dict[str, Any]) -> Any:
+        if name == "model":  # a hot-swap: nothing is drawn here, the summary names the model
+            return {"generation": args["generation"]}
+        return super().command(name, args)
+
     def live(self, fps: float) -> dict[str, Any]:
         """The figures of the last interval (the supervisor prints and publishes them)."""
         return {

@@ -87,6 +87,11 @@ class InputCard(_Strict):
     layout: Layout | None = None  # None = detected from the model
     channels: Literal[1, 3] | None = None  # None = from the model
     normalisation: Normalisation = Normalisation()
+    # a model with free height/width whose strides need sides in multiples of this
+    # (None: any side, or learned by probing at start); "pad" pads the frame with zeros
+    # (bottom/right) and crops the labels back, "resize" resizes to the nearest multiple
+    multiple: PositiveInt | None = None
+    fit: Literal["pad", "resize"] = "pad"
 
 
 class OutputCard(_Strict):

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from daemon.engines.card import ModelCard
+from daemon.engines.preprocess import pads
 
 MAX_CLASSES = 255
 
@@ -47,6 +48,8 @@ def labels(
     else:
         lab = _argmax(p)
     h, w = frame_shape[0], frame_shape[1]
+    if pads(card) and lab.shape[0] >= h and lab.shape[1] >= w:
+        lab = lab[:h, :w]  # the frame's part of a padded input
     if lab.shape != (h, w):
         lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
     return lab

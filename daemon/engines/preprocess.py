@@ -40,11 +40,27 @@ def layout_of(spec: TensorSpec, card: ModelCard) -> Layout:
 
 
 def network_size(spec: TensorSpec, card: ModelCard, frame_hw: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) the network gets: the card's size, else the model's, else the frame's."""
+    """(h, w) the network gets: the card's size, else the model's, else the frame's
+    (padded up, or resized to the nearest, multiple of the card's ``multiple``)."""
     if card.input.size is not None:
         return card.input.size
     dims = spec.shape[2:] if layout_of(spec, card) == "NCHW" else spec.shape[1:3]
-    return (dims[0] or frame_hw[0], dims[1] or frame_hw[1])
+    m = card.input.multiple or 1
+    fit = _padded if card.input.fit == "pad" else _nearest
+    return (dims[0] or fit(frame_hw[0], m), dims[1] or fit(frame_hw[1], m))
+
+
+def _padded(side: int, m: int) -> int:
+    return -(-side // m) * m
+
+
+def _nearest(side: int, m: int) -> int:
+    return max(m, round(side / m) * m)
+
+
+def pads(card: ModelCard) -> bool:
+    """Whether frames are padded (not resized) to the network size."""
+    return card.input.size is None and card.input.multiple is not None and card.input.fit == "pad"
 
 
 def network_channels(spec: TensorSpec, card: ModelCard, image_channels: int) -> int:
@@ -76,7 +92,10 @@ def prepare(image: np.ndarray, spec: TensorSpec, card: ModelCard) -> np.ndarray:
 
     if src.dtype not in _CV_DTYPES:
         src = src.astype(np.float32)
-    if src.shape[:2] != (h, w):
+    if src.shape[:2] != (h, w) and pads(card) and h >= src.shape[0] and w >= src.shape[1]:
+        bottom, right = h - src.shape[0], w - src.shape[1]
+        src = cv2.copyMakeBorder(src, 0, bottom, 0, right, cv2.BORDER_CONSTANT, value=0)
+    elif src.shape[:2] != (h, w):
         src = cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
     if c == 1 and src.ndim == 3:
         if src.dtype not in _GRAY_DTYPES:

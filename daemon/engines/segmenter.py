@@ -37,6 +37,7 @@ from daemon.errors import EngineError, ModelError
 log = logging.getLogger(__name__)
 
 _IMAGE_LAYOUTS = ("NCHW", "NHWC")
+PROBE_MULTIPLES = (8, 16, 32, 64, 128)
 
 
 def _frame_text(shape: tuple[int, ...]) -> str:
@@ -166,7 +167,7 @@ class Segmenter:
         go into this model."""
         shape = tuple(shape)
         name, spec = self.model.name, self.input
-        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or 0 in shape:
             text = "x".join(map(str, shape))
             raise ModelError(f"frames of shape {text} are not gray (HxW) or RGB (HxWx3) images")
         if dtype is not None and np.dtype(dtype).kind not in "uif":
@@ -225,6 +226,51 @@ class Segmenter:
             return (None, None)
         h, w = self.input.spatial
         return (h, w)
+
+    def fit_frames(self, frame_shape: tuple[int, ...]) -> None:
+        """Run one blank frame of ``frame_shape`` through every step, so that a model that
+        cannot take the frames fails here, at start, with a one-line ModelError naming the
+        model, the shape and why. A model with free height/width that rejects the frame's
+        sides (strides that need multiples of 32, say) is probed for the multiple it
+        needs, and frames are padded to it from then on (the card's ``multiple`` says it
+        without probing)."""
+        shape = tuple(frame_shape)
+        try:
+            self._run_blank(shape)
+            return
+        except (ModelError, EngineError, RuntimeError, ValueError) as e:
+            first = e
+        free = self.card.input.size is None and None in self.input.spatial
+        if free and self.card.input.multiple is None:
+            card = self.card
+            for m in PROBE_MULTIPLES:
+                self.card = card.model_copy(
+                    update={"input": card.input.model_copy(update={"multiple": m, "fit": "pad"})}
+                )
+                try:
+                    self._run_blank(shape)
+                except (ModelError, EngineError, RuntimeError, ValueError):
+                    continue
+                log.info(
+                    "model %s needs sides in multiples of %d (probed): frames of %s are padded",
+                    self.model.name,
+                    m,
+                    _frame_text(shape),
+                )
+                self._prepare = preprocess.prepare
+                self.prepare_info = ("cpu", f"frames padded to multiples of {m} on the CPU")
+                return
+            self.card = card
+        reason = str(first).splitlines()[0] if str(first).strip() else type(first).__name__
+        tried = f" (padding to multiples of {', '.join(map(str, PROBE_MULTIPLES))} did not help)"
+        raise ModelError(
+            f"model {self.model.name} cannot take frames of {_frame_text(shape)}: {reason}"
+            + (tried if free and self.card.input.multiple is None else "")
+        ) from None
+
+    def _run_blank(self, frame_shape: tuple[int, ...]) -> None:
+        blank = np.zeros(frame_shape, np.uint8)
+        self.finish(self.infer(self._prepare(blank, self.input, self.card)), frame_shape)
 
     def warmup(self, n: int = 3, frame_shape: tuple[int, ...] | None = None) -> float:
         """Run ``n`` blank frames through all steps; returns the last inference in ms.
