@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from daemon import config
 from daemon.ring import remove_stale_segments
 from daemon.supervisor import Supervisor
-from tests.conftest import WATERTANK, Echod, need_data
+from tests.conftest import DATA, WATERTANK, Echod, need_data
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -130,6 +130,11 @@ def truncated_recording(tmp: Path) -> Path:
 BAD_INPUTS = {
     "missing recording": (lambda t: ["--source", str(t / "nope.mha")], 66, "no such file"),
     "corrupt recording": (lambda t: ["--source", str(truncated_recording(t))], 66, "cut.igs.mha"),
+    "CT slice as cine": (
+        lambda t: ["--source", str(need_data(DATA / "ct" / "ct-3slice" / "01.dcm"))],
+        66,
+        "echod submit ct",
+    ),
     "model rank": (lambda t: ["--model", str(volume_model(t / "vol.onnx"))], 65, "5-D"),
     "unknown key": (lambda t: ["--set", "source.fpss=30"], 78, "did you mean 'source.fps'"),
     "wrong type": (lambda t: ["--set", 'source.fps="fast"'], 78, "source.fps"),

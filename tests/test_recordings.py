@@ -22,6 +22,7 @@ import nrrd
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -40,7 +41,7 @@ from daemon.frame import Frame, FrameMeta
 from daemon.record import RecordStage, SequenceWriter, data_path
 from daemon.ring import Ring
 from daemon.stage import InputPort, StageSpec, run_stage
-from tests.conftest import WATERTANK, need_data
+from tests.conftest import DATA, WATERTANK, need_data
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,6 +182,36 @@ def test_dicom_without_timing_uses_fps_and_errors_are_one_line(tmp_path: Path) -
     (tmp_path / "text.dcm").write_text("not DICOM")
     with pytest.raises(SourceError, match="not a readable DICOM image"):
         open_source(str(tmp_path / "text.dcm"))
+
+
+CT_SLICE = DATA / "ct" / "ct-3slice" / "01.dcm"
+
+
+def test_dicom_that_is_not_ultrasound_is_refused_with_the_job_that_takes_it(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SourceError) as err:
+        open_source(str(need_data(CT_SLICE)))
+    msg = str(err.value)
+    assert "01.dcm: modality CT" in msg and "not ultrasound" in msg
+    assert "`echod submit ct`" in msg and "\n" not in msg
+
+    frames = [gradient(i, (32, 32, 3)) for i in range(2)]
+    slide = us_cine(tmp_path / "slide.dcm", frames, ExplicitVRLittleEndian, Modality="SM")
+    with pytest.raises(SourceError, match=r"modality SM .*not ultrasound.*`echod submit wsi`"):
+        open_source(str(slide))
+    mr = us_cine(tmp_path / "mr.dcm", frames, ExplicitVRLittleEndian, Modality="MR")
+    with pytest.raises(SourceError, match=r"modality MR .*plays only ultrasound"):
+        open_source(str(mr))
+
+    # the allow-list: intravascular ultrasound, and an ultrasound SOP class without Modality
+    ivus = us_cine(tmp_path / "ivus.dcm", frames, ExplicitVRLittleEndian, Modality="IVUS")
+    assert len(list(open_source(str(ivus)).frames())) == 2
+    bare = us_cine(tmp_path / "bare.dcm", frames, ExplicitVRLittleEndian)
+    ds = dcmread(bare)
+    del ds.Modality
+    ds.save_as(bare)
+    assert len(list(open_source(str(bare)).frames())) == 2
 
 
 # -- NRRD sequences -------------------------------------------------------------------------
