@@ -49,6 +49,7 @@ def test_newest_mode_drop_counts_add_up(workers: str) -> None:
             "pipeline.mode": "newest",
             "pipeline.workers": workers,
             "model.warmup": 1,
+            "sink.headless": True,  # the same with and without $DISPLAY
             "sink.status_interval_s": 60.0,
         },
     )
@@ -59,7 +60,9 @@ def test_newest_mode_drop_counts_add_up(workers: str) -> None:
 
 
 def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: type[Echod]) -> None:
-    e = run_echod("run", "--source", "synthetic", "--pace", "fps", "--fps", "20", "--json")
+    e = run_echod(
+        "run", "--source", "synthetic", "--pace", "fps", "--fps", "20", "--headless", "--json"
+    )
     e.wait_for("stage acquire ready")
     infer = next(line for line in e.stderr if "stage infer started" in line)
     pid = int(infer.split("(pid ")[1].split(")")[0])
@@ -82,7 +85,7 @@ def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: ty
 def test_supervisor_killed_takes_its_stages_and_next_start_cleans_up(
     run_echod: type[Echod],
 ) -> None:
-    e = run_echod("run", "--source", "synthetic")
+    e = run_echod("run", "--source", "synthetic", "--headless")
     e.wait_for("stage acquire ready")
     assert e.segments()
     e.proc.kill()
