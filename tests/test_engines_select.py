@@ -133,7 +133,7 @@ def test_echod_engines_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def overrides(*argv: str) -> dict[str, object]:
-    return cli._overrides(cli._parser().parse_args(["run", *argv]))
+    return cli._overrides(cli._parser().parse_args(["run", *argv]))[0]
 
 
 def test_engine_name_colon_device() -> None:

@@ -139,7 +139,12 @@ BAD_INPUTS = {
         "echod submit ct",
     ),
     "model rank": (lambda t: ["--model", str(volume_model(t / "vol.onnx"))], 65, "5-D"),
-    "unknown key": (lambda t: ["--set", "source.fpss=30"], 78, "did you mean 'source.fps'"),
+    "unknown key": (
+        lambda t: ["--set", "source.fpss=30"],
+        78,
+        "--set source.fpss (command line): unknown setting 'source.fpss': did you mean "
+        "'source.fps'?",
+    ),
     "wrong type": (lambda t: ["--set", 'source.fps="fast"'], 78, "source.fps"),
     "bad config file": (
         lambda t: ["--config", str(_write(t / "c.toml", "[pipeline]\nmode = 3\n"))],
