@@ -350,6 +350,9 @@ def test_plus_nrrd_keeps_timestamps_poses_status_and_orientation(tmp_path: Path)
         pose = np.eye(4) if f.meta.index == 5 else poses[f.meta.index]  # 5: pose INVALID
         assert np.array_equal(f.meta.transform, pose)
 
+    fields["ultrasound image orientation"] = "XX"  # PLUS's "unknown": played as stored
+    unknown = open_source(str(plus_nrrd(tmp_path / "xx.seq.nrrd", frames, fields)))
+    assert np.array_equal(next(iter(unknown.frames())).image, frames[0])
     fields["ultrasound image orientation"] = "FM"  # an RF orientation
     with pytest.raises(SourceError, match="orientation 'FM' is not a B-mode orientation"):
         open_source(str(plus_nrrd(tmp_path / "rf.seq.nrrd", frames, fields)))

@@ -16,7 +16,8 @@ which way the pixels lie: the first letter is the image x axis (``M``arked or
 ``N``ear), an optional third the slice axis of a volume. Frames are turned to
 ``MF``, as PLUS holds B-mode images in memory, near field at the top (what the
 model and the display expect, and what the recorder writes); the poses refer
-to the ``MF`` image, as in PLUS. A missing field means ``MF``.
+to the ``MF`` image, as in PLUS. A missing field means ``MF``, PLUS's unknown
+``XX`` is played as it is (warned), an RF orientation (``FM``, ...) is refused.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def _poses(fields: Mapping[str, str], n: int, path: Path) -> list[np.ndarray | N
 
 def _flip(orientation: str | None, path: Path) -> tuple[bool, bool]:
     value = (orientation or "MF").strip().upper()
+    if value.strip("X") == "":  # PLUS's "unknown" (XX): nothing to turn by
+        log.warning("%s: ultrasound image orientation unknown (%s); played as MF", path, value)
+        return False, False
     match = _ORIENTATION.fullmatch(value)
     if match is None:
         raise SourceError(
