@@ -170,7 +170,8 @@ def check_endpoint(endpoint: str) -> None:
     """An ``ipc://`` endpoint whose socket file is missing means no daemon: say so now
     (ZeroMQ would wait for one to appear until the timeout)."""
     path = Path(endpoint.removeprefix("ipc://"))
-    if endpoint.startswith("ipc://") and not path.exists():
+    abstract = str(path).startswith("@")  # Linux's abstract namespace has no file
+    if endpoint.startswith("ipc://") and not abstract and not path.exists():
         raise CtlError(
             protocol.UNAVAILABLE,
             f"no daemon at {endpoint}: {path} does not exist; start one (echod run) or name "
