@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import os
+import signal
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from daemon import __version__, config, ctl
+from daemon import __version__, config, ctl, human
 from daemon.errors import EchodError
 
 log = logging.getLogger("echod")
@@ -33,21 +35,54 @@ RUN_FLAGS: dict[str, str] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # the subcommand's own usage, and the option it most likely meant
+        getattr(args, "command_parser", parser).reject(extra)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away (| head) is found here, not at exit
+        return code
     except EchodError as e:
         print(f"echod: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout's reader is gone: stop quietly, as a program killed by SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="echod", description="Real-time ultrasound appliance daemon")
+class Parser(argparse.ArgumentParser):
+    """echod's argument parsers: no abbreviated options (``--headles`` is a typo, not
+    ``--headless``), and an unknown option is answered with the nearest known one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.options: list[str] = []
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options.extend(action.option_strings)
+        return action
+
+    def reject(self, extra: list[str]) -> NoReturn:
+        """Exit 2 with this parser's usage: ``extra`` are not its arguments."""
+        hints = []
+        for arg in extra:
+            near = difflib.get_close_matches(arg.partition("=")[0], self.options, n=1)
+            if arg.startswith("-") and near:
+                hints.append(f"{arg}: did you mean {near[0]}?")
+        self.error(f"unrecognized arguments: {' '.join(extra)}" + "".join(f"; {h}" for h in hints))
+
+
+def _parser() -> Parser:
+    p = Parser(prog="echod", description="Real-time ultrasound appliance daemon")
     p.add_argument("--version", action="version", version=f"echod {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
 
@@ -113,23 +148,28 @@ def _parser() -> argparse.ArgumentParser:
         "unet2d-256, unet3d-32x256x256, inception-v3-512",
     )
     mod.set_defaults(func=cmd_models)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings ``run``'s flags and ``--set`` items override, and where each was given
+    (for error messages: a mistake is blamed on the flag, not on the file)."""
     out: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for item in args.set:
         key, sep, raw = item.partition("=")
-        if not sep:
+        key = key.strip()
+        if not sep or not key:
             raise config.ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. source.loop=true")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw  # a bare string
+        out[key] = config.parse_value(key, raw)
+        origins[key] = f"--set {key} (command line)"
     for flag, key in RUN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             out[key] = value
+            origins[key] = f"--{flag} (command line)"
     engine = out.get("model.engine")
     if isinstance(engine, str) and ":" in engine:  # --engine NAME:DEVICE
         name, _, device = engine.partition(":")
@@ -138,9 +178,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                 f"--engine {engine} names device {device!r} but --device says {args.device!r}"
             )
         out["model.engine"], out["model.device"] = name, device
+        origins["model.device"] = origins["model.engine"]
     if args.headless:
         out["sink.headless"] = True
-    return out
+        origins["sink.headless"] = "--headless (command line)"
+    return out, origins
 
 
 def _setup_logging(level: str) -> None:
@@ -154,20 +196,13 @@ def _setup_logging(level: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
-    cfg = config.load(args.config, _overrides(args))
+    cfg = config.load(args.config, *_overrides(args))
     _setup_logging(cfg.logging.level)
     summary = Supervisor(cfg).run()
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
-        lat = summary["latency_ms"]
-        print(
-            f"echod: {summary['frames_out']} of {summary['frames_in']} frames, "
-            f"{summary['dropped']} dropped, {summary['fps']} fps, latency p50 "
-            f"{lat.get('p50')} ms p99 {lat.get('p99')} ms ({summary['engine']} "
-            f"{summary['device']}, {summary['model']})",
-            flush=True,
-        )
+        print("\n".join(human.run_summary(summary)), flush=True)
     return 0
 
 
@@ -205,9 +240,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
         )
         for p in probes
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)), row[4])
+    print("\n".join(human.table(table)))
     return 0
 
 
@@ -242,8 +275,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.to_dict() for m in models], indent=1))
         return 0
-    table = [("MODEL", "ORIGIN", "TASK", "INPUT", "LAYOUT", "CLASSES", "PARAMS", "WEIGHTS")]
-    notes = ["SCORES"]
+    table = [
+        ("MODEL", "ORIGIN", "TASK", "INPUT", "LAYOUT", "CLASSES", "PARAMS", "WEIGHTS", "SCORES")
+    ]
     for m in models:
         table.append(
             (
@@ -255,11 +289,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 ",".join(m.classes) or "-",
                 f"{m.parameters:,}",
                 m.weights,
+                m.error or " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()) or "-",
             )
         )
-        notes.append(m.error or " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()) or "-")
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row, note in zip(table, notes, strict=True):
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)), note)
+    print("\n".join(human.table(table)))
     print(f"cache: {cache / 'models'}")
     return 0

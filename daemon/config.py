@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -262,11 +263,17 @@ def _dir(value: str, env: str, default: Path) -> Path:
     return chosen.expanduser()
 
 
-def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+def load(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> Config:
     """Load ``path`` (default: the shipped ``config/echod.toml``) and apply dotted overrides.
 
     ``overrides`` maps dotted names (``"source.uri"``) to values, as the command
-    line gives them; they are validated like the file.
+    line gives them; they are validated like the file. A mistake in one is
+    blamed on its entry in ``origins`` (e.g. ``"--set source.fpss (command
+    line)"``), never on the file.
     """
     data: dict[str, Any] = {}
     source = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
@@ -279,15 +286,60 @@ def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -
             ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
-    return _validated(data, overrides or {}, source)
+    return _validated(data, overrides or {}, source, origins or {})
 
 
 def validate_change(config: Config, key: str, value: Any) -> Config:
     """``config`` with one dotted setting changed, validated like the file."""
-    return _validated(config.model_dump(), {key: value}, None)
+    return _validated(config.model_dump(), {key: value}, None, {})
 
 
-def _validated(data: dict[str, Any], overrides: Mapping[str, Any], source: Path | None) -> Config:
+def parse_value(key: str, raw: str) -> Any:
+    """A setting's value as written on a command line (``--set KEY=RAW``, ``ctl config.set``).
+
+    TOML (``30``, ``true``, ``'["a", "b"]'``), else the plain string. For a list
+    setting, a value that is not a TOML list is its comma-separated items
+    (``control.roots=/srv/a,/srv/b``; ``control.roots=`` is the empty list), each
+    read as the list's items are typed.
+    """
+    value = toml_or_str(raw)
+    item = _list_item_type(key)
+    if item is None or isinstance(value, list):
+        return value
+    parts = [part.strip() for part in raw.split(",")]
+    return [part if item is str else toml_or_str(part) for part in parts if part]
+
+
+def toml_or_str(raw: str) -> Any:
+    """``raw`` read as a TOML value, else the plain string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _list_item_type(key: str) -> Any:
+    """The item type of the list (or tuple) setting ``key``; None for anything else."""
+    model: Any = Config
+    annotation: Any = None
+    for name in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(name)
+        if field is None:
+            return None
+        model = annotation = field.annotation
+    if typing.get_origin(annotation) not in (list, tuple):
+        return None
+    return typing.get_args(annotation)[0]
+
+
+def _validated(
+    data: dict[str, Any],
+    overrides: Mapping[str, Any],
+    source: Path | None,
+    origins: Mapping[str, str],
+) -> Config:
     """``data`` with the dotted ``overrides`` set, validated: the one way a Config is made."""
     for dotted, value in overrides.items():
         node = data
@@ -295,12 +347,32 @@ def _validated(data: dict[str, Any], overrides: Mapping[str, Any], source: Path 
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"no setting '{dotted}': '{p}' is a value, not a table")
+                where = f"{origins[dotted]}: " if dotted in origins else ""
+                raise ConfigError(f"{where}no setting '{dotted}': '{p}' is a value, not a table")
         node[leaf] = value
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e, source)) from None
+        raise ConfigError(_describe(e, _blame(e, overrides, source, origins))) from None
+
+
+def _blame(
+    e: ValidationError,
+    overrides: Mapping[str, Any],
+    source: Path | None,
+    origins: Mapping[str, str],
+) -> str:
+    """Where the first error came from: the override that set it, else the file."""
+    loc = [str(p) for p in e.errors()[0]["loc"]]
+    given = [k for k in overrides if _overlap(k.split("."), loc)]
+    if given:
+        return origins.get(max(given, key=len), "")
+    return str(source) if source else ""
+
+
+def _overlap(key: list[str], loc: list[str]) -> bool:
+    n = min(len(key), len(loc))
+    return key[:n] == loc[:n]
 
 
 def _describe_unknown(loc: list[str]) -> str:
@@ -314,12 +386,12 @@ def _describe_unknown(loc: list[str]) -> str:
     return f"unknown setting '{'.'.join(loc)}': {hint}"
 
 
-def _describe(e: ValidationError, source: Path | None) -> str:
+def _describe(e: ValidationError, blame: str) -> str:
     """One line for the first error: where, what rule, what value, what to use instead."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
     field = ".".join(loc)
-    where = f"{source}: " if source else ""
+    where = f"{blame}: " if blame else ""
     if err["type"] == "extra_forbidden":
         return where + _describe_unknown(loc)
     value = err.get("input")

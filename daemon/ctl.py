@@ -1,7 +1,9 @@
 """``echod ctl``: the command-line client of the control protocol.
 
-Readable output by default, ``--json`` for scripts; the exit code tells the
-error class (sysexits), so scripts can branch without parsing messages.
+Readable output by default (tables and ``key  value`` lines,
+:mod:`daemon.human`), ``--json`` for scripts (the result as one JSON line); the
+exit code tells the error class (sysexits), so scripts can branch without
+parsing messages.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from daemon import protocol
+from daemon import config, human, protocol
 
 # error code -> exit status (sysexits.h), one table for every command
 EXIT = {
@@ -147,8 +148,13 @@ def add_parser(sub: Any) -> None:
         "telemetry and events",
     )
     ctl.add_argument("--endpoint", help="control endpoint (default: ipc in the runtime directory)")
-    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    ctl.add_argument("--json", action="store_true", help="print the raw JSON result")
+    ctl.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for an answer (default: %(default)g)",
+    )
+    ctl.add_argument("--json", action="store_true", help="print the result as one JSON line")
     ctl.add_argument(
         "--wait",
         action="store_true",
@@ -165,7 +171,7 @@ def parse_args(command: str, items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs (values read as TOML, else plain strings), or the one positional."""
     if command == "config.set" and len(items) == 1 and "=" in items[0]:
         key, _, raw = items[0].partition("=")
-        return {"key": key, "value": _value(raw)}
+        return {"key": key, "value": config.parse_value(key, raw)}
     if len(items) == 1 and "=" not in items[0] and command in POSITIONAL:
         return {POSITIONAL[command]: items[0]}
     out: dict[str, Any] = {}
@@ -173,26 +179,31 @@ def parse_args(command: str, items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep:
             raise CtlError(protocol.BAD_ARGS, f"argument {item!r}: expected KEY=VALUE")
-        out[key] = _value(raw)
+        out[key] = config.toml_or_str(raw)
     return out
 
 
-def _value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 def default_endpoint() -> str:
-    from daemon import config
-
     return f"ipc://{config.load().paths.runtime() / 'control.sock'}"
+
+
+def check_endpoint(endpoint: str) -> None:
+    """An ``ipc://`` endpoint whose socket file is missing means no daemon: say so now
+    (ZeroMQ would wait for one to appear until the timeout)."""
+    path = Path(endpoint.removeprefix("ipc://"))
+    abstract = str(path).startswith("@")  # Linux's abstract namespace has no file
+    if endpoint.startswith("ipc://") and not abstract and not path.exists():
+        raise CtlError(
+            protocol.UNAVAILABLE,
+            f"no daemon at {endpoint}: {path} does not exist; start one (echod run) or name "
+            "its socket (--endpoint, or the same paths.runtime_dir / $RUNTIME_DIRECTORY)",
+        )
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or default_endpoint()
     try:
+        check_endpoint(endpoint)
         if args.command == "watch":
             return watch(endpoint, args)
         client = Client(endpoint, args.timeout, args.server_key, args.client_key)
@@ -205,7 +216,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     except CtlError as e:
         print(f"echod ctl: {e.code}: {e.message}", file=sys.stderr)
         return EXIT.get(e.code, 1)
-    print(json.dumps(result, indent=None if args.json else 2))
+    print(json.dumps(result) if args.json else human.render(result))
     return 0
 
 
@@ -235,11 +246,12 @@ def watch(endpoint: str, args: argparse.Namespace) -> int:
 
 
 def _brief(data: dict[str, Any]) -> str:
-    if "fps" in data:
-        lat = data.get("latency_ms") or {}
-        return (
-            f"{data.get('state')} {data.get('fps') or 0:.1f} fps latency p50 "
-            f"{lat.get('p50', float('nan')):.1f} ms p99 {lat.get('p99', float('nan')):.1f} ms "
-            f"frames {data.get('frames')} dropped {data.get('dropped')}"
-        )
-    return json.dumps(data)
+    """One line for a telemetry message or an event."""
+    if "fps" not in data:
+        return human.cell(data)
+    lat, cell = data.get("latency_ms") or {}, human.cell
+    return (
+        f"{data.get('state')} {cell(data.get('fps'))} fps latency p50 {cell(lat.get('p50'))} ms "
+        f"p99 {cell(lat.get('p99'))} ms frames {cell(data.get('frames'))} "
+        f"dropped {cell(data.get('dropped'))}"
+    )

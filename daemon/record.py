@@ -18,7 +18,10 @@ Instead each frame is streamed:
 Each step is one ``pwrite``, so if echod dies at any point the files are a
 valid recording of the frames counted (the ``.raw`` may hold one frame more,
 the header one frame's lines more: readers ignore both); nothing is rewritten
-or copied, whatever the length, and the files are synced to disk at close.
+or copied, whatever the length. Durability against a power cut: the folder is
+synced when the files are made, and both files at least every ``sync_s``
+(1 s) while recording, the pixels before the header, and at close; a power cut
+loses about the last second.
 Timestamps are written with Python's shortest round-trip ``repr``, so a replay
 through :class:`daemon.acquire.MetaImageSequence` gives back the same pixels
 and the same ``t_source`` bit for bit.
@@ -27,8 +30,10 @@ Geometry: ``ElementSpacing`` is the first frame's spacing. A frame's pose is
 its ijk-to-world with the spacing divided out; when that is not the identity
 (a tracked probe, or a scanner placing its image in a world frame) it is
 written as the frame's ``ProbeToTrackerTransform``; the header's
-``Offset``/``TransformMatrix`` stay the identity, as in PLUS files. (echod's
-MetaImage reader does not apply per-frame transforms.)
+``Offset``/``TransformMatrix`` stay the identity, as in PLUS files. echod's
+readers multiply it back (:mod:`daemon.acquire.plus`). Orientation: sources
+hand frames over near field at the top (PLUS's ``MF``; a file in another
+orientation is turned when read), so the header says ``MFA``.
 
 A frame of another size or type than the recording's (the scanner's depth
 changed) starts a new file, ``name-2.igs.mha``, ... ; an existing file is
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +70,8 @@ _MET_TYPES = {
 _COUNT_WIDTH = 12  # digits reserved for the frame count in DimSize
 _POSE_FIELD = "ProbeToTrackerTransform"
 _IDENTITY_ATOL = 1e-5
+SYNC_S = 1.0
+"""Longest time recorded frames stay in the page cache only (lost in a power cut)."""
 
 
 def free_path(path: Path) -> Path:
@@ -88,12 +96,22 @@ def _number(x: float) -> str:
 class SequenceWriter:
     """Appends frames of one shape and dtype to a new PLUS sequence metafile."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, meta: FrameMeta):
-        """Create ``path`` (and its ``.raw``) for frames like the first one, ``meta``."""
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        meta: FrameMeta,
+        *,
+        sync_s: float = SYNC_S,
+    ):
+        """Create ``path`` (and its ``.raw``) for frames like the first one, ``meta``;
+        committed frames reach the disk within ``sync_s`` seconds."""
         if dtype.str[1:] not in _MET_TYPES or len(shape) not in (2, 3):
             raise StageError(f"cannot record frames of {shape} {dtype} as a MetaImage sequence")
         self.path, self.shape, self.dtype = path, tuple(shape), dtype
         self.count = 0
+        self._sync_s = sync_s
         self._data = os.open(data_path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._data_end = 0
         try:
@@ -135,6 +153,8 @@ class SequenceWriter:
         self._tail = f"ElementDataFile = {data_path(path).name}\n".encode()
         self._end = len(text)
         os.pwrite(self._header, text.encode() + self._tail, 0)
+        _sync_folder(path)
+        self._synced, self._synced_count = time.monotonic(), 0
         self._dtype_le = dtype.newbyteorder("<")
         log.info("recording to %s (%s %s)", path, "x".join(map(str, shape)), dtype)
 
@@ -169,6 +189,16 @@ class SequenceWriter:
         self.count += 1
         os.pwrite(self._header, str(self.count).ljust(_COUNT_WIDTH).encode(), self._count_at)
         self._data_end = at
+        self.sync_due()
+
+    def sync_due(self) -> None:
+        """Flush the pixels, then the header that counts them, to the disk if frames
+        committed since the last flush are ``sync_s`` old (the recorder also calls this
+        while no frame comes)."""
+        if self.count > self._synced_count and time.monotonic() - self._synced >= self._sync_s:
+            os.fdatasync(self._data)
+            os.fdatasync(self._header)
+            self._synced, self._synced_count = time.monotonic(), self.count
 
     def close(self) -> None:
         """Flush both files to disk and close them (remove them if no frame was committed)."""
@@ -178,13 +208,25 @@ class SequenceWriter:
         if self.count == 0:
             self.path.unlink()
             data_path(self.path).unlink()
+            _sync_folder(self.path)
         log.info("recorded %d frames to %s", self.count, self.path)
+
+
+def _sync_folder(path: Path) -> None:
+    """Make the creation (or removal) of files in ``path``'s folder durable."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def pose_of(meta: FrameMeta) -> np.ndarray | None:
     """The frame's ijk-to-world with its spacing divided out, unless that is the identity
     (within 1e-5: OpenIGTLink geometry is float32, so an untracked image is not exact)."""
-    pose = np.asarray(meta.transform, np.float64) @ np.diag([*(1.0 / s for s in meta.spacing), 1])
+    # each column divided by its spacing: fl(fl(t / s) * s) == t for any t = fl(p * s), so the
+    # readers' pose @ diag(spacing) gives the transform back bit for bit (1 / s does not)
+    pose = np.asarray(meta.transform, np.float64) / np.array([*meta.spacing, 1.0])
     return None if np.allclose(pose, np.eye(4), rtol=0, atol=_IDENTITY_ATOL) else pose
 
 
@@ -215,17 +257,18 @@ class RecordStage(Stage):
 
     def step(self) -> bool:
         f = self.reader.read(timeout=POLL_S)
-        if f is None:
-            return True
-        if self.error is not None:
+        if f is not None and self.error is not None:
             self.skipped += 1
             return True
         try:
-            self._write(f.image, f.meta, f.valid)
+            if f is not None:
+                self._write(f.image, f.meta, f.valid)
+            elif self.writer is not None:
+                self.writer.sync_due()  # no frame now: the last ones still reach the disk
         except OSError as e:
             self.error = f"{e.strerror or e}: {e.filename or self.base}"
             log.error("recording stopped (%s); the live pipeline goes on", self.error)
-            self.skipped += 1
+            self.skipped += f is not None
             self._close_writer()
         return True
 

@@ -39,9 +39,10 @@ def need_data(path: Path) -> Path:
 class Echod:
     """``echod`` in a subprocess, tagged so that every process it starts can be found."""
 
-    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
+    def __init__(self, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
         self.tag = uuid.uuid4().hex
-        env = {**os.environ, "ECHOD_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1"}
+        env = {**(os.environ if env is None else env), "ECHOD_TEST_TAG": self.tag}
+        env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", *args],
             cwd=cwd,
@@ -104,8 +105,8 @@ def run_echod() -> Iterator[type[Echod]]:
     started: list[Echod] = []
 
     class Tracked(Echod):
-        def __init__(self, *args: str, cwd: Path = ROOT) -> None:
-            super().__init__(*args, cwd=cwd)
+        def __init__(self, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None):
+            super().__init__(*args, cwd=cwd, env=env)
             started.append(self)
 
     yield Tracked

@@ -268,25 +268,21 @@ def test_paced_at_fps() -> None:
     assert time.monotonic() - t0 >= 4 / 40.0 * 0.95
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(20)  # the check: pacing by timestamps would take 2000 s
 def test_unpaced_does_not_sleep() -> None:
-    t0 = time.monotonic()
     out = list(paced(fake_frames([0.0, 1000.0, 2000.0]), pace="none", fps=None))
-    assert time.monotonic() - t0 < 500  # pacing by timestamps would take 2000 s
     assert [f.meta.index for f in out] == [0, 1, 2]
     assert all(f.meta.t_acquired_ns > 0 for f in out)
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(20)  # the check: the next frame is due after an hour
 def test_stop_event_ends_a_sleep() -> None:
     stop = threading.Event()
     timer = threading.Timer(0.05, stop.set)
     timer.start()
-    t0 = time.monotonic()
-    out = list(paced(fake_frames([0.0, 30.0, 60.0]), pace="timestamps", fps=None, stop=stop))
+    out = list(paced(fake_frames([0.0, 3600.0, 7200.0]), pace="timestamps", fps=None, stop=stop))
     timer.join()
     assert len(out) == 1
-    assert time.monotonic() - t0 < 20  # the next frame was due after 30 s
 
     stopped = threading.Event()
     stopped.set()

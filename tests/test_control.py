@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -161,18 +162,41 @@ def test_shutdown_by_an_admin_stops_the_daemon(runtime: Path) -> None:
 
 def test_ctl_command_line(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "--json", "status"]) == 0
-    assert json.loads(capsys.readouterr().out)["state"] == "running"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out)["state"] == "running", "one JSON line"
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "config.get", "pipeline.mode"]) == 0
-    assert json.loads(capsys.readouterr().out) == "newest"
+    assert capsys.readouterr().out == "newest\n"
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "nope"]) == 64
     assert "unknown_command" in capsys.readouterr().err
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "shutdown"]) == 77
 
 
-def test_ctl_without_a_daemon_times_out_clearly(
+def test_ctl_status_reads_as_a_table(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["ctl", "--endpoint", daemon.endpoint, "status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["state", "running"]
+    assert any(ln.split()[:2] == ["engine", "onnxruntime"] for ln in lines)
+    at = lines.index("stages:")
+    assert lines[at + 1].split()[:2] == ["STAGE", "PID"] and "RESTARTS" in lines[at + 1]
+    rows = {ln.split()[0]: ln.split() for ln in lines[at + 2 :] if ln.strip()}
+    assert set(rows) == {"sink", "infer", "acquire"}
+    assert all(row[1].isdigit() for row in rows.values()), "each stage's pid"
+    assert len(lines) < 30
+
+
+def test_ctl_without_a_daemon_says_so_at_once(
     runtime: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli_main(["ctl", "--endpoint", f"ipc://{runtime}/none.sock", "--timeout", "0.3", "ping"])
+    code = cli_main(["ctl", "--endpoint", f"ipc://{runtime}/none.sock", "ping"])  # timeout 5 s
+    err = capsys.readouterr().err
+    assert code == 69 and "none.sock does not exist" in err and "echod run" in err
+    # a socket file that nobody listens on (a daemon killed): no answer within --timeout
+    runtime.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(runtime / "stale.sock"))
+    stale.close()
+    stale_endpoint = f"ipc://{runtime}/stale.sock"
+    code = cli_main(["ctl", "--endpoint", stale_endpoint, "--timeout", "0.3", "ping"])
     assert code == 75 and "is echod running there" in capsys.readouterr().err
 
 

@@ -22,6 +22,7 @@ from daemon.engines.openvino import OpenVinoEngine
 from daemon.engines.pytorch import PyTorchEngine
 from daemon.engines.reference import ensure_reference, export_torch
 from daemon.engines.segmenter import Segmenter
+from daemon.engines.tensorrt import TensorRtEngine
 from daemon.errors import EngineError, ModelError
 
 pytest.importorskip("openvino", reason="extra 'openvino' not installed")
@@ -224,7 +225,9 @@ def test_card_preference_and_skip_reasons(
     finally:
         card.write_text(text)
     assert info["engine"] == "openvino" and info["device"] == "CPU"
-    assert info["engine_skipped"][0].startswith("tensorrt: ModuleNotFoundError")
+    trt = TensorRtEngine.probe()  # missing here, or installed for CUDA devices
+    why_trt = trt.reason if not trt.available else f"no device 'cpu' (has {', '.join(trt.devices)})"
+    assert info["engine_skipped"][0] == f"tensorrt: {why_trt}"
     pytorch = PyTorchEngine.probe()
     why = "does not load .onnx files (loads .pt2, .pt, .ts)" if HAVE_TORCH else pytorch.reason
     assert info["engine_skipped"][1] == f"pytorch: {why}"

@@ -48,6 +48,13 @@ def test_every_device_class_has_a_deterministic_preference() -> None:
     assert registry.preference("cuda:1")[:2] == ("tensorrt", "onnxruntime")
 
 
+def why_skipped(name: str, device: str) -> str:
+    """What selection says of engine ``name`` on ``device`` here, where it cannot run there
+    (its library missing, or installed for other devices: TensorRT on a GPU machine)."""
+    p = registry.probe(name)
+    return p.reason if not p.available else f"no device {device!r} (has {', '.join(p.devices)})"
+
+
 def test_select_explains_every_skip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = nhwc_model(tmp_path / "m.onnx")
     with caplog.at_level(logging.INFO):
@@ -55,15 +62,14 @@ def test_select_explains_every_skip(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert cls.name == "openvino"
     torch = registry.probe("pytorch")
     why = "does not load .onnx files (loads .pt2, .pt, .ts)" if torch.available else torch.reason
-    assert skipped == [
-        "tensorrt: ModuleNotFoundError: No module named 'tensorrt'",
-        f"pytorch: {why}",
-    ]
-    assert "engine tensorrt skipped: ModuleNotFoundError" in caplog.text
+    assert skipped == [f"tensorrt: {why_skipped('tensorrt', 'cpu')}", f"pytorch: {why}"]
+    assert f"engine tensorrt skipped: {why_skipped('tensorrt', 'cpu')}" in caplog.text
     with pytest.raises(EngineError) as err:
-        registry.select(registry.preference("cuda"), "cuda", model)
+        registry.select(["tensorrt", "onnxruntime"], "myriad", model)
     msg = str(err.value)
-    assert "tensorrt: ModuleNotFoundError" in msg and "onnxruntime: no device 'cuda'" in msg
+    assert msg.startswith("no engine can run on 'myriad': ")
+    assert f"tensorrt: {why_skipped('tensorrt', 'myriad')}" in msg
+    assert "onnxruntime: no device 'myriad'" in msg
     # the same inputs give the same answer
     assert registry.select(["tensorrt", "pytorch", "openvino"], "cpu", model) == (cls, skipped)
 
@@ -86,7 +92,15 @@ def test_onnxruntime_never_falls_back_silently(
         OnnxRuntimeEngine().load(model, precision="bf16")
 
 
-def test_echod_engines_lists_every_engine() -> None:
+INSTALL_HINTS = {
+    "onnxruntime": "pip install 'echod[onnxruntime]'",
+    "openvino": "pip install 'echod[openvino]'",
+    "pytorch": "pip install 'echod[torch]'",
+    "tensorrt": "JetPack",
+}
+
+
+def test_echod_engines_lists_every_engine_and_how_to_get_a_missing_one() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "daemon", "engines", "--json"],
         check=True,
@@ -95,25 +109,31 @@ def test_echod_engines_lists_every_engine() -> None:
         timeout=120,
     ).stdout
     rows = {r["name"]: r for r in json.loads(out)}
-    assert set(rows) >= {"onnxruntime", "openvino", "tensorrt", "pytorch"}
+    assert set(rows) >= set(INSTALL_HINTS)
     for r in rows.values():
         assert set(r) == {"name", "version", "available", "devices", "reason"}
+        assert r["available"] == (r["reason"] == ""), r
     assert rows["onnxruntime"]["available"] and "cpu" in rows["onnxruntime"]["devices"]
     assert rows["openvino"]["available"] and "cpu" in rows["openvino"]["devices"]
-    assert not rows["tensorrt"]["available"] and rows["tensorrt"]["version"] is None
-    assert rows["tensorrt"]["reason"] == "ModuleNotFoundError: No module named 'tensorrt'"
+    for name, hint in INSTALL_HINTS.items():
+        if rows[name]["version"] is None:  # its library is missing here
+            assert not rows[name]["available"] and hint in rows[name]["reason"], rows[name]
+    trt = registry.probe("tensorrt")
+    if trt.version is None:
+        assert "JetPack" in trt.reason and "pip install 'echod[tensorrt]'" in trt.reason
 
 
 def test_echod_engines_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["engines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["ENGINE", "VERSION", "AVAILABLE", "DEVICES", "REASON"]
-    tensorrt = next(ln for ln in lines if ln.startswith("tensorrt"))
-    assert " no " in tensorrt and tensorrt.endswith("No module named 'tensorrt'")
+    for p in registry.probe_all():
+        row = next(ln for ln in lines if ln.startswith(p.name + " "))
+        assert f" {'yes' if p.available else 'no'} " in row and row.rstrip().endswith(p.reason)
 
 
 def overrides(*argv: str) -> dict[str, object]:
-    return cli._overrides(cli._parser().parse_args(["run", *argv]))
+    return cli._overrides(cli._parser().parse_args(["run", *argv]))[0]
 
 
 def test_engine_name_colon_device() -> None:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from daemon import config
 from daemon.ring import remove_stale_segments
 from daemon.supervisor import Supervisor
-from tests.conftest import WATERTANK, Echod, need_data
+from tests.conftest import DATA, WATERTANK, Echod, need_data
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -49,6 +49,7 @@ def test_newest_mode_drop_counts_add_up(workers: str) -> None:
             "pipeline.mode": "newest",
             "pipeline.workers": workers,
             "model.warmup": 1,
+            "sink.headless": True,  # the same with and without $DISPLAY
             "sink.status_interval_s": 60.0,
         },
     )
@@ -79,7 +80,9 @@ def test_mode_all_gives_every_consumer_every_label_map(tmp_path: Path) -> None:
 
 
 def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: type[Echod]) -> None:
-    e = run_echod("run", "--source", "synthetic", "--pace", "fps", "--fps", "20", "--json")
+    e = run_echod(
+        "run", "--source", "synthetic", "--pace", "fps", "--fps", "20", "--headless", "--json"
+    )
     e.wait_for("stage acquire ready")
     infer = next(line for line in e.stderr if "stage infer started" in line)
     pid = int(infer.split("(pid ")[1].split(")")[0])
@@ -102,7 +105,7 @@ def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: ty
 def test_supervisor_killed_takes_its_stages_and_next_start_cleans_up(
     run_echod: type[Echod],
 ) -> None:
-    e = run_echod("run", "--source", "synthetic")
+    e = run_echod("run", "--source", "synthetic", "--headless")
     e.wait_for("stage acquire ready")
     assert e.segments()
     e.proc.kill()
@@ -150,8 +153,18 @@ def truncated_recording(tmp: Path) -> Path:
 BAD_INPUTS = {
     "missing recording": (lambda t: ["--source", str(t / "nope.mha")], 66, "no such file"),
     "corrupt recording": (lambda t: ["--source", str(truncated_recording(t))], 66, "cut.igs.mha"),
+    "CT slice as cine": (
+        lambda t: ["--source", str(need_data(DATA / "ct" / "ct-3slice" / "01.dcm"))],
+        66,
+        "echod submit ct",
+    ),
     "model rank": (lambda t: ["--model", str(volume_model(t / "vol.onnx"))], 65, "5-D"),
-    "unknown key": (lambda t: ["--set", "source.fpss=30"], 78, "did you mean 'source.fps'"),
+    "unknown key": (
+        lambda t: ["--set", "source.fpss=30"],
+        78,
+        "--set source.fpss (command line): unknown setting 'source.fpss': did you mean "
+        "'source.fps'?",
+    ),
     "wrong type": (lambda t: ["--set", 'source.fps="fast"'], 78, "source.fps"),
     "bad config file": (
         lambda t: ["--config", str(_write(t / "c.toml", "[pipeline]\nmode = 3\n"))],
@@ -179,3 +192,29 @@ def test_bad_input_is_one_clear_line_and_nothing_keeps_running(
     assert "Traceback" not in "".join(e.stderr)
     assert not e.segments()
     assert not e.leftovers()
+
+
+def test_the_closing_line_adds_up(run_echod: type[Echod]) -> None:
+    """Without --json the run ends with one line whose counts add up."""
+    import re
+
+    e = run_echod(
+        "run",
+        "--headless",
+        "--pace",
+        "fps",
+        "--fps",
+        "400",
+        "--set",
+        "source.frames=80",
+        "--set",
+        "model.warmup=1",
+    )
+    code, out = e.finish(timeout=120)
+    assert code == 0, "".join(e.stderr)
+    line = out.strip().splitlines()[-1]
+    m = re.match(r"echod: (\d+) frames in = (\d+) out \+ (\d+) dropped \(([^)]*)\) \|", line)
+    assert m, line
+    n_in, n_out, n_dropped = (int(m.group(i)) for i in (1, 2, 3))
+    causes = {k: int(v) for k, v in (c.split() for c in m.group(4).split(", "))}
+    assert n_in == 80 and n_out + n_dropped == n_in and sum(causes.values()) == n_dropped

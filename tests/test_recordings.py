@@ -22,6 +22,7 @@ import nrrd
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -40,7 +41,7 @@ from daemon.frame import Frame, FrameMeta
 from daemon.record import RecordStage, SequenceWriter, data_path
 from daemon.ring import Ring
 from daemon.stage import InputPort, StageSpec, run_stage
-from tests.conftest import WATERTANK, need_data
+from tests.conftest import DATA, WATERTANK, need_data
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,6 +184,36 @@ def test_dicom_without_timing_uses_fps_and_errors_are_one_line(tmp_path: Path) -
         open_source(str(tmp_path / "text.dcm"))
 
 
+CT_SLICE = DATA / "ct" / "ct-3slice" / "01.dcm"
+
+
+def test_dicom_that_is_not_ultrasound_is_refused_with_the_job_that_takes_it(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SourceError) as err:
+        open_source(str(need_data(CT_SLICE)))
+    msg = str(err.value)
+    assert "01.dcm: modality CT" in msg and "not ultrasound" in msg
+    assert "`echod submit ct`" in msg and "\n" not in msg
+
+    frames = [gradient(i, (32, 32, 3)) for i in range(2)]
+    slide = us_cine(tmp_path / "slide.dcm", frames, ExplicitVRLittleEndian, Modality="SM")
+    with pytest.raises(SourceError, match=r"modality SM .*not ultrasound.*`echod submit wsi`"):
+        open_source(str(slide))
+    mr = us_cine(tmp_path / "mr.dcm", frames, ExplicitVRLittleEndian, Modality="MR")
+    with pytest.raises(SourceError, match=r"modality MR .*plays only ultrasound"):
+        open_source(str(mr))
+
+    # the allow-list: intravascular ultrasound, and an ultrasound SOP class without Modality
+    ivus = us_cine(tmp_path / "ivus.dcm", frames, ExplicitVRLittleEndian, Modality="IVUS")
+    assert len(list(open_source(str(ivus)).frames())) == 2
+    bare = us_cine(tmp_path / "bare.dcm", frames, ExplicitVRLittleEndian)
+    ds = dcmread(bare)
+    del ds.Modality
+    ds.save_as(bare)
+    assert len(list(open_source(str(bare)).frames())) == 2
+
+
 # -- NRRD sequences -------------------------------------------------------------------------
 
 
@@ -271,6 +302,115 @@ def test_nrrd_without_timing_and_bad_files(tmp_path: Path) -> None:
         open_source(str(tmp_path / "junk.nrrd"))
 
 
+def plus_nrrd(path: Path, frames: np.ndarray, fields: dict[str, str]) -> Path:
+    """``frames`` (N, rows, cols) as PLUS writes a sequence: 3-D frames of one slice, a
+    list axis, identity geometry, per-frame fields as ``key:=value``."""
+    header: dict[str, Any] = {
+        "kinds": ["domain", "domain", "domain", "list"],
+        "space dimension": 3,
+        "space directions": [[1, 0, 0], [0, 1, 0], [0, 0, 1], [np.nan] * 3],
+        "space origin": [0.0, 0.0, 0.0],
+        "ultrasound image type": "BRIGHTNESS",
+        **fields,
+    }
+    return seq_nrrd(path, frames, header)
+
+
+def tracked_poses(n: int) -> list[np.ndarray]:
+    """A probe turning and moving: poses with many-digit values."""
+    poses = []
+    for i in range(n):
+        c, s = np.cos(0.3 + 0.1 * i), np.sin(0.3 + 0.1 * i)
+        pose = np.array([[c, -s, 0, i * 0.37], [s, c, 0, -3.1], [0, 0, 1, 7.3], [0, 0, 0, 1]])
+        poses.append(pose)
+    return poses
+
+
+def test_plus_nrrd_keeps_timestamps_poses_status_and_orientation(tmp_path: Path) -> None:
+    n = 8
+    frames = np.stack([gradient(i, (40, 60)) for i in range(n)])
+    t = 7417.7313 + np.cumsum([0.0] + [0.1058 + 0.001 * (i % 3) for i in range(n - 1)])
+    poses = tracked_poses(n)
+    fields = {"ultrasound image orientation": "MN"}
+    for i in range(n):
+        fields[f"Seq_Frame{i:04d}_Timestamp"] = repr(float(t[i]))
+        fields[f"Seq_Frame{i:04d}_ProbeToTrackerTransform"] = " ".join(
+            repr(float(v)) for v in poses[i].ravel()
+        )
+        fields[f"Seq_Frame{i:04d}_ProbeToTrackerTransformStatus"] = "OK" if i != 5 else "INVALID"
+        fields[f"Seq_Frame{i:04d}_Status"] = "OK" if i != 3 else "INVALID"
+    path = plus_nrrd(tmp_path / "plus.seq.nrrd", frames, fields)
+    src = open_source(str(path))
+    got = list(src.frames())
+    assert [f.meta.index for f in got] == [0, 1, 2, 4, 5, 6, 7], "frame 3's image is INVALID"
+    assert [f.meta.t_source for f in got] == [t[f.meta.index] for f in got], "recorded times"
+    assert src.nominal_fps == pytest.approx(6 / (t[7] - t[0])) and src.nominal_fps < 9.5
+    for f in got:
+        assert np.array_equal(f.image, frames[f.meta.index][::-1]), "MN: near field at the top"
+        pose = np.eye(4) if f.meta.index == 5 else poses[f.meta.index]  # 5: pose INVALID
+        assert np.array_equal(f.meta.transform, pose)
+
+    fields["ultrasound image orientation"] = "XX"  # PLUS's "unknown": played as stored
+    unknown = open_source(str(plus_nrrd(tmp_path / "xx.seq.nrrd", frames, fields)))
+    assert np.array_equal(next(iter(unknown.frames())).image, frames[0])
+    fields["ultrasound image orientation"] = "FM"  # an RF orientation
+    with pytest.raises(SourceError, match="orientation 'FM' is not a B-mode orientation"):
+        open_source(str(plus_nrrd(tmp_path / "rf.seq.nrrd", frames, fields)))
+
+
+def test_an_mn_recording_is_re_recorded_upright_with_its_poses(tmp_path: Path) -> None:
+    n = 6
+    frames = phantom_frames(n)
+    for f, pose in zip(frames, tracked_poses(n), strict=True):
+        f.meta.spacing = (0.3, 0.7, 1.0)  # not powers of two: 1 / spacing is not exact
+        f.meta.transform = pose @ np.diag([0.3, 0.7, 1.0, 1.0])
+    first = tmp_path / "mn.igs.mha"
+    Recorder(first, 256 * 256).record(frames)
+    header = first.read_text("latin-1")
+    first.write_text(
+        header.replace("UltrasoundImageOrientation = MFA", "UltrasoundImageOrientation = MN ")
+    )
+    stored = np.fromfile(data_path(first), np.uint8).reshape(n, 256, 256)
+
+    replay = [Frame(f.image.copy(), f.meta) for f in open_source(str(first)).frames()]
+    for f, raw in zip(replay, stored, strict=True):
+        assert np.array_equal(f.image, raw[::-1]), "what a PLUS reader shows: near field up"
+    again = tmp_path / "again.igs.mha"
+    Recorder(again, 256 * 256).record(replay)
+    assert "UltrasoundImageOrientation = MFA" in again.read_text("latin-1")
+    rerecorded = np.fromfile(data_path(again), np.uint8).reshape(n, 256, 256)
+    assert np.array_equal(rerecorded, stored[:, ::-1]), "pixels turned to match the MFA header"
+    assert_replays(again, replay)
+    poses = re.findall(r"ProbeToTrackerTransform = (.+)", again.read_text("latin-1"))
+    assert poses == re.findall(r"ProbeToTrackerTransform = (.+)", header), "poses as written"
+
+
+def test_recordings_reach_the_disk_while_recording(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd: int, real: Any = real) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+
+        monkeypatch.setattr(os, name, spy)
+    frames = phantom_frames(3)
+    path = tmp_path / "power.igs.mha"
+    w = SequenceWriter(path, (256, 256), np.dtype(np.uint8), frames[0].meta, sync_s=0.0)
+    assert synced == [str(tmp_path)], "the new files' folder entry"
+    for f in frames:
+        w.append(f.image, f.meta)
+        w.commit()
+    # each commit (sync_s = 0): the pixels, then the header that counts them; no close yet
+    assert synced[1:] == [str(data_path(path)), str(path)] * 3
+    w.sync_due()  # what the recorder calls while no frame comes: nothing new to flush
+    assert len(synced) == 7
+    w.close()
+
+
 # -- the recording sink ---------------------------------------------------------------------
 
 
@@ -331,6 +471,7 @@ def assert_replays(path: Path, frames: list[Frame]) -> MetaImageSequence:
         assert g.image.dtype == f.image.dtype and np.array_equal(g.image, f.image)
         assert g.meta.t_source == f.meta.t_source, "timestamps bit for bit"
         assert g.meta.spacing == f.meta.spacing
+        assert np.array_equal(g.meta.transform, f.meta.transform), "poses bit for bit"
     return replay
 
 

@@ -1,5 +1,12 @@
 """DICOM ultrasound cine loops: multi-frame images, JPEG-compressed or not.
 
+Only ultrasound is played: the ``Modality`` must be one of
+:data:`ULTRASOUND_MODALITIES` (``US``, and ``IVUS`` for intravascular
+ultrasound); a file without one must have an ultrasound SOP class. Anything
+else is refused with the job that takes it (a CT slice: the CT job, a
+whole-slide image, modality ``SM``: the WSI job), because the live model
+would paint an ultrasound segmentation on it.
+
 Frames are decoded one at a time as they are played (pydicom's
 ``iter_pixels`` reads the file as it goes), so memory stays about one frame
 whatever the loop's length; opening reads the header and decodes the first
@@ -44,6 +51,41 @@ log = logging.getLogger(__name__)
 _CM = 3  # PhysicalUnitsX/YDirection: centimetres
 _TISSUE = 1  # RegionSpatialFormat: 2-D tissue or flow
 _FIX = "re-export the loop from the scanner or PACS"
+
+ULTRASOUND_MODALITIES = frozenset({"US", "IVUS"})
+"""DICOM modalities played as an ultrasound cine (PS3.3 C.7.3.1.1.1)."""
+_ULTRASOUND_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
+        "1.2.840.10008.5.1.4.1.1.6",  # (retired) Ultrasound Image Storage
+        "1.2.840.10008.5.1.4.1.1.3",  # (retired) Ultrasound Multi-frame Image Storage
+    }
+)
+# modality -> the echod job that takes it, for the refusal's advice
+_OTHER_JOBS = {
+    "CT": "CT volumes go to the CT job (`echod submit ct`, coming with the offline job system)",
+    "SM": "whole-slide images go to the WSI job (`echod submit wsi`, coming with the offline "
+    "job system)",
+}
+
+
+def _check_modality(ds: Any, path: Path) -> None:
+    """SourceError unless ``ds`` is ultrasound; see the module docstring."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality in ULTRASOUND_MODALITIES:
+        return
+    if not modality and str(ds.get("SOPClassUID", "")) in _ULTRASOUND_SOP_CLASSES:
+        log.warning("%s: no Modality; played as ultrasound (its SOP class is)", path)
+        return
+    what = f"modality {modality}" if modality else "no modality"
+    sop = ds.get("SOPClassUID")
+    kind = f" ({sop.name})" if sop is not None and sop.name != str(sop) else ""
+    advice = _OTHER_JOBS.get(modality, "echod's live pipeline plays only ultrasound")
+    raise SourceError(
+        f"{path}: {what}{kind} is not ultrasound (live playback takes modality "
+        f"{' or '.join(sorted(ULTRASOUND_MODALITIES, reverse=True))}); {advice}"
+    )
 
 
 def _timing(ds: Any, n: int, fps: float | None, path: Path) -> tuple[np.ndarray, float | None]:
@@ -103,6 +145,7 @@ class DicomCine:
         self._open = True
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            _check_modality(ds, path)
             syntax = ds.file_meta.TransferSyntaxUID
             rows, cols = int(ds.Rows), int(ds.Columns)
         except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:

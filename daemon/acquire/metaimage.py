@@ -2,8 +2,9 @@
 
 A 2-D+t image gives one frame per slice along its last (time) axis; a plain
 2-D image is a one-frame sequence. PLUS writes per-frame header fields
-(``Seq_Frame0000_Timestamp``, ``Seq_Frame0000_ImageStatus``, ...), which
-SimpleITK exposes as metadata keys.
+(``Seq_Frame0000_Timestamp``, ``Seq_Frame0000_ImageStatus``, poses, ...) and the
+``UltrasoundImageOrientation``, which SimpleITK exposes as metadata keys; they
+are read as :mod:`daemon.acquire.plus` says (frames turned to ``MF``).
 
 Memory: the whole pixel data is decoded once, when the source is opened
 (that is what validates it, and compressed MetaImages cannot be read in
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
+from daemon.acquire.plus import read_frames
 from daemon.errors import SourceError
 from daemon.frame import Frame
 
@@ -166,12 +168,12 @@ class MetaImageSequence:
         n = array.shape[0]
         meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
 
-        status = [meta.get(f"Seq_Frame{i:04d}_ImageStatus", "OK") for i in range(n)]
-        self._valid = [i for i in range(n) if status[i] == "OK"]
+        self._plus = read_frames(meta, n, meta.get("UltrasoundImageOrientation"), path)
+        self._valid = self._plus.valid
         self.skipped = n - len(self._valid)
         if not self._valid:
             raise SourceError(f"{path}: none of its {n} frames has ImageStatus OK; record again")
-        self._t, self.nominal_fps = self._timing(meta, reader.GetSpacing(), fps)
+        self._t, self.nominal_fps = self._timing(reader.GetSpacing(), fps)
         if np.any(np.diff(self._t[self._valid]) <= 0):
             log.warning("%s: frame timestamps are not strictly increasing", path)
 
@@ -191,7 +193,7 @@ class MetaImageSequence:
         log.info("opened %s: %s, %.1f MB in memory", path, self.description, array.nbytes / 1e6)
 
     def _timing(
-        self, meta: dict[str, str], spacing: tuple[float, ...], fps: float | None
+        self, spacing: tuple[float, ...], fps: float | None
     ) -> tuple[np.ndarray, float | None]:
         """Per-frame seconds and the nominal rate.
 
@@ -200,19 +202,10 @@ class MetaImageSequence:
         the rate reported as unknown.
         """
         n = len(self._valid) + self.skipped
-        keys = [f"Seq_Frame{i:04d}_Timestamp" for i in range(n)]
-        if all(k in meta for k in keys):
-            try:
-                t = np.array([float(meta[k]) for k in keys])
-            except ValueError as exc:
-                raise SourceError(
-                    f"{self.path}: a Seq_Frame..._Timestamp field is not a number ({exc}); "
-                    f"{_FIX_CORRUPT}"
-                ) from exc
+        t = self._plus.timestamps
+        if t is not None:
             span = float(t[self._valid[-1]] - t[self._valid[0]])
             return t, (len(self._valid) - 1) / span if span > 0 else None
-        if any(k in meta for k in keys):
-            log.warning("%s: only some frames have timestamps; ignoring them", self.path)
         if fps is not None:
             return np.arange(n) / fps, fps
         if len(spacing) == 3 and spacing[2] > 0:
@@ -220,13 +213,16 @@ class MetaImageSequence:
         return np.arange(n) / DEFAULT_FPS, None
 
     def frames(self) -> Iterator[Frame]:
-        """Each frame with ImageStatus OK, in file order; ``index`` is its slice number."""
+        """Each frame with ImageStatus OK, in file order, turned to ``MF``; ``index`` is its
+        slice number."""
         array = self._array
         if array is None:
             raise closed_error(self.path)
+        plus = self._plus
         for i in self._valid:
-            image = array[i]
-            yield recorded_frame(image, i, float(self._t[i]), self._spacing, self._transform)
+            image = plus.oriented(array[i])
+            transform = plus.transform(i, self._transform)
+            yield recorded_frame(image, i, float(self._t[i]), self._spacing, transform)
 
     def close(self) -> None:
         """Release the pixel data."""

@@ -8,9 +8,15 @@ holds the channels; the others are spatial, two or three, a third of size 1
 last axis of a 3-D or higher file is the sequence; a file without a sequence
 axis is one frame.
 
-Time: Slicer's ``axis N index values:=`` field when the sequence axis is
-labelled ``time`` or has a time unit (``s``, ``ms``); else that axis'
+Time: PLUS's per-frame ``Seq_FrameNNNN_Timestamp:=`` fields when every frame
+has one; else Slicer's ``axis N index values:=`` field when the sequence axis
+is labelled ``time`` or has a time unit (``s``, ``ms``); else that axis'
 ``spacings`` entry (seconds); else ``fps``.
+
+PLUS sequences (``.seq.nrrd`` written by PLUS or IGSIO) also carry per-frame
+status and poses and an ``ultrasound image orientation:=``: read as
+:mod:`daemon.acquire.plus` says (frames not OK skipped, frames turned to ``MF``,
+each frame's pose times the header geometry).
 
 Geometry: ``space directions`` and ``space origin`` give the ijk-to-world
 matrix, in LPS as elsewhere in echod (a RAS or LAS ``space`` is converted);
@@ -32,6 +38,7 @@ import nrrd
 import numpy as np
 
 from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
+from daemon.acquire.plus import read_frames
 from daemon.errors import SourceError
 from daemon.frame import Frame
 
@@ -148,35 +155,47 @@ class NrrdSequence:
             array = array.astype(array.dtype.newbyteorder("="))
         self._array: np.ndarray | None = array
         n = array.shape[0]
-        times = _times(header, seq, n, path)
+        fields = {k: v for k, v in header.items() if isinstance(v, str)}
+        self._plus = read_frames(fields, n, fields.get("ultrasound image orientation"), path)
+        self._valid = self._plus.valid
+        if not self._valid:
+            raise SourceError(f"{path}: none of its {n} frames has status OK; record again")
+        times = self._plus.timestamps
+        if times is None:
+            times = _times(header, seq, n, path)
         if times is not None:
-            span = float(times[-1] - times[0])
-            self.nominal_fps = (n - 1) / span if span > 0 else fps
+            span = float(times[self._valid[-1]] - times[self._valid[0]])
+            self.nominal_fps = (len(self._valid) - 1) / span if span > 0 else fps
         else:
             self.nominal_fps = fps
             times = np.arange(n) / (fps or DEFAULT_FPS)
         self._t = times
-        if np.any(np.diff(times) <= 0):
+        if np.any(np.diff(times[self._valid]) <= 0):
             log.warning("%s: frame times are not strictly increasing", path)
         self._transform = _geometry(header, spatial)
         norms = np.linalg.norm(self._transform[:3, :3], axis=0)
         self._spacing = (float(norms[0]), float(norms[1]), float(norms[2]))
         self.max_shape: tuple[int, ...] = tuple(array.shape[1:])
         self.dtype = array.dtype
+        skipped = n - len(self._valid)
         self.description = (
-            f"recording {path.name} ({n} frames, {shape_str(self.max_shape, self.dtype)}, "
-            f"{fps_str(self.nominal_fps)})"
+            f"recording {path.name} ({len(self._valid)} frames"
+            f"{f', {skipped} skipped (status not OK)' if skipped else ''}, "
+            f"{shape_str(self.max_shape, self.dtype)}, {fps_str(self.nominal_fps)})"
         )
         log.info("opened %s: %s, %.1f MB in memory", path, self.description, data.nbytes / 1e6)
 
     def frames(self) -> Iterator[Frame]:
-        """Each frame in sequence order; ``index`` is its position in the file."""
+        """Each frame with status OK in sequence order, turned to ``MF``; ``index`` is its
+        position in the file."""
         array = self._array
         if array is None:
             raise closed_error(self.path)
-        for i in range(array.shape[0]):
-            image = np.ascontiguousarray(array[i])
-            yield recorded_frame(image, i, float(self._t[i]), self._spacing, self._transform)
+        plus = self._plus
+        for i in self._valid:
+            image = np.ascontiguousarray(plus.oriented(array[i]))
+            transform = plus.transform(i, self._transform)
+            yield recorded_frame(image, i, float(self._t[i]), self._spacing, transform)
 
     def close(self) -> None:
         """Release the pixel data."""

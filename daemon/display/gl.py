@@ -592,14 +592,9 @@ class DisplayStage(Stage):
         }
 
     def _model_path(self) -> Path | None:
-        """The model the infer stage runs: ``params["model"]``, the configured one, or the
-        bundled one (None when it is generated at run time)."""
-        from daemon.models import BUNDLED, ULTRASOUND
-
+        """The model the infer stage runs (the supervisor passes on what it reported)."""
         named = self.spec.params.get("model") or self.config.model.path
-        if named:
-            return Path(named)
-        return BUNDLED / ULTRASOUND if (BUNDLED / ULTRASOUND).exists() else None
+        return Path(named) if named else None
 
     def _classes(self, model: Path | None) -> list[ClassCard]:
         """``params["classes"]``, else the model card's classes (empty: default palette)."""

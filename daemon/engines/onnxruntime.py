@@ -48,6 +48,9 @@ from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
+INSTALL = "install it: pip install 'echod[onnxruntime]' (NVIDIA GPUs: 'echod[onnxruntime-gpu]')"
+"""How to get this engine, said when its library is missing."""
+
 # Short provider names -> ONNX Runtime's, and the device classes each serves.
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -113,7 +116,7 @@ class OnnxRuntimeEngine(Engine):
     def probe(cls) -> Probe:
         ort, reason = import_library("onnxruntime")
         if ort is None:
-            return Probe(cls.name, None, False, (), reason)
+            return Probe(cls.name, None, False, (), f"{reason}; {INSTALL}")
         try:
             providers = ort.get_available_providers()
         except Exception as exc:  # a broken install may fail here too
@@ -127,7 +130,7 @@ class OnnxRuntimeEngine(Engine):
         opts = parse_options(self.name, options, _OPTIONS)
         ort, reason = import_library("onnxruntime")
         if ort is None:
-            raise EngineError(f"onnxruntime is not usable here: {reason}")
+            raise EngineError(f"onnxruntime is not usable here: {reason}; {INSTALL}")
         model = Path(model)
         if not model.is_file():
             raise ModelError(f"model file not found: {model}")

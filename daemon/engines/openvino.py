@@ -54,6 +54,12 @@ from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
+INSTALL = (
+    "install it: pip install 'echod[openvino]' (Neural Compute Stick 2: "
+    "pip install 'openvino==2022.3.*')"
+)
+"""How to get this engine, said when its library is missing."""
+
 _OPTIONS = ("requests",)
 _DTYPES = {
     "f32": np.float32,
@@ -122,7 +128,7 @@ class OpenVinoEngine(Engine):
     def probe(cls) -> Probe:
         ov, reason = _library()
         if ov is None:
-            return Probe(cls.name, None, False, (), reason)
+            return Probe(cls.name, None, False, (), f"{reason}; {INSTALL}")
         version = _version(ov)
         try:
             found = ov.Core().available_devices
@@ -149,7 +155,7 @@ class OpenVinoEngine(Engine):
             raise EngineError(f"openvino: option requests must be an int >= 0, got {requests!r}")
         ov, reason = _library()
         if ov is None:
-            raise EngineError(f"openvino is not usable here: {reason}")
+            raise EngineError(f"openvino is not usable here: {reason}; {INSTALL}")
         model = Path(model)
         if not model.is_file():
             raise ModelError(f"model file not found: {model}")

@@ -48,6 +48,9 @@ from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
+INSTALL = "install it: pip install 'echod[torch]'"
+"""How to get this engine, said when its library is missing."""
+
 IO_FILE = "echod_io.json"
 _OPTIONS = ("cuda_graphs",)
 _EXPORTED = (".pt2",)
@@ -172,7 +175,7 @@ class PyTorchEngine(Engine):
     def probe(cls) -> Probe:
         torch, reason = import_library("torch")
         if torch is None:
-            return Probe(cls.name, None, False, (), reason)
+            return Probe(cls.name, None, False, (), f"{reason}; {INSTALL}")
         try:
             cuda = bool(torch.cuda.is_available())
         except Exception:  # a CUDA build without a driver may fail here
@@ -185,7 +188,7 @@ class PyTorchEngine(Engine):
         opts = parse_options(self.name, options, _OPTIONS)
         torch, reason = import_library("torch")
         if torch is None:
-            raise EngineError(f"pytorch is not usable here (pip install 'echod[torch]'): {reason}")
+            raise EngineError(f"pytorch is not usable here: {reason}; {INSTALL}")
         model = Path(model)
         if not model.is_file():
             raise ModelError(f"model file not found: {model}")

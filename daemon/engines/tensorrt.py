@@ -49,6 +49,13 @@ from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
+INSTALL = (
+    "on a Jetson, TensorRT comes with JetPack (apt install nvidia-jetpack; a venv made with "
+    "--system-site-packages sees it); elsewhere install NVIDIA's wheels: "
+    "pip install 'echod[tensorrt]' (needs NVIDIA's driver)"
+)
+"""How to get this engine, said when its library is missing."""
+
 _OPTIONS = ("max_batch", "shapes", "workspace_mb")
 _DYNAMIC = (32, 256, 1024)  # min, opt, max of a dynamic non-batch dimension
 
@@ -105,7 +112,7 @@ class TensorRtEngine(Engine):
     def probe(cls) -> Probe:
         trt, cudart, reason = _library()
         if trt is None:
-            return Probe(cls.name, None, False, (), reason)
+            return Probe(cls.name, None, False, (), f"{reason}; {INSTALL}")
         version = str(trt.__version__)
         try:
             count = _check(cudart.cudaGetDeviceCount())
@@ -119,9 +126,7 @@ class TensorRtEngine(Engine):
         opts = parse_options(self.name, options, _OPTIONS)
         trt, cudart, reason = _library()
         if trt is None:
-            raise EngineError(
-                f"tensorrt is not usable here (pip install 'echod[tensorrt]'): {reason}"
-            )
+            raise EngineError(f"tensorrt is not usable here: {reason}; {INSTALL}")
         if device_kind(device) != "cuda":
             raise EngineError(f"tensorrt: no device {device!r} (cuda[:N])")
         model = Path(model)
