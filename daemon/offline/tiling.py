@@ -316,6 +316,7 @@ def _batches(
     patch: Sequence[int],
     batch: int,
     pad: Pad,
+    prepare: Callable[[np.ndarray], np.ndarray] | None,
     timings: Timings | None,
 ) -> Iterator[tuple[list[Position], np.ndarray]]:
     for i in range(0, len(positions), batch):
@@ -324,7 +325,7 @@ def _batches(
         data = np.stack([extract(image, p, patch, pad) for p in group])
         if timings is not None:
             timings.add("generator", time.perf_counter() - t0)
-        yield group, data
+        yield group, data if prepare is None else prepare(data)
 
 
 def windows(
@@ -341,21 +342,25 @@ def windows(
     depth: int = 2,
     sigma_scale: float = 0.125,
     fill: float = 0.0,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     timings: Timings | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Sliding-window inference, streamed: ``(start, block)`` with ``block`` the blended
     output rows ``start..start + len`` as ``(C, n, ...)``, in order, each once.
 
-    The predictor is called once per batch, in :func:`grid` order; ``timings`` gets
-    ``generator`` (per batch, in the prefetch thread) and ``stitcher`` seconds."""
+    The predictor is called once per batch, in :func:`grid` order, with the batch of
+    patches, or what ``prepare`` made of it in the prefetch thread (a network's input
+    step, overlapping the previous batch's inference); ``timings`` gets ``generator``
+    (per batch, in the prefetch thread) and ``stitcher`` seconds."""
     k = len(patch)
     positions = grid(image.shape[:k], patch, overlap, mask, min_fraction)
     stitcher: Stitcher | None = None
-    for group, data in prefetch(_batches(image, positions, patch, batch, pad, timings), depth):
+    cut = _batches(image, positions, patch, batch, pad, prepare, timings)
+    for group, data in prefetch(cut, depth):
         out = np.asarray(predictor(data))
         if out.ndim != k + 2 or out.shape[0] != len(group):
             raise ValueError(
-                f"predictor output {out.shape} for a batch of {data.shape}: "
+                f"predictor output {out.shape} for a batch of {len(group)} patches: "
                 f"expected ({len(group)}, C, {', '.join(map(str, patch))})"
             )
         t0 = time.perf_counter()
