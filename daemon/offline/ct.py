@@ -51,22 +51,26 @@ class CtOptions(KindOptions):
     prefetch: Annotated[int, Field(ge=1, le=16)] = 2
 
 
-def resize3(x: np.ndarray, shape: tuple[int, int, int], linear: bool = True) -> np.ndarray:
-    """Resize a (D, H, W) float32 block to ``shape`` (half-pixel centres, as cv2)."""
+def resize3(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Linear resize of ``(..., D, H, W)`` to ``(..., *shape)``, float32 (half-pixel
+    centres, as cv2): in-plane in one cv2 call that takes the slices as channels."""
     d, h, w = shape
-    if x.shape[1:] != (h, w):
-        mode = cv2.INTER_LINEAR if linear else cv2.INTER_NEAREST
-        if x.shape[0] <= _CV_MAX_CHANNELS:
-            x = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (w, h), interpolation=mode)
-            x = x.reshape(h, w, -1).transpose(2, 0, 1)
+    lead = x.shape[:-3]
+    if x.shape[-2:] != (h, w):
+        planes = x.reshape(-1, *x.shape[-2:])
+        if len(planes) <= _CV_MAX_CHANNELS:
+            hwc = cv2.resize(np.ascontiguousarray(planes.transpose(1, 2, 0)), (w, h))
+            planes = np.ascontiguousarray(hwc.reshape(h, w, -1).transpose(2, 0, 1))
         else:
-            x = np.stack([cv2.resize(s, (w, h), interpolation=mode) for s in x])
-    if x.shape[0] != d:
-        pos = np.clip((np.arange(d) + 0.5) * x.shape[0] / d - 0.5, 0, x.shape[0] - 1)
+            planes = np.stack([cv2.resize(p, (w, h)) for p in planes])
+        x = planes.reshape(*lead, -1, h, w)
+    n = x.shape[-3]
+    if n != d:
+        pos = np.clip((np.arange(d) + 0.5) * n / d - 0.5, 0, n - 1)
         i0 = np.floor(pos).astype(int)
-        i1 = np.minimum(i0 + 1, x.shape[0] - 1)
+        i1 = np.minimum(i0 + 1, n - 1)
         f = (pos - i0).astype(np.float32)[:, None, None]
-        x = x[i0] * (1 - f) + x[i1] * f
+        x = x[..., i0, :, :] * (1 - f) + x[..., i1, :, :] * f
     return np.ascontiguousarray(x, np.float32)
 
 
@@ -108,7 +112,7 @@ class _Network:
         if self.clip is not None:
             np.clip(x, *self.clip, out=x)
         x = (x * np.float32(self.scale) - np.float32(self.mean)) / np.float32(self.std)
-        x = np.stack([resize3(p, self.size) for p in x])
+        x = resize3(x, self.size)
         out = x[..., None] if self.channels_last else x[:, None]
         self.timings.add("nn_input", time.perf_counter() - t0)
         return np.ascontiguousarray(out)
@@ -131,7 +135,7 @@ class _Network:
         elif activation == "none":
             e = np.exp(y - y.max(axis=1, keepdims=True))
             y = e / e.sum(axis=1, keepdims=True)
-        out = np.stack([np.stack([resize3(c, self.patch) for c in n]) for n in y])
+        out = resize3(y, self.patch)
         self.timings.add("nn_output", time.perf_counter() - t0)
         return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -191,13 +192,17 @@ _TYPE2 = (
 
 
 def _complete(ds: Any) -> Any:
-    """A copy of a source header with the Type 2 attributes real files sometimes lack."""
+    """A copy of a source header with what real files get wrong mended: Type 2 attributes
+    missing, an empty SpecificCharacterSet (the default repertoire)."""
     missing = [kw for kw in _TYPE2 if kw not in ds]
-    if not missing:
+    empty_charset = "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet
+    if not missing and not empty_charset:
         return ds
     ds = copy.copy(ds)
     for kw in missing:
         setattr(ds, kw, "")
+    if empty_charset:
+        del ds.SpecificCharacterSet
     return ds
 
 
@@ -234,7 +239,19 @@ def write_seg(
                 else None,
             )
         )
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = _segmentation(hd, volume, labels, descriptions, name, version)
+    for w in caught:  # highdicom's doubts about the source's values (names, ...)
+        log.info("DICOM SEG: %s", w.message)
+    seg.save_as(path)
+    return path
+
+
+def _segmentation(
+    hd: Any, volume: Volume, labels: np.ndarray, descriptions: list[Any], name: str, version: str
+) -> Any:
+    return hd.seg.Segmentation(
         source_images=[_complete(h) for h in volume.headers],
         pixel_array=np.ascontiguousarray(labels, np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -250,5 +267,3 @@ def write_seg(
         series_description=f"{name} segmentation",
         omit_empty_frames=True,
     )
-    seg.save_as(path)
-    return path

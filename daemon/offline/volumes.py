@@ -141,13 +141,28 @@ def _read_header(name: str, opener: Callable[[], IO[bytes]]) -> Any | None:
         ) from exc
 
 
+def _not_an_image(name: str, ds: Any) -> None:
+    """Skip a DICOM object without pixels (a report, a DICOMDIR), unless its file says it is
+    an image: then the file ends early."""
+    sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")
+    if "Image Storage" in getattr(sop, "name", ""):
+        raise JobInputError(
+            f"{name}: a DICOM file whose header cannot be read (a {sop.name} without its image "
+            "attributes); it is truncated or corrupt: export the series again or remove the file"
+        )
+    log.info("%s: not an image (%s), skipped", name, getattr(sop, "name", "unknown SOP class"))
+
+
 def scan(path: Path) -> list[Series]:
     """Image series in ``path`` (headers only: cheap), largest first."""
     found: dict[str, Series] = {}
     with _sources(path) as sources:
         for name, opener in sources:
             ds = _read_header(name, opener)
-            if ds is None or ds.get("SOPClassUID", "") in _NOT_IMAGES or "Rows" not in ds:
+            if ds is None or ds.get("SOPClassUID", "") in _NOT_IMAGES:
+                continue
+            if "Rows" not in ds:
+                _not_an_image(name, ds)
                 continue
             uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
             found.setdefault(uid, Series(uid)).slices.append(_Slice(name, opener, ds))
