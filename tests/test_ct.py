@@ -22,7 +22,13 @@ import pytest
 from daemon.offline import volumes
 from daemon.offline.ct import CtJob, CtOptions, resize3
 from daemon.offline.kind import JobInputError
-from daemon.phantoms.ct import CTVolume, ct_phantom, write_dicom_series, write_image
+from daemon.phantoms.ct import (
+    PAPER_SHAPE,
+    CTVolume,
+    ct_phantom,
+    write_dicom_series,
+    write_image,
+)
 from tests.conftest import DATA, need_data
 
 REAL = DATA / "ct" / "ct-3slice"
@@ -351,6 +357,25 @@ def test_what_the_bundled_model_finds_on_the_real_slices(tmp_path: Path) -> None
         manifest["findings_total"],
         manifest["findings"][:5],
     )
+
+
+@pytest.fixture(scope="module")
+def paper() -> CTVolume:
+    return ct_phantom(PAPER_SHAPE, seed=FRESH + 30, nodules=(3, 6))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("syntax", ["plain", "jpeg2000"])
+def test_a_paper_size_series_end_to_end(paper: CTVolume, tmp_path: Path, syntax: str) -> None:
+    """305 x 512 x 512 as a DICOM series (and once as JPEG 2000), the paper's case 2."""
+    series = write_dicom_series(paper, tmp_path / "plain")[0].parent
+    if syntax != "plain":
+        _recode(series, tmp_path / syntax, syntax)
+        series = tmp_path / syntax
+    ctx = make_ctx(tmp_path, series)
+    manifest = CtJob().run(ctx)
+    check_outputs(ctx, manifest, paper, series)
+    print(syntax, manifest["table3_ms_per_patch"], manifest["volumes_ml"])
 
 
 # --- bad input ----------------------------------------------------------------------------
