@@ -74,6 +74,15 @@ def resize3(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(x, np.float32)
 
 
+def label_map(foreground: np.ndarray) -> np.ndarray:
+    """uint8 labels of blended foreground probabilities (C-1, ...): the most probable class,
+    background (1 - their sum) first on ties."""
+    if len(foreground) == 1:
+        return (foreground[0] > 0.5).view(np.uint8)
+    background = 1 - foreground.sum(axis=0, keepdims=True)
+    return np.argmax(np.concatenate([background, foreground]), axis=0).astype(np.uint8)
+
+
 class _Network:
     """NN input, inference and NN output around one loaded 3-D segmentation model."""
 
@@ -106,13 +115,15 @@ class _Network:
         self.classes: tuple[ClassCard, ...] = self.card.class_list(max(int(out_c or 2), 2))
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
-        """HU patches (N, D, H, W) -> network input (clip, scale, resize, layout)."""
+        """HU patches (N, D, H, W) -> network input: resized, then clipped and scaled (as
+        the live pre-processing: the fewer voxels after the resize), in the model's layout."""
         t0 = time.perf_counter()
-        x = batch.astype(np.float32)
+        x = resize3(batch, self.size)
         if self.clip is not None:
             np.clip(x, *self.clip, out=x)
-        x = (x * np.float32(self.scale) - np.float32(self.mean)) / np.float32(self.std)
-        x = resize3(x, self.size)
+        a = np.float32(self.scale / self.std)
+        x *= a
+        x -= np.float32(self.mean / self.std)
         out = x[..., None] if self.channels_last else x[:, None]
         self.timings.add("nn_input", time.perf_counter() - t0)
         return np.ascontiguousarray(out)
@@ -124,17 +135,21 @@ class _Network:
         return np.asarray(y, np.float32)
 
     def finish(self, y: np.ndarray) -> np.ndarray:
-        """Network output -> class probabilities (N, C, *patch)."""
+        """Network output -> probabilities of the foreground classes 1..C-1, (N, C-1, *patch).
+
+        Background is 1 minus their sum (softmax sums to 1, and resizing and blending are
+        convex): it is neither resized nor blended, which halves both for one class."""
         t0 = time.perf_counter()
         if self.channels_last:
             y = np.moveaxis(y, -1, 1)
         activation = self.card.output.activation
         if y.shape[1] == 1:
-            p = 1 / (1 + np.exp(-y)) if activation == "none" else y
-            y = np.concatenate([1 - p, p], axis=1)
-        elif activation == "none":
-            e = np.exp(y - y.max(axis=1, keepdims=True))
-            y = e / e.sum(axis=1, keepdims=True)
+            y = 1 / (1 + np.exp(-y)) if activation == "none" else y
+        else:
+            if activation == "none":
+                e = np.exp(y - y.max(axis=1, keepdims=True))
+                y = e / e.sum(axis=1, keepdims=True)
+            y = y[:, 1:]
         out = resize3(y, self.patch)
         self.timings.add("nn_output", time.perf_counter() - t0)
         return out
@@ -232,7 +247,7 @@ class CtJob(JobKind):
             prepare=net.prepare,
             timings=timings,
         ):
-            labels[start : start + block.shape[1]] = np.argmax(block, axis=0)
+            labels[start : start + block.shape[1]] = label_map(block)
         if predictor.resumed:
             log.info(
                 "resumed: %d of %d batches loaded from the checkpoint", predictor.resumed, batches

@@ -1,0 +1,234 @@
+"""The FAST paper's Table 3 on this machine (CT volume segmentation), and echod side by side
+with MONAI's sliding_window_inference and pyFAST on the same ONNX model and engine.
+
+echod: per patch the generator, NN input, inference, NN output and stitcher ms, and the
+total, at overlap 0 (constant) and 25 % (Gaussian). MONAI (same engine, same model, same
+overlaps; its predictor resizes with torch) and pyFAST (PatchGenerator -> SegmentationNetwork
+-> PatchStitcher, overlap 0 only: its stitcher does not blend) in the same run. Each
+system is timed from reading the volume file to the label volume in memory (model
+loading included), and again without the loading where it can be separated.
+
+    python bench/ct_table3.py                                  # echod only, 305 x 512 x 512
+    python bench/ct_table3.py --monai-site /tmp/monai-venv/lib/python3.11/site-packages \\
+        --fast-python /tmp/fast-venv/bin/python                # all three
+    python bench/ct_table3.py --shape 64 512 512 --engine openvino
+
+MONAI needs torch (its site-packages folder is added after echod's); pyFAST runs in a
+child process with its own interpreter (it bundles ONNX Runtime and OpenVINO, whose
+libraries must not meet echod's in one process), with an OpenCL ICD (Debian's
+pocl-opencl-icd) and libusb-1.0-0. Writes bench/results/ct_table3.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "daemon" / "models" / "ct-nodule-seg.onnx"
+STEPS = ("generator", "nn_input", "inference", "nn_output", "stitcher")
+FAST_ENGINES = {"onnxruntime": "ONNXRuntime", "openvino": "OpenVINO"}
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, g = pred == 1, truth == 1
+    return round(2 * float((p & g).sum()) / max(1, int(p.sum() + g.sum())), 4)
+
+
+def run_echod(image: Path, engine: str, overlap: float, blend: str, threads: int) -> dict[str, Any]:
+    from daemon.engines.segmenter import Segmenter
+    from daemon.offline import tiling, volumes
+    from daemon.offline.ct import PAD_HU, CtOptions, _Network, label_map, table3
+
+    opts = CtOptions(overlap=overlap, blend=blend)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    volume = volumes.read(image)
+    timings = tiling.Timings()
+    with Segmenter.open(MODEL, engine=engine, device="cpu", threads=threads) as seg:
+        net = _Network(seg, opts, timings)
+        t1 = time.perf_counter()
+
+        def predictor(x: np.ndarray) -> np.ndarray:
+            return net.finish(net.infer(x))
+
+        labels = np.zeros(volume.hu.shape, np.uint8)
+        for start, block in tiling.windows(
+            volume.hu,
+            predictor,
+            opts.patch,
+            overlap=opts.overlap,
+            blend=opts.blend,
+            pad=PAD_HU[opts.pad],
+            prepare=net.prepare,
+            timings=timings,
+        ):
+            labels[start : start + block.shape[1]] = label_map(block)
+        t2 = time.perf_counter()
+    patches = len(tiling.grid(volume.hu.shape, opts.patch, opts.overlap))
+    return {
+        "patches": patches,
+        "ms_per_patch": table3(timings, patches),
+        "segment_s": round(t2 - t1, 2),
+        "total_s": round(t2 - t0, 2),
+        "labels": labels,
+    }
+
+
+def run_monai(image: Path, engine: str, overlap: float, blend: str, threads: int) -> dict[str, Any]:
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+    from monai.inferers import sliding_window_inference
+
+    from daemon.engines import registry
+
+    torch.set_num_threads(max(threads, 1) if threads else torch.get_num_threads())
+    t0 = time.perf_counter()
+    hu = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32))
+    eng = registry.engine_class(engine)()
+    eng.load(MODEL, "cpu", threads=threads)
+    name, out = eng.inputs[0].name, eng.outputs[0].name
+    t1 = time.perf_counter()
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        x = (x.clamp(-1200.0, 400.0) + 1200.0) / 1600.0
+        x = F.interpolate(x, size=(32, 256, 256), mode="trilinear")
+        y = torch.from_numpy(eng.run({name: x.numpy()})[out])
+        return F.interpolate(y, size=(32, 512, 512), mode="trilinear")
+
+    with torch.no_grad():
+        probs = sliding_window_inference(
+            hu[None, None],
+            (32, 512, 512),
+            1,
+            predictor,
+            overlap=overlap,
+            mode=blend,
+            padding_mode="constant",
+            cval=-1024.0,
+        )
+        labels = probs[0].argmax(0).numpy().astype(np.uint8)
+    t2 = time.perf_counter()
+    eng.close()
+    return {"segment_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "labels": labels}
+
+
+FAST_CHILD = r"""
+import json, sys, time
+import numpy as np
+import fast
+image, model, engine, out = sys.argv[1:5]
+t0 = time.perf_counter()
+imp = fast.ImageFileImporter.create(image)
+clip = fast.IntensityClipping.create(-1200, 400).connect(imp)
+norm = fast.IntensityNormalization.create(0.0, 1.0, -1200, 400).connect(clip)
+gen = fast.PatchGenerator.create(512, 512, 32, overlapPercent=0).connect(norm)
+net = fast.SegmentationNetwork.create(model, inferenceEngine=engine).connect(gen)
+net.setResizeBackToOriginalSize(True)
+stitch = fast.PatchStitcher.create().connect(net)
+result = None
+for data in fast.DataStream(stitch):
+    result = data
+t1 = time.perf_counter()
+np.save(out, np.asarray(result)[..., 0])
+print(json.dumps({"total_s": round(t1 - t0, 2)}))
+"""
+
+
+def run_fast(python: str, image: Path, engine: str, tmp: Path) -> dict[str, Any]:
+    out = tmp / "fast-labels.npy"
+    proc = subprocess.run(
+        [python, "-c", FAST_CHILD, str(image), str(MODEL), FAST_ENGINES[engine], str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"pyFAST failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(line)
+    result["labels"] = np.load(out)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", type=int, nargs=3, default=(305, 512, 512))
+    p.add_argument("--seed", type=int, default=1_000_500)
+    p.add_argument("--engine", choices=sorted(FAST_ENGINES), default="onnxruntime")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0: the engine's)")
+    p.add_argument("--monai-site", help="a site-packages folder with monai and torch")
+    p.add_argument("--fast-python", help="an interpreter with pyfast")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sys.path.insert(0, str(ROOT))
+    from daemon.phantoms.ct import ct_phantom, write_image
+
+    if a.monai_site:
+        import site
+
+        site.addsitedir(a.monai_site)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = ct_phantom(tuple(a.shape), seed=a.seed, nodules=(3, 6))
+        image = write_image(volume, Path(tmp) / "volume.mhd")
+        runs: list[tuple[str, Any]] = [
+            (
+                "echod, overlap 0, constant",
+                lambda: run_echod(image, a.engine, 0.0, "constant", a.threads),
+            ),
+            (
+                "echod, overlap 25 %, gaussian",
+                lambda: run_echod(image, a.engine, 0.25, "gaussian", a.threads),
+            ),
+        ]
+        if a.monai_site:
+            runs += [
+                (
+                    "MONAI, overlap 0, constant",
+                    lambda: run_monai(image, a.engine, 0.0, "constant", a.threads),
+                ),
+                (
+                    "MONAI, overlap 25 %, gaussian",
+                    lambda: run_monai(image, a.engine, 0.25, "gaussian", a.threads),
+                ),
+            ]
+        if a.fast_python:
+            runs.append(
+                ("pyFAST, overlap 0", lambda: run_fast(a.fast_python, image, a.engine, Path(tmp)))
+            )
+        for label, fn in runs:
+            r = fn()
+            r["dice"] = dice(r.pop("labels"), volume.labels)
+            r["system"] = label
+            rows.append(r)
+            rest = json.dumps(
+                {k: v for k, v in r.items() if k not in ("system", "total_s", "dice")}
+            )
+            print(f"{label:32s} total {r['total_s']:7.2f} s  Dice {r['dice']:.3f}  {rest}")
+    print()
+    print(f"Table 3 (ms per patch), {a.shape[0]}x{a.shape[1]}x{a.shape[2]}, {a.engine}, CPU")
+    print(f"{'':32s}" + "".join(f"{s:>11s}" for s in (*STEPS, "total")))
+    for r in rows:
+        if "ms_per_patch" in r:
+            print(
+                f"{r['system']:32s}"
+                + "".join(f"{r['ms_per_patch'][s]:11.1f}" for s in (*STEPS, "total"))
+            )
+    write_result("ct_table3", {"shape": a.shape, "engine": a.engine, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
