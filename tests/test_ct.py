@@ -261,7 +261,7 @@ def check_outputs(ctx: Ctx, manifest: dict, truth: CTVolume, series: Path | None
     import cv2
     import nibabel
 
-    files = manifest["files"]
+    files = manifest["outputs"]
     assert sorted(p.name for p in ctx.output.iterdir()) == sorted(files.values())
     nii = nibabel.load(ctx.output / files["labels"])
     labels = np.asarray(nii.dataobj).transpose(2, 1, 0)  # NIfTI i, j, k -> k, j, i
@@ -271,7 +271,7 @@ def check_outputs(ctx: Ctx, manifest: dict, truth: CTVolume, series: Path | None
     np.testing.assert_allclose(nii.affine, lps_to_ras @ source.affine(), atol=1e-4)
     assert dice(labels == 1, truth.labels == 1) >= 0.70
     voxel_ml = float(np.prod(truth.spacing)) / 1000
-    assert manifest["volumes_ml"]["nodule"] == pytest.approx(
+    assert manifest["volume_ml"]["nodule"] == pytest.approx(
         (labels == 1).sum() * voxel_ml, rel=1e-3
     )
     assert manifest["findings"][0]["volume_ml"] >= manifest["findings"][-1]["volume_ml"]
@@ -352,7 +352,7 @@ def test_what_the_bundled_model_finds_on_the_real_slices(tmp_path: Path) -> None
     assert labels.hu.shape == (3, 512, 512)
     np.testing.assert_allclose(labels.affine(), volumes.read(REAL).affine(), atol=1e-4)
     # what its card says: no nodule in these lung bases (a speck of a few voxels at most)
-    assert manifest["volumes_ml"]["nodule"] < 0.05, manifest["findings"][:3]
+    assert manifest["volume_ml"]["nodule"] < 0.05, manifest["findings"][:3]
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +371,7 @@ def test_a_paper_size_series_end_to_end(paper: CTVolume, tmp_path: Path, syntax:
     ctx = make_ctx(tmp_path, series)
     manifest = CtJob().run(ctx)
     check_outputs(ctx, manifest, paper, series)
-    print(syntax, manifest["table3_ms_per_patch"], manifest["volumes_ml"])
+    print(syntax, manifest["table3_ms_per_patch"], manifest["volume_ml"])
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -219,7 +219,7 @@ class CtJob(JobKind):
                 timings, len(tiling.grid(labels.shape, options.patch, options.overlap))
             ),
         )
-        log.info("ct job done: %s", {k: manifest[k] for k in ("shape", "volumes_ml")})
+        log.info("ct job done: %s", {k: manifest[k] for k in ("shape", "volume_ml")})
         return manifest
 
     @staticmethod
@@ -276,11 +276,11 @@ class CtJob(JobKind):
         ct_outputs.write_preview(labels, volume, classes, centre, ctx.output / ct_outputs.PREVIEW)
         files["preview"] = ct_outputs.PREVIEW
         return {
-            "files": files,
+            "outputs": files,
             "input": {"what": volume.description, "series": volume.series_uid or None},
             "shape": list(labels.shape),
             "spacing_mm": list(volume.spacing),
-            "volumes_ml": ct_outputs.class_volumes(labels, volume, classes),
+            "volume_ml": ct_outputs.class_volumes(labels, volume, classes),
             "findings": found[: ct_outputs.MAX_FINDINGS],
             "findings_total": len(found),
             "warnings": list(volume.warnings),
