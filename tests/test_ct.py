@@ -447,3 +447,4 @@ def test_bad_options_are_refused_at_submit() -> None:
     for bad in ({"overlap": 1.0}, {"blend": "median"}, {"patch": (0, 512, 512)}, {"sereis": "1"}):
         with pytest.raises(ValidationError):
             CtOptions(**bad)
+    assert CtOptions(series=1.2).series == "1.2"  # a short UID that TOML read as a number

@@ -24,7 +24,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from daemon.engines.card import ClassCard, ModelCard
 from daemon.engines.segmenter import Segmenter
@@ -49,6 +49,12 @@ class CtOptions(KindOptions):
     batch: Annotated[int, Field(ge=1, le=64)] = 1
     pad: Literal["air", "edge", "reflect"] = "air"  # outside the volume
     prefetch: Annotated[int, Field(ge=1, le=16)] = 2
+
+    @field_validator("series", mode="before")
+    @classmethod
+    def _uid_as_text(cls, v: Any) -> Any:
+        """A UID read as a number from the command line (``--series 1.2``) is text."""
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
 
 
 def resize3(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
