@@ -48,14 +48,14 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def run_echod(image: Path, engine: str, overlap: float, blend: str, threads: int) -> dict[str, Any]:
     from daemon.engines.segmenter import Segmenter
     from daemon.offline import tiling, volumes
-    from daemon.offline.ct import PAD_HU, CtOptions, _Network, label_map, table3
+    from daemon.offline.ct import PAD_HU, CtOptions, Network, label_map, table3
 
     opts = CtOptions(overlap=overlap, blend=blend)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     volume = volumes.read(image)
     timings = tiling.Timings()
     with Segmenter.open(MODEL, engine=engine, device="cpu", threads=threads) as seg:
-        net = _Network(seg, opts, timings)
+        net = Network(seg, opts, timings)
         t1 = time.perf_counter()
 
         def predictor(x: np.ndarray) -> np.ndarray:

@@ -89,7 +89,7 @@ def label_map(foreground: np.ndarray) -> np.ndarray:
     return np.argmax(np.concatenate([background, foreground]), axis=0).astype(np.uint8)
 
 
-class _Network:
+class Network:
     """NN input, inference and NN output around one loaded 3-D segmentation model."""
 
     def __init__(self, seg: Segmenter, options: CtOptions, timings: tiling.Timings) -> None:
@@ -165,7 +165,7 @@ class _Checkpointed:
     """The predictor: each batch's network output saved in ``ctx.work`` and marked done;
     a batch done in an earlier attempt is loaded instead of run."""
 
-    def __init__(self, net: _Network, ctx: JobContext, batch: int, patches: int) -> None:
+    def __init__(self, net: Network, ctx: JobContext, batch: int, patches: int) -> None:
         self.net, self.ctx, self.batch, self.patches = net, ctx, batch, patches
         self.calls = 0
         self.resumed = 0
@@ -209,7 +209,7 @@ class CtJob(JobKind):
         with ctx.phase("load"):
             seg = Segmenter.open(model, engine=ctx.engine, device=ctx.device, threads=ctx.threads)
         try:
-            net = _Network(seg, options, timings)
+            net = Network(seg, options, timings)
             described = seg.describe()
             with ctx.phase("segment"):
                 labels = self._segment(volume, net, options, ctx, timings)
@@ -231,7 +231,7 @@ class CtJob(JobKind):
     @staticmethod
     def _segment(
         volume: volumes.Volume,
-        net: _Network,
+        net: Network,
         options: CtOptions,
         ctx: JobContext,
         timings: tiling.Timings,
@@ -264,7 +264,7 @@ class CtJob(JobKind):
     def _write(
         volume: volumes.Volume,
         labels: np.ndarray,
-        net: _Network,
+        net: Network,
         model: Path,
         ctx: JobContext,
     ) -> dict[str, Any]:
