@@ -4,6 +4,7 @@ and equality with MONAI's sliding_window_inference (when MONAI and torch are her
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -153,12 +154,11 @@ def test_prefetch_runs_ahead_boundedly_in_its_own_thread() -> None:
 
     it = tiling.prefetch(produce(), depth=3)
     assert next(it) == 0
-    # the producer fills the queue (3), holds one more waiting to be put, and stops there
-    deadline = 200
-    while len(made) < 5 and deadline:
+    # the producer fills the queue (items 1-3), makes item 4 and waits to put it: 5 made
+    deadline = time.monotonic() + 30
+    while len(made) < 5 and time.monotonic() < deadline:
         threading.Event().wait(0.01)
-        deadline -= 1
-    assert 4 <= len(made) <= 5
+    assert len(made) == 5
     it.close()  # the consumer stops: so does the producer
     assert threading.current_thread().name not in threads
     assert not any(t.name == "tiling-prefetch" and t.is_alive() for t in threading.enumerate())
