@@ -47,12 +47,6 @@ class ControlCommands:
 
     def __call__(self, req: Parsed, role: Role) -> Any:
         name = req.command.name
-        if name.startswith("jobs."):
-            raise ProtocolError(
-                protocol.UNAVAILABLE,
-                f"'{name}' is not available in this version: offline jobs arrive with the job"
-                " system",
-            )
         return getattr(self, name.replace(".", "_"))(req.args, role)
 
     # -- reads ----------------------------------------------------------------------
@@ -121,6 +115,26 @@ class ControlCommands:
         path = confine(args.path, self.roots("screenshots"), what="screenshot", must_exist=False)
         return self.sup.in_main(lambda: self.sup.call(sink, "screenshot", {"path": str(path)}))
 
+    # -- offline jobs ---------------------------------------------------------------
+
+    def jobs_submit(self, args: protocol.JobSubmitArgs, role: Role) -> Future[Any]:
+        """Answered once the job is committed to the store (its id), or refused."""
+        return self.sup.jobs.submit(args, "local", self.roots, self.sup.publish)
+
+    def jobs_get(self, args: protocol.JobIdArgs, role: Role) -> dict[str, Any]:
+        return self.sup.jobs.get(args.job)
+
+    def jobs_list(self, args: protocol.JobListArgs, role: Role) -> list[dict[str, Any]]:
+        return self.sup.jobs.list(args.state, args.limit)
+
+    def jobs_result(self, args: protocol.JobIdArgs, role: Role) -> dict[str, Any]:
+        return self.sup.jobs.result(args.job)
+
+    def jobs_cancel(self, args: protocol.JobIdArgs, role: Role) -> Future[Any]:
+        """Takes effect at once: a queued job never starts, a running one's worker is
+        stopped and its partial outputs removed."""
+        return self.sup.in_main(lambda: self.sup.cancel_job(args.job))
+
     def shutdown(self, args: Any, role: Role) -> dict[str, Any]:
         self.sup.request_stop(f"shutdown requested by a {role} client")
         return {"stopping": True}
@@ -135,4 +149,6 @@ class ControlCommands:
             roots += [BUNDLED, cfg.paths.cache() / "models"]
         elif kind == "screenshots":
             roots.append(cfg.paths.state() / "screenshots")
+        elif kind == "outputs":
+            roots.append(cfg.paths.results())
         return roots

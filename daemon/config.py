@@ -30,11 +30,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+NO_SOURCE = "none"
+
+
 class SourceConfig(Section):
     uri: str = Field(
         "synthetic",
         description="'synthetic', igtl://HOST:PORT[/DEVICE] (a scanner), a recording "
-        "(.mha/.mhd, .dcm, .nrrd) or a folder of images",
+        "(.mha/.mhd, .dcm, .nrrd), a folder of images, or 'none' (no live pipeline: a "
+        "workstation that only takes offline jobs)",
     )
     pace: Literal["timestamps", "fps", "none"] = Field(
         "timestamps", description="release frames by recorded timestamps, at `fps`, or at once"
@@ -140,6 +144,14 @@ class PathsConfig(Section):
     state_dir: str = Field("", description="job store; empty = $STATE_DIRECTORY or ~/.local/state")
     cache_dir: str = Field("", description="generated models; empty = $CACHE_DIRECTORY or ~/.cache")
 
+    def jobs(self) -> Path:
+        """The job store (SQLite) and each job's work folder."""
+        return self.state() / "jobs"
+
+    def results(self) -> Path:
+        """Where job outputs go unless a submission names a folder."""
+        return self.state() / "results"
+
     def cache(self) -> Path:
         return _dir(self.cache_dir, "CACHE_DIRECTORY", Path.home() / ".cache" / "echod")
 
@@ -244,6 +256,27 @@ class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
 
+class OfflineConfig(Section):
+    workers: int = Field(
+        1, ge=0, le=64, description="worker processes for offline jobs (0: accept none)"
+    )
+    nice: int = Field(10, ge=0, le=19, description="CPU priority of the workers (live stays first)")
+    threads: int = Field(
+        1,
+        ge=0,
+        description="CPU threads per worker for engines, OpenCV and BLAS (0: engine default);"
+        " the live stages keep the other cores",
+    )
+    max_queued: int = Field(100, ge=1, description="jobs waiting at most; more are refused")
+    max_input_gb: float = Field(20.0, gt=0, description="largest input accepted (file or folder)")
+    max_attempts: int = Field(
+        3, ge=1, description="a job whose worker dies this many times while running it fails"
+    )
+    heartbeat_timeout_s: float = Field(
+        300.0, gt=0, description="a worker silent this long (one unit of work) is hung"
+    )
+
+
 class Config(Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
@@ -252,6 +285,7 @@ class Config(Section):
     record: RecordConfig = Field(default_factory=RecordConfig)
     igtl_out: IgtlOutConfig = Field(default_factory=IgtlOutConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    offline: OfflineConfig = Field(default_factory=OfflineConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

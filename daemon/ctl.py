@@ -31,6 +31,7 @@ EXIT = {
     protocol.TOO_LARGE: 64,
     protocol.FORBIDDEN: 77,
     protocol.UNAVAILABLE: 69,
+    protocol.NOT_FOUND: 66,
     protocol.INTERNAL: 70,
     "config": 78,
     "model": 65,
@@ -47,6 +48,7 @@ POSITIONAL = {
     "screenshot": "path",
     "jobs.get": "job",
     "jobs.cancel": "job",
+    "jobs.result": "job",
 }
 
 

@@ -34,6 +34,7 @@ STAGES = {
     "display": "daemon.display.gl:DisplayStage",
     "record": "daemon.record:RecordStage",
     "igtl_out": "daemon.igtl_out:IgtlOutStage",
+    "job_worker": "daemon.offline.worker:JobWorker",
 }
 
 
@@ -64,6 +65,16 @@ def build(
         )
     specs.append(StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}))
     return specs
+
+
+def job_workers(config: Config) -> list[StageSpec]:
+    """The offline job workers: stages without rings, watched like the others but with
+    the patience of one unit of work (``offline.heartbeat_timeout_s``)."""
+    patience = {"heartbeat_timeout_s": config.offline.heartbeat_timeout_s}
+    return [
+        StageSpec(f"jobs-{i}", "job_worker", params=patience)
+        for i in range(config.offline.workers)
+    ]
 
 
 def open_configured(src: SourceConfig) -> FrameSource:

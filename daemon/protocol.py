@@ -43,6 +43,7 @@ UNKNOWN_COMMAND = "unknown_command"
 BAD_ARGS = "bad_args"
 FORBIDDEN = "forbidden"
 UNAVAILABLE = "unavailable"
+NOT_FOUND = "not_found"
 INTERNAL = "internal"
 
 
@@ -74,10 +75,14 @@ class ScreenshotArgs(Args):
 
 
 class JobSubmitArgs(Args):
-    kind: Literal["ct", "wsi"]
-    input: str = Field(min_length=1)
-    output: str = Field(min_length=1)
-    options: dict[str, Any] = Field(default_factory=dict)
+    kind: str = Field(min_length=1, max_length=64, description="echo-volume, ct, wsi")
+    input: str = Field(min_length=1, description="file or folder inside control.roots")
+    output: str = Field("", description="folder for the job's output folder; empty: state dir")
+    options: dict[str, Any] = Field(default_factory=dict, description="the kind's options")
+    model: str = Field("", description="model file; empty: the kind's bundled model")
+    engine: str = ""
+    device: str = Field("", description="empty: model.device")
+    key: str = Field("", max_length=128, description="idempotency key: same key, same job")
 
 
 class JobIdArgs(Args):
@@ -112,6 +117,7 @@ COMMANDS: dict[str, Command] = {
         Command("jobs.get", JobIdArgs, "read", "one job's state and progress"),
         Command("jobs.list", JobListArgs, "read", "jobs, newest first"),
         Command("jobs.cancel", JobIdArgs, "control", "cancel a queued or running job"),
+        Command("jobs.result", JobIdArgs, "read", "a finished job's manifest"),
         Command("shutdown", NoArgs, "admin", "stop the daemon"),
     )
 }
