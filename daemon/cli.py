@@ -124,8 +124,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise config.ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. source.loop=true")
         try:
             out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw  # a bare string
+        except (tomllib.TOMLDecodeError, RecursionError):
+            out[key.strip()] = raw  # a bare string (validation says what is wrong with it)
     for flag, key in RUN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:

@@ -254,15 +254,28 @@ def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -
     data: dict[str, Any] = {}
     source = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
-        try:
-            data = tomllib.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config file {source} not found: pass an existing --config"
-            ) from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+        data = _read_toml(Path(source))
     return _validated(data, overrides or {}, source)
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
+    """The tables of a TOML file; ConfigError (one line) for anything that is not one."""
+    try:
+        text = source.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} not found: pass an existing --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source} is a folder: pass a .toml file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {source} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {source} is not text (byte {e.start} is not UTF-8): pass a .toml file"
+        ) from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        why = e if isinstance(e, tomllib.TOMLDecodeError) else "nested too deeply"
+        raise ConfigError(f"config file {source} is not valid TOML: {why}") from None
 
 
 def validate_change(config: Config, key: str, value: Any) -> Config:
