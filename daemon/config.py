@@ -124,7 +124,11 @@ class IgtlOutConfig(Section):
 
 
 class PathsConfig(Section):
-    runtime_dir: str = Field("", description="sockets; empty = $RUNTIME_DIRECTORY or /tmp")
+    runtime_dir: str = Field(
+        "",
+        description="sockets; empty = $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/echod, else "
+        "/tmp/echod-<uid>; made 0700, refused when another user owns it or may write to it",
+    )
     state_dir: str = Field("", description="job store; empty = $STATE_DIRECTORY or ~/.local/state")
     cache_dir: str = Field("", description="generated models; empty = $CACHE_DIRECTORY or ~/.cache")
 
@@ -135,7 +139,9 @@ class PathsConfig(Section):
         return _dir(self.state_dir, "STATE_DIRECTORY", Path.home() / ".local/state/echod")
 
     def runtime(self) -> Path:
-        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", Path(f"/tmp/echod-{os.getuid()}"))
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        default = Path(xdg) / "echod" if xdg else Path(f"/tmp/echod-{os.getuid()}")
+        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", default)
 
 
 class ControlConfig(Section):

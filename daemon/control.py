@@ -30,6 +30,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from daemon import protocol
 from daemon.config import ControlConfig
 from daemon.errors import ConfigError, EchodError
+from daemon.paths import private_dir
 from daemon.protocol import ROLES, Parsed, ProtocolError, Role
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,23 @@ class ControlServer:
         return self._bind_one(self.router, endpoint), self._bind_one(self.pub, pub_endpoint)
 
     def _bind_one(self, sock: zmq.Socket[Any], endpoint: str) -> str:
+        """Bind; an ipc socket goes in a private folder (:func:`private_dir`) and is made
+        mode 0660 by the umask it is created with (no chmod by path: no symlink race)."""
+        umask = None
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[len("ipc://") :])
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            private_dir(path.parent, "the control socket's folder")
             if path.exists() or path.is_symlink():
                 path.unlink()  # a stale socket from a killed daemon
+            umask = os.umask(0o117)  # the socket file: rw for owner and group
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
             raise ConfigError(f"cannot bind control endpoint {endpoint}: {e}") from None
-        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if bound.startswith("ipc://"):
-            os.chmod(bound[len("ipc://") :], 0o660)
-        return bound
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _enable_curve(self) -> None:
         s = self.settings
@@ -225,6 +230,7 @@ class ControlServer:
         self.router.close(0)
         self.pub.close(0)
         self._ctx.term()
+
 
 def load_client_keys(clients_dir: Path) -> dict[str, Role]:
     """Allowed client public keys (z85) and their role, from ``{read,control,admin}/*.key``."""

@@ -1,8 +1,9 @@
-"""Path arguments from the outside are confined to configured roots."""
+"""Paths from the outside are confined to configured roots; the runtime directory is private."""
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,3 +27,33 @@ def confine(path: str | Path, roots: Sequence[Path], *, what: str, must_exist: b
     raise ConfigError(
         f"{what} {path} is outside the allowed folders ({listed}): add its folder to control.roots"
     )
+
+
+def private_dir(path: Path, what: str) -> Path:
+    """``path``, a folder only this user may change: created 0700 when missing; refused
+    (ConfigError) when it is a symbolic link, not a folder, owned by another user, or
+    writable by group or others (its sockets could be replaced under the daemon)."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass  # checked below, whatever it is
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be made ({e.strerror})") from None
+    st = os.lstat(path)
+    problem = (
+        "is a symbolic link"
+        if stat.S_ISLNK(st.st_mode)
+        else "is not a folder"
+        if not stat.S_ISDIR(st.st_mode)
+        else f"is owned by uid {st.st_uid}, not {os.geteuid()}"
+        if st.st_uid != os.geteuid()
+        else f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        if st.st_mode & 0o022
+        else None
+    )
+    if problem is not None:
+        raise ConfigError(
+            f"{what} {path} {problem}: use a folder of this user's own, mode 0700 or 0750 "
+            "(or remove it and echod makes one)"
+        )
+    return path

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from daemon import config, protocol
 from daemon.cli import main as cli_main
+from daemon.control import ControlServer
 from daemon.ctl import Client, CtlError
 from daemon.models import default_model
 from daemon.supervisor import Supervisor
@@ -263,6 +264,74 @@ def test_tcp_needs_curve_and_refuses_unknown_clients(runtime: Path, tmp_path: Pa
         viewer.close()
     finally:
         r.stop()
+
+
+# -- the runtime directory --------------------------------------------------------
+
+
+def serve(runtime_dir: Path) -> ControlServer:
+    """A control server bound in ``runtime_dir`` (its handler is never called here)."""
+    return ControlServer(config.ControlConfig(), runtime_dir, lambda req, role: None, dict)
+
+
+def test_runtime_dir_is_made_private_and_the_sockets_group_only(runtime: Path) -> None:
+    server = serve(runtime / "run")
+    try:
+        assert stat.S_IMODE(os.lstat(runtime / "run").st_mode) == 0o700
+        for name in ("control.sock", "telemetry.sock"):
+            st = os.lstat(runtime / "run" / name)
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["mode 0777", "another owner", "symlink", "a file"])
+def test_an_untrusted_runtime_dir_is_refused(runtime: Path, kind: str) -> None:
+    mine = runtime / "mine"
+    mine.mkdir(parents=True, mode=0o700)
+    target = runtime / "run"
+    if kind == "mode 0777":
+        target.mkdir()
+        target.chmod(0o777)
+    elif kind == "another owner":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a folder to another user")
+        target.mkdir(mode=0o700)
+        os.chown(target, 4321, 4321)
+    elif kind == "symlink":
+        target.symlink_to(mine)  # e.g. planted in /tmp by another user, pointing anywhere
+    else:
+        target.write_text("")
+    why = {
+        "mode 0777": "writable by group or others",
+        "another owner": "owned by uid 4321",
+        "symlink": "symbolic link",
+        "a file": "not a folder",
+    }[kind]
+    with pytest.raises(config.ConfigError, match=why) as e:
+        serve(target).close()
+    assert "\n" not in str(e.value)
+    assert not list(mine.iterdir()), "nothing was bound there"
+
+
+def test_echod_refuses_a_shared_runtime_dir_in_one_line(runtime: Path, run_echod: Any) -> None:
+    runtime.mkdir(mode=0o777)
+    runtime.chmod(0o777)
+    echod = run_echod("run", "--headless", "--set", f"paths.runtime_dir='{runtime}'")
+    code, _ = echod.finish(60)
+    errors = [line for line in echod.stderr if "error" in line.lower()]
+    assert code == 78 and len(errors) == 1 and "writable by group or others" in errors[0]
+
+
+def test_runtime_dir_prefers_systemd_then_xdg_then_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/echod:/run/other")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert config.PathsConfig().runtime() == Path("/run/echod")
+    assert config.PathsConfig(runtime_dir="/srv/sock").runtime() == Path("/srv/sock")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    assert config.PathsConfig().runtime() == Path("/run/user/1000/echod")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert config.PathsConfig().runtime() == Path(f"/tmp/echod-{os.getuid()}")
 
 
 # -- fuzzing --------------------------------------------------------------------------
