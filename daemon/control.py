@@ -10,6 +10,10 @@ are non-blocking; a reply that cannot be queued is dropped).
 Endpoints: ``ipc://`` in the runtime directory by default (socket mode 0660);
 ``tcp://`` only with CURVE, a server key and an allow-list of client public
 keys in ``clients_dir/{read,control,admin}/*.key`` (``echod keys`` makes them).
+
+Audit (:mod:`daemon.audit`, logger ``daemon.control.audit``): every accepted
+``control`` or ``admin`` command with its client and outcome; refusals
+(forbidden, malformed, refused handshakes) once per client and minute.
 """
 
 from __future__ import annotations
@@ -21,23 +25,30 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
-from daemon import protocol
+from daemon import audit, protocol
 from daemon.config import ControlConfig
 from daemon.errors import ConfigError, EchodError
 from daemon.paths import private_dir
 from daemon.protocol import ROLES, Parsed, ProtocolError, Role
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger(f"{__name__}.audit")
 
 Handler = Callable[[Parsed, Role], Any]
 POLL_MS = 50
 HARD_LIMIT_FACTOR = 16  # messages above this many times the limit are cut by ZeroMQ itself
+
+
+class ClientKey(NamedTuple):
+    role: Role
+    name: str  # the key file's name: who the client is in the audit log
 
 
 class ControlServer:
@@ -55,7 +66,10 @@ class ControlServer:
         self.telemetry = telemetry
         self._ctx = zmq.Context()
         self._auth: ThreadAuthenticator | None = None
-        self._roles: dict[str, Role] = {}
+        self._keys: dict[str, ClientKey] = {}
+        self._names: dict[str, str] = {}
+        self._monitors: list[zmq.Socket[Any]] = []
+        self._throttle = audit.Throttle(audit_log)
         self._outbox: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.router = self._ctx.socket(zmq.ROUTER)
@@ -118,7 +132,8 @@ class ControlServer:
                 f"control.server_key {s.server_key} holds no secret key: "
                 "use the .key_secret file that `echod keys` wrote"
             )
-        self._roles = load_client_keys(Path(s.clients_dir))
+        self._keys = load_client_keys(Path(s.clients_dir))
+        self._names = {key: k.name for key, k in self._keys.items()}
         self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(f"{__name__}.auth"))
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=self)
@@ -126,19 +141,43 @@ class ControlServer:
             sock.curve_server = True
             sock.curve_publickey = public
             sock.curve_secretkey = secret
+            # handshakes that fail before ZAP (no key, another server's key) show only here
+            self._monitors.append(sock.get_monitor_socket(audit.HANDSHAKE_EVENTS))
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: a CURVE client is let in only when its public key is on the allow-list."""
-        allowed = key.decode() in self._roles
+        allowed = key.decode() in self._keys
         if not allowed:
-            log.warning("refused control client with unknown CURVE key %s", key.decode())
+            self._throttle(
+                ("unknown key", key),
+                logging.WARNING,
+                "refused a control client: CURVE key %s is not on the allow-list",
+                key.decode(),
+            )
         return allowed
 
     def _role(self, frame: zmq.Frame) -> Role:
         if self._auth is None:
             return self.settings.ipc_role
         user = frame.get("User-Id")
-        return self._roles.get(user, "read") if isinstance(user, str) else "read"
+        known = self._keys.get(user) if isinstance(user, str) else None
+        return known.role if known is not None else "read"
+
+    def _handshakes_failed(self, monitor: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            why = audit.handshake_failure(event)
+            where = event["endpoint"].decode(errors="replace")
+            self._throttle(
+                ("handshake", where, why),
+                logging.WARNING,
+                "refused a control client's CURVE handshake on %s: %s",
+                where,
+                why,
+            )
 
     # -- serving ---------------------------------------------------------------
 
@@ -152,11 +191,15 @@ class ControlServer:
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
+        for sock in (self.router, *self._monitors):
+            poller.register(sock, zmq.POLLIN)
         next_telemetry = time.monotonic()
         while not self._stop.is_set():
-            if poller.poll(POLL_MS):
-                self._drain_requests()
+            for sock, _ in poller.poll(POLL_MS):
+                if sock is self.router:
+                    self._drain_requests()
+                else:
+                    self._handshakes_failed(sock)
             while True:
                 try:
                     topic, data = self._outbox.get_nowait()
@@ -174,14 +217,29 @@ class ControlServer:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            reply = self.answer(frames[-1].bytes, self._role(frames[-1]))
+            # [routing id, (REQ's empty delimiter,) request]: the reply goes back the same way
+            cut = 2 if len(frames) > 2 and not frames[1].bytes else 1
+            envelope, body = frames[:cut], frames[cut:]
+            client = audit.who(frames[-1], self._names)
+            if len(body) == 1:
+                reply = self.answer(body[0].bytes, self._role(frames[-1]), client)
+            else:
+                reply = self._refuse(
+                    None,
+                    ProtocolError(
+                        protocol.BAD_REQUEST,
+                        f"a request is one message part, got {len(body)}: send one JSON object",
+                    ),
+                    client,
+                )
             try:
-                self.router.send_multipart([*frames[:-1], reply], zmq.NOBLOCK)
+                self.router.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as e:  # the client is gone or not reading: drop the reply
                 log.debug("reply dropped: %s", e)
 
-    def answer(self, raw: bytes, role: Role) -> bytes:
-        """One request in, one reply out; never raises."""
+    def answer(self, raw: bytes, role: Role, client: str = "a local client") -> bytes:
+        """One request in, one reply out; never raises. Changes (``control`` and ``admin``
+        commands) are logged with ``client`` and their outcome."""
         rid: str | None = None
         try:
             parsed = protocol.parse(raw, self.settings.max_message_bytes)
@@ -192,14 +250,44 @@ class ControlServer:
                     f"'{parsed.command.name}' needs the "
                     f"{parsed.command.role} role; this client has {role}",
                 )
-            return protocol.ok(rid, self.handler(parsed, role))
         except ProtocolError as e:
-            return protocol.error(rid or e.request_id, e.code, e.message)
-        except EchodError as e:
-            return protocol.error(rid, e.code, e.message)
+            return self._refuse(rid, e, client)
+        reply, outcome = self._handle(parsed, role)
+        if parsed.command.role != "read":
+            audit_log.info(
+                "%s %s by %s (%s role): %s",
+                parsed.command.name,
+                protocol.brief(parsed.args.model_dump()),
+                client,
+                role,
+                outcome,
+            )
+        return reply
+
+    def _handle(self, parsed: Parsed, role: Role) -> tuple[bytes, str]:
+        """The reply to a valid, allowed request, and its outcome in words."""
+        try:
+            return protocol.ok(parsed.id, self.handler(parsed, role)), "done"
+        except (ProtocolError, EchodError) as e:
+            return protocol.error(parsed.id, e.code, e.message), f"{e.code}: {e.message}"
         except Exception as e:
             log.exception("control request failed")
-            return protocol.error(rid, protocol.INTERNAL, f"{type(e).__name__}: {e}")
+            return protocol.error(
+                parsed.id, protocol.INTERNAL, f"{type(e).__name__}: {e}"
+            ), protocol.INTERNAL
+
+    def _refuse(self, rid: str | None, e: ProtocolError, client: str) -> bytes:
+        """The error reply to a request that is not served; logged once per client and minute."""
+        forbidden = e.code == protocol.FORBIDDEN
+        self._throttle(
+            (e.code if forbidden else "malformed", client),
+            logging.WARNING if forbidden else logging.INFO,
+            "refused a request from %s: %s: %s",
+            client,
+            e.code,
+            e.message,
+        )
+        return protocol.error(rid or e.request_id, e.code, e.message)
 
     def _send_pub(self, topic: str, data: dict[str, Any]) -> None:
         try:
@@ -225,6 +313,11 @@ class ControlServer:
         self._release()
 
     def _release(self) -> None:
+        for sock in (self.router, self.pub):
+            if self._monitors:
+                sock.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(0)
         if self._auth is not None:
             self._auth.stop()
         self.router.close(0)
@@ -232,13 +325,14 @@ class ControlServer:
         self._ctx.term()
 
 
-def load_client_keys(clients_dir: Path) -> dict[str, Role]:
-    """Allowed client public keys (z85) and their role, from ``{read,control,admin}/*.key``."""
-    roles: dict[str, Role] = {}
+def load_client_keys(clients_dir: Path) -> dict[str, ClientKey]:
+    """Allowed client public keys (z85), their role and name, from
+    ``{read,control,admin}/NAME.key``."""
+    roles: dict[str, ClientKey] = {}
     for role in ROLES:
         for path in sorted((clients_dir / role).glob("*.key")):
             public, _ = zmq.auth.load_certificate(path)
-            roles[public.decode()] = role
+            roles[public.decode()] = ClientKey(role, path.stem)
     if not roles:
         raise ConfigError(
             f"control.clients_dir {clients_dir} has no client keys in "

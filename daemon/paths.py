@@ -16,6 +16,8 @@ def confine(path: str | Path, roots: Sequence[Path], *, what: str, must_exist: b
     A path that escapes every root, through ``..`` or a symlink, is refused
     with the roots named; so is a missing file when ``must_exist``.
     """
+    if "\0" in str(path):
+        raise ConfigError(f"{what} path {str(path)!r} contains a NUL byte: no file has such a name")
     real = Path(os.path.realpath(Path(path).expanduser()))
     for root in roots:
         base = Path(os.path.realpath(root.expanduser()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -150,6 +151,99 @@ def test_restricted_and_unavailable_commands(daemon: Running) -> None:
     c.close()
 
 
+def ping_in(args: dict[str, Any] | None = None, cmd: str = "ping") -> dict[str, Any]:
+    return {"v": 1, "id": "1", "cmd": cmd, **({"args": args} if args is not None else {})}
+
+
+HOSTILE: dict[str, bytes] = {
+    "JSON nested 1,000 deep": json.dumps(
+        ping_in({"key": "source.paused", "value": 0}, "config.set")
+    )
+    .encode()
+    .replace(b"0}", b"[" * 1000 + b"]" * 1000 + b"}"),
+    "JSON nested 30,000 deep": b"[" * 30_000 + b"]" * 30_000,
+    "an integer of 5,000 digits": b'{"v": ' + b"9" * 5000 + b', "id": "1", "cmd": "ping"}',
+    "an integer of 5,000 digits as a value": json.dumps(
+        ping_in({"key": "source.paused", "value": 0}, "config.set")
+    )
+    .encode()
+    .replace(b"0}", b"7" * 5000 + b"}"),
+    "a NUL byte in a model path": json.dumps(
+        ping_in({"path": "/tmp/a\0b.onnx"}, "model.load")
+    ).encode(),
+    "a NUL byte in a screenshot path": json.dumps(
+        ping_in({"path": "x\0.png"}, "screenshot")
+    ).encode(),
+    "UTF-16 with a BOM": json.dumps(ping_in()).encode("utf-16"),
+    "UTF-16-LE": json.dumps(ping_in()).encode("utf-16-le"),
+    "UTF-32": json.dumps(ping_in()).encode("utf-32"),
+    "a lone surrogate": b'{"v": 1, "id": "\\ud800", "cmd": "ping"}',
+    "NaN": b'{"v": NaN, "id": "1", "cmd": "ping"}',
+}
+
+
+def test_hostile_requests_are_refused_in_one_line_not_internal(
+    daemon: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "daemon.control")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        for what, raw in HOSTILE.items():
+            sock.send(raw)
+            assert sock.poll(10_000), f"no answer to {what}"
+            reply = json.loads(sock.recv())
+            assert not reply["ok"], what
+            assert reply["error"]["code"] in ("bad_json", "bad_request", "bad_args"), (what, reply)
+            assert "\n" not in reply["error"]["message"] and len(reply["error"]["message"]) < 400
+        sock.send_multipart([json.dumps(ping_in()).encode(), b"second part"])
+        assert sock.poll(10_000)
+        (reply,) = sock.recv_multipart()  # one part back, the error
+        assert json.loads(reply)["error"]["code"] == "bad_request"
+    finally:
+        sock.close(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    refusals = [r for r in caplog.records if "refused a request" in r.getMessage()]
+    assert len(refusals) == 1, "one line per client and minute, not one per request"
+
+
+def test_changes_and_refusals_are_audited_with_the_client(
+    runtime: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "daemon.control")
+    me = f"uid {os.getuid()} pid {os.getpid()}"
+    r = Running(live(runtime))
+    c = r.client()
+    try:
+        assert c.call("status")["state"] == "running"
+        c.call("config.set", {"key": "source.paused", "value": False})
+        with pytest.raises(CtlError):
+            c.call("config.set", {"key": "source.fps", "value": 5.0})
+        for _ in range(5):
+            with pytest.raises(CtlError) as e:
+                c.call("shutdown")
+            assert e.value.code == protocol.FORBIDDEN
+    finally:
+        c.close()
+        r.stop()
+    audit = [r.getMessage() for r in caplog.records if r.name == "daemon.control.audit"]
+    changes = [m for m in audit if m.startswith("config.set")]
+    assert len(changes) == 2
+    assert changes[0] == (
+        f"config.set {{'key': 'source.paused', 'value': False}} by {me} (control role): done"
+    )
+    assert changes[1].startswith(
+        f"config.set {{'key': 'source.fps', 'value': 5.0}} by {me} (control role): config: "
+        "'source.fps' cannot change while running"
+    )
+    forbidden = [m for m in audit if "forbidden" in m]
+    assert (
+        len(forbidden) == 1 and me in forbidden[0] and "'shutdown' needs the admin" in forbidden[0]
+    )
+    assert not [m for m in audit if m.startswith("status")], "reads are not audited"
+
+
 def test_shutdown_by_an_admin_stops_the_daemon(runtime: Path) -> None:
     r = Running(live(runtime, **{"control.ipc_role": "admin"}))
     c = r.client()
@@ -215,6 +309,7 @@ def make_keys(root: Path) -> dict[str, Path]:
         ["--dir", str(root), "--client", "ops"],
         ["--dir", str(root), "--client", "viewer", "--role", "read"],
         ["--dir", str(root / "rogue"), "--client", "rogue"],
+        ["--dir", str(root / "other")],  # another server's keys
     ):
         assert cli_main(["keys", *args]) == 0
     return {
@@ -223,10 +318,14 @@ def make_keys(root: Path) -> dict[str, Path]:
         "ops": root / "ops.key_secret",
         "viewer": root / "viewer.key_secret",
         "rogue": root / "rogue" / "rogue.key_secret",
+        "other_server": root / "other" / "server.key",
     }
 
 
-def test_tcp_needs_curve_and_refuses_unknown_clients(runtime: Path, tmp_path: Path) -> None:
+def test_tcp_needs_curve_and_refuses_unknown_clients(
+    runtime: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "daemon.control")
     keys = make_keys(tmp_path / "keys")
     with pytest.raises(config.ConfigError, match="needs CURVE"):
         Supervisor(
@@ -252,18 +351,32 @@ def test_tcp_needs_curve_and_refuses_unknown_clients(runtime: Path, tmp_path: Pa
         with pytest.raises(CtlError) as e:
             viewer.call("config.set", {"key": "source.paused", "value": True})
         assert e.value.code == protocol.FORBIDDEN
-        for refused in (
-            r.client(server_key=keys["server"], client_key=keys["rogue"], timeout_s=1.0),
-            r.client(timeout_s=1.0),
-        ):
+        refusals = {
+            "is not on the allow-list": (keys["server"], keys["rogue"]),
+            "no CURVE key": (None, None),
+            "does not decrypt (a wrong server key?)": (keys["other_server"], keys["ops"]),
+        }
+        for server_key, client_key in refusals.values():
+            refused = r.client(server_key=server_key, client_key=client_key, timeout_s=1.0)
             with pytest.raises(CtlError) as e:
-                refused.call("ping")
+                refused.call("ping")  # its connection retries the handshake meanwhile
             assert e.value.code == "timeout"
             refused.close()
         ops.close()
         viewer.close()
     finally:
         r.stop()
+    audit = [r.getMessage() for r in caplog.records if r.name == "daemon.control.audit"]
+    for why in refusals:  # each once, however often the client retried
+        lines = [m for m in audit if why in m]
+        # no key: the server or the client may notice first, two wordings (each once)
+        assert 1 <= len(lines) <= (2 if "no CURVE key" in why else 1), (why, audit)
+    assert [m for m in audit if m.startswith("config.set")] == [
+        "config.set {'key': 'source.paused', 'value': False} by ops at 127.0.0.1 (control role): "
+        "done"
+    ]
+    forbidden = [m for m in audit if "forbidden" in m]
+    assert len(forbidden) == 1 and "from viewer at 127.0.0.1" in forbidden[0]
 
 
 # -- the runtime directory --------------------------------------------------------
