@@ -31,6 +31,17 @@ def confine(path: str | Path, roots: Sequence[Path], *, what: str, must_exist: b
     )
 
 
+def check_new_file(path: Path, what: str) -> Path:
+    """``path`` if a file can be written there: not a folder, and in a folder that exists
+    (nothing is made on the way); else ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder: name a file in it, e.g. {path / 'now.png'}")
+    if not path.parent.is_dir():
+        why = "is not a folder" if path.parent.exists() else "does not exist"
+        raise ConfigError(f"{what} {path}: {path.parent} {why}: create the folder first")
+    return path
+
+
 def private_dir(path: Path, what: str) -> Path:
     """``path``, a folder only this user may change: created 0700 when missing; refused
     (ConfigError) when it is a symbolic link, not a folder, owned by another user, or

@@ -172,8 +172,7 @@ def parse(raw: bytes, max_bytes: int) -> Parsed:
     if "v" in obj and obj["v"] != VERSION:
         raise ProtocolError(
             BAD_VERSION,
-            f"protocol version {brief(obj['v'])} is not supported: this daemon speaks "
-            f"v={VERSION}",
+            f"protocol version {brief(obj['v'])} is not supported: this daemon speaks v={VERSION}",
             rid,
         )
     try:
