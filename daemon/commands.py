@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, protocol
 from daemon.config import DISPLAY_RUNTIME, ConfigError, validate_change
-from daemon.paths import check_new_file, confine
+from daemon.paths import check_folder, check_new_file, confine
 from daemon.protocol import Parsed, ProtocolError, Role
 
 if TYPE_CHECKING:
@@ -131,10 +131,8 @@ class ControlCommands:
         relative folder is taken in the screenshots folder); other values as they are."""
         if key not in PATH_SETTINGS or not isinstance(value, str) or not value:
             return value
-        folder = self.in_screenshots(value, f"setting '{key}'")
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"setting '{key}': {folder} is not a folder")
-        return str(folder)
+        what = f"setting '{key}'"
+        return str(check_folder(self.in_screenshots(value, what), what))
 
     def roots(self, kind: str) -> list[Path]:
         """Folders a path argument of ``kind`` may lie in."""

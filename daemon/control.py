@@ -273,7 +273,7 @@ class ControlServer:
         except Exception as e:
             log.exception("control request failed")
             return protocol.error(
-                parsed.id, protocol.INTERNAL, f"{type(e).__name__}: {e}"
+                parsed.id, protocol.INTERNAL, f"{type(e).__name__}: {str(e)[:300]}"
             ), protocol.INTERNAL
 
     def _refuse(self, rid: str | None, e: ProtocolError, client: str) -> bytes:
