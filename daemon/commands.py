@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, protocol
 from daemon.config import RUNTIME_SETTINGS, ConfigError, validate_change
-from daemon.paths import confine
+from daemon.paths import check_folder, check_new_file, confine
 from daemon.protocol import Parsed, ProtocolError, Role
 
 if TYPE_CHECKING:
@@ -37,6 +37,10 @@ def then(future: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
 
     future.add_done_callback(step)
     return out
+
+
+# run-time settings that name a folder: confined to the screenshot roots, like `screenshot`
+PATH_SETTINGS = frozenset({"display.screenshot_dir"})
 
 
 class ControlCommands:
@@ -89,6 +93,7 @@ class ControlCommands:
                 f"'{args.key}' cannot change while running (restart to change it); "
                 f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
             )
+        args = args.model_copy(update={"value": self.confined(args.key, args.value)})
         changed = validate_change(self.sup.config, args.key, args.value)
         sup = self.sup
 
@@ -112,7 +117,7 @@ class ControlCommands:
                 protocol.UNAVAILABLE,
                 "no display is running (headless): screenshots need the display stage",
             )
-        path = confine(args.path, self.roots("screenshots"), what="screenshot", must_exist=False)
+        path = check_new_file(self.in_screenshots(args.path, "screenshot"), "screenshot")
         return self.sup.in_main(lambda: self.sup.call(sink, "screenshot", {"path": str(path)}))
 
     # -- offline jobs ---------------------------------------------------------------
@@ -138,6 +143,24 @@ class ControlCommands:
     def shutdown(self, args: Any, role: Role) -> dict[str, Any]:
         self.sup.request_stop(f"shutdown requested by a {role} client")
         return {"stopping": True}
+
+    def in_screenshots(self, path: str, what: str) -> Path:
+        """``path`` confined to the screenshot roots, resolved; a relative one (``now.png``)
+        is taken in the state directory's screenshots/ (made if missing)."""
+        folder = self.sup.config.paths.state() / "screenshots"
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            folder.mkdir(parents=True, exist_ok=True)
+            p = folder / p
+        return confine(p, self.roots("screenshots"), what=what, must_exist=False)
+
+    def confined(self, key: str, value: Any) -> Any:
+        """A path-valued setting's value confined like a path argument and resolved (a
+        relative folder is taken in the screenshots folder); other values as they are."""
+        if key not in PATH_SETTINGS or not isinstance(value, str) or not value:
+            return value
+        what = f"setting '{key}'"
+        return str(check_folder(self.in_screenshots(value, what), what))
 
     def roots(self, kind: str) -> list[Path]:
         """Folders a path argument of ``kind`` may lie in."""

@@ -140,7 +140,11 @@ class IgtlOutConfig(Section):
 
 
 class PathsConfig(Section):
-    runtime_dir: str = Field("", description="sockets; empty = $RUNTIME_DIRECTORY or /tmp")
+    runtime_dir: str = Field(
+        "",
+        description="sockets; empty = $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/echod, else "
+        "/tmp/echod-<uid>; made 0700, refused when another user owns it or may write to it",
+    )
     state_dir: str = Field("", description="job store; empty = $STATE_DIRECTORY or ~/.local/state")
     cache_dir: str = Field("", description="generated models; empty = $CACHE_DIRECTORY or ~/.cache")
 
@@ -159,7 +163,9 @@ class PathsConfig(Section):
         return _dir(self.state_dir, "STATE_DIRECTORY", Path.home() / ".local/state/echod")
 
     def runtime(self) -> Path:
-        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", Path(f"/tmp/echod-{os.getuid()}"))
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        default = Path(xdg) / "echod" if xdg else Path(f"/tmp/echod-{os.getuid()}")
+        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", default)
 
 
 class ControlConfig(Section):
@@ -312,15 +318,28 @@ def load(
     data: dict[str, Any] = {}
     source = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
-        try:
-            data = tomllib.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config file {source} not found: pass an existing --config"
-            ) from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+        data = _read_toml(Path(source))
     return _validated(data, overrides or {}, source, origins or {})
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
+    """The tables of a TOML file; ConfigError (one line) for anything that is not one."""
+    try:
+        text = source.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} not found: pass an existing --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source} is a folder: pass a .toml file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {source} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {source} is not text (byte {e.start} is not UTF-8): pass a .toml file"
+        ) from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        why = e if isinstance(e, tomllib.TOMLDecodeError) else "nested too deeply"
+        raise ConfigError(f"config file {source} is not valid TOML: {why}") from None
 
 
 def validate_change(config: Config, key: str, value: Any) -> Config:
@@ -348,7 +367,7 @@ def toml_or_str(raw: str) -> Any:
     """``raw`` read as a TOML value, else the plain string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # validation says what is wrong
         return raw
 
 

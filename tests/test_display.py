@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from daemon import config, pipeline  # noqa: E402
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa: E402
 from daemon.cli import main as cli_main  # noqa: E402
 from daemon.config import Config  # noqa: E402
+from daemon.ctl import Client, CtlError  # noqa: E402
 from daemon.display.colours import class_lut, heatmap_lut  # noqa: E402
 from daemon.display.gl import (  # noqa: E402
     INFERENCE_STOPPED,
@@ -681,8 +683,9 @@ def test_killing_inference_keeps_the_display_live(
     assert summary and summary[0]["restarts"] == {"infer": 1}
 
 
-def test_ctl_screenshot_writes_the_display_to_png(tmp_path: Path) -> None:
-    """`echod ctl screenshot PATH` against a running daemon with its display."""
+@contextmanager
+def display_daemon(roots: list[Path]) -> Iterator[Supervisor]:
+    """A running daemon with its display (640x480 window) and control socket."""
     runtime = Path(f"/tmp/echod-shot-{os.getpid()}")
     cfg = config.load(
         None,
@@ -695,7 +698,7 @@ def test_ctl_screenshot_writes_the_display_to_png(tmp_path: Path) -> None:
             "source.fps": 30.0,
             "model.warmup": 1,
             "paths.runtime_dir": str(runtime),
-            "control.roots": [str(tmp_path)],
+            "control.roots": [str(r) for r in roots],
         },
     )
     sup = Supervisor(cfg)
@@ -707,6 +710,16 @@ def test_ctl_screenshot_writes_the_display_to_png(tmp_path: Path) -> None:
             assert runner.is_alive() and time.monotonic() < deadline, "echod did not start"
             time.sleep(0.05)
         assert sup.workers["sink"].spec.kind == "display"
+        yield sup
+    finally:
+        sup.request_stop("test over")
+        runner.join(60)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_ctl_screenshot_writes_the_display_to_png(tmp_path: Path) -> None:
+    """`echod ctl screenshot PATH` against a running daemon with its display."""
+    with display_daemon([tmp_path]) as sup:
         endpoint = sup.control.endpoint
         shot = tmp_path / "bedside.png"
         assert cli_main(["ctl", "--endpoint", endpoint, "screenshot", str(shot)]) == 0
@@ -715,7 +728,61 @@ def test_ctl_screenshot_writes_the_display_to_png(tmp_path: Path) -> None:
         assert image.std() > 5  # the phantom, not a blank buffer
         outside = cli_main(["ctl", "--endpoint", endpoint, "screenshot", "/etc/echod.png"])
         assert outside == 78 and not Path("/etc/echod.png").exists()
-    finally:
-        sup.request_stop("test over")
-        runner.join(60)
-        shutil.rmtree(runtime, ignore_errors=True)
+        # a bare name goes to the state directory's screenshots/ (the README's example)
+        assert cli_main(["ctl", "--endpoint", endpoint, "screenshot", "now.png"]) == 0
+        assert cv2.imread(str(sup.config.paths.state() / "screenshots" / "now.png")) is not None
+
+
+def test_screenshot_paths_that_cannot_be_written_are_refused_and_the_display_lives(
+    tmp_path: Path,
+) -> None:
+    """A folder, the root itself, a path under a regular file, a missing folder: a
+    config error each, nothing written (no temporary file either), the display lives;
+    config.set display.screenshot_dir is confined like a path argument."""
+    root = tmp_path / "root"
+    (root / "folder").mkdir(parents=True)
+    (root / "file.txt").write_text("x")
+    bad = {
+        str(root / "folder"): "is a folder",
+        str(root): "is a folder",
+        str(root / "file.txt" / "shot.png"): "is not a folder",
+        str(root / "missing" / "shot.png"): "does not exist",
+        str(root / "folder" / ".." / ".." / "escape.png"): "outside the allowed folders",
+        "../../escape.png": "outside the allowed folders",
+    }
+    with display_daemon([root]) as sup:
+        c = Client(sup.control.endpoint, timeout_s=30)
+        try:
+            for _ in range(2):  # 12 refusals: once 6 ended the daemon
+                for path, why in bad.items():
+                    with pytest.raises(CtlError) as e:
+                        c.call("screenshot", {"path": path})
+                    assert e.value.code == "config" and why in e.value.message, e.value.message
+            for folder in ("/etc", str(root / "file.txt")):
+                with pytest.raises(CtlError) as e:
+                    c.call("config.set", {"key": "display.screenshot_dir", "value": folder})
+                assert e.value.code == "config", e.value.message
+            assert sup.config.display.screenshot_dir == ""
+            inside = str(root / "folder" / "..")
+            reply = c.call("config.set", {"key": "display.screenshot_dir", "value": inside})
+            assert reply["value"] == str(root.resolve())
+            assert c.call("screenshot", {"path": str(root / "ok.png")})["path"]
+            status = c.call("status")
+            assert status["stages"]["sink"]["alive"] and status["stages"]["sink"]["restarts"] == 0
+        finally:
+            c.close()
+    left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert left == [Path(n) for n in ("root", "root/file.txt", "root/folder", "root/ok.png")]
+
+
+def test_the_s_key_with_an_unusable_screenshot_folder_warns(
+    rig: Callable[..., Rig], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("x")
+    r = rig(screenshot_dir=str(tmp_path / "file"))  # a regular file: no folder can be made
+    r.stage.setup()
+    r.show(80)
+    post_key(pygame.K_s)
+    r.step_until(lambda: "screenshot not saved" in caplog.text)
+    r.show(90)  # and the display goes on
+    assert (r.centre() == 90).all()

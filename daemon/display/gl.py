@@ -45,9 +45,10 @@ from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
 from daemon.display.headless import TABLE2, HeadlessSink
 from daemon.engines.card import ClassCard, load_card
-from daemon.errors import ConfigError, ModelError, StageError
+from daemon.errors import ConfigError, EchodError, ModelError, StageError
 from daemon.frame import FrameMeta
 from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.paths import check_new_file
 from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
 from daemon.stage import POLL_S, Stage, StageContext, StageSpec
 
@@ -502,14 +503,23 @@ class Renderer:
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:
-    """``rgb`` (h, w, 3) to a PNG at ``path``, written whole under a temporary name first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``rgb`` (h, w, 3) to a PNG at ``path``, written whole under a temporary name in the
+    same folder first (removed when anything fails). ConfigError when ``path`` is a folder
+    or its folder is missing; StageError when the file cannot be written."""
+    path = check_new_file(Path(path), "screenshot")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-        raise DisplayError(f"cannot write the screenshot {path}")
-    tmp.replace(path)
+    try:
+        if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+            raise OSError(f"cannot write {tmp.name}")
+        tmp.replace(path)
+    except (OSError, cv2.error) as e:
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
+        raise StageError(
+            f"cannot write the screenshot {path} ({why}): check the folder's permissions "
+            "and free space"
+        ) from None
     return path
 
 
@@ -860,7 +870,10 @@ class DisplayStage(Stage):
         elif key == "f":
             self.frozen = not self.frozen
         elif key == "s":
-            self.screenshot(self._screenshot_path())
+            try:
+                self.screenshot(self._screenshot_path())
+            except (EchodError, OSError) as e:  # a key never takes the display down
+                log.warning("screenshot not saved: %s", e)
             return False
         else:
             return False
@@ -868,11 +881,13 @@ class DisplayStage(Stage):
         return True
 
     def _screenshot_path(self) -> Path:
+        """A new file in the screenshot folder (made if missing) for the ``s`` key."""
         folder = (
             Path(self.settings.screenshot_dir)
             if self.settings.screenshot_dir
             else self.config.paths.state() / "screenshots"
         )
+        folder.mkdir(parents=True, exist_ok=True)
         index = self.shown.index if self.shown is not None else 0
         return folder / f"echod-{time.strftime('%Y%m%d-%H%M%S')}-{index}.png"
 
