@@ -93,6 +93,11 @@ class ControlCommands:
                 f"'{args.key}' cannot change while running (restart to change it); "
                 f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
             )
+        if stage == "sink" and self.sup.workers["sink"].spec.kind != "display":
+            raise ProtocolError(
+                protocol.UNAVAILABLE,
+                f"'{args.key}' applies to the display, and none is running (headless)",
+            )
         args = args.model_copy(update={"value": self.confined(args.key, args.value)})
         changed = validate_change(self.sup.config, args.key, args.value)
         sup = self.sup
