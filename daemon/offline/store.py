@@ -247,10 +247,15 @@ class JobStore:
         return self.get(row[0])
 
     def requeue_running(self) -> list[str]:
-        """At start, after a crash: every job left running goes back to the queue."""
+        """At start, after a crash: every job left running goes back to the queue (the
+        attempt the crash interrupted is not counted against it)."""
         with self._write() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
-            db.execute("UPDATE jobs SET state = 'queued', worker = NULL WHERE state = 'running'")
+            # the whole daemon stopped (power, SIGKILL): not the job's fault, not an attempt
+            db.execute(
+                "UPDATE jobs SET state = 'queued', worker = NULL, attempts = attempts - 1"
+                " WHERE state = 'running'"
+            )
         return ids
 
     def progress(self, job_id: str, done: int, total: int, what: str) -> None:
