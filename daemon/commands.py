@@ -93,13 +93,13 @@ class ControlCommands:
                 f"'{args.key}' cannot change while running (restart to change it); "
                 f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
             )
+        args = args.model_copy(update={"value": self.confined(args.key, args.value)})
+        changed = validate_change(self.sup.config, args.key, args.value)
         if stage == "sink" and self.sup.workers["sink"].spec.kind != "display":
             raise ProtocolError(
                 protocol.UNAVAILABLE,
                 f"'{args.key}' applies to the display, and none is running (headless)",
             )
-        args = args.model_copy(update={"value": self.confined(args.key, args.value)})
-        changed = validate_change(self.sup.config, args.key, args.value)
         sup = self.sup
 
         def applied(result: Any) -> dict[str, Any]:  # in the supervisor's thread

@@ -98,7 +98,7 @@ def test_read_commands_answer_with_live_figures(daemon: Running) -> None:
     assert pong["pong"] and pong["telemetry"].startswith("ipc://")
     until(lambda: (c.call("status")["fps"] or 0) > 0, 30)  # the sink has reported
     s = c.call("status")
-    assert s["state"] == "running" and set(s["stages"]) == {"sink", "infer", "acquire"}
+    assert s["state"] == "running" and set(s["stages"]) == {"sink", "infer", "acquire", "jobs-0"}
     assert all(st["state"] == "running" for st in s["stages"].values())
     assert s["fps"] > 0 and s["latency_ms"]["p50"] > 0 and s["engine"] == "onnxruntime"
     assert c.call("config.get", {"key": "pipeline.mode"}) == "newest"
@@ -262,12 +262,19 @@ def test_shutdown_by_an_admin_stops_the_daemon(runtime: Path) -> None:
     c.close()
 
 
+def printed(capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``echod ctl`` printed: the daemon runs in this process, its status lines go to
+    the same stdout and are left out."""
+    lines = capsys.readouterr().out.splitlines(keepends=True)
+    return "".join(line for line in lines if not line.startswith("echod: "))
+
+
 def test_ctl_command_line(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "--json", "status"]) == 0
-    out = capsys.readouterr().out
+    out = printed(capsys)
     assert out.count("\n") == 1 and json.loads(out)["state"] == "running", "one JSON line"
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "config.get", "pipeline.mode"]) == 0
-    assert capsys.readouterr().out == "newest\n"
+    assert printed(capsys) == "newest\n"
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "nope"]) == 64
     assert "unknown_command" in capsys.readouterr().err
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "shutdown"]) == 77
@@ -275,13 +282,13 @@ def test_ctl_command_line(daemon: Running, capsys: pytest.CaptureFixture[str]) -
 
 def test_ctl_status_reads_as_a_table(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["ctl", "--endpoint", daemon.endpoint, "status"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = printed(capsys).splitlines()
     assert lines[0].split() == ["state", "running"]
     assert any(ln.split()[:2] == ["engine", "onnxruntime"] for ln in lines)
     at = lines.index("stages:")
     assert lines[at + 1].split()[:2] == ["STAGE", "PID"] and "RESTARTS" in lines[at + 1]
     rows = {ln.split()[0]: ln.split() for ln in lines[at + 2 :] if ln.strip()}
-    assert set(rows) == {"sink", "infer", "acquire"}
+    assert set(rows) == {"sink", "infer", "acquire", "jobs-0"}
     assert all(row[1].isdigit() for row in rows.values()), "each stage's pid"
     assert len(lines) < 30
 

@@ -768,7 +768,8 @@ def test_screenshot_paths_that_cannot_be_written_are_refused_and_the_display_liv
             assert reply["value"] == str(root.resolve())
             assert c.call("screenshot", {"path": str(root / "ok.png")})["path"]
             status = c.call("status")
-            assert status["stages"]["sink"]["alive"] and status["stages"]["sink"]["restarts"] == 0
+            sink = status["stages"]["sink"]
+            assert sink["state"] == "running" and sink["restarts"] == 0
         finally:
             c.close()
     left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
