@@ -32,6 +32,8 @@ class Timing(IntEnum):
 
 N_TIMINGS = 8
 
+WITHHELD = 1  # flags: the uncertainty guard withheld this result's overlay (labels blanked)
+
 META_DTYPE = np.dtype(
     [
         ("index", "<i8"),  # frame number at the source
@@ -43,6 +45,8 @@ META_DTYPE = np.dtype(
         ("spacing", "<f8", (3,)),  # mm per pixel: x, y, z
         ("transform", "<f8", (4, 4)),  # ijk-to-world
         ("timings_ms", "<f4", (N_TIMINGS,)),
+        ("confidence", "<f4"),  # results: the guard's finding confidence (1 = no doubt)
+        ("flags", "<u4"),  # results: WITHHELD
         ("checksum", "<u8"),  # optional content checksum (0 = none), used by tests
     ],
     align=True,
@@ -83,6 +87,8 @@ class FrameMeta:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     transform: np.ndarray = field(default_factory=lambda: np.eye(4))
     timings_ms: np.ndarray = field(default_factory=lambda: np.zeros(N_TIMINGS, np.float32))
+    confidence: float = 1.0
+    flags: int = 0
     checksum: int = 0
 
     @property
@@ -107,6 +113,8 @@ class FrameMeta:
             *self.spacing,
             *np.asarray(self.transform, np.float64).ravel(),
             *self.timings_ms,
+            self.confidence,
+            self.flags,
             self.checksum,
         )
 
@@ -125,6 +133,8 @@ class FrameMeta:
             spacing=v[d : d + 3],
             transform=np.array(v[d + 3 : d + 19], np.float64).reshape(4, 4),
             timings_ms=np.array(v[d + 19 : d + 19 + N_TIMINGS], np.float32),
+            confidence=v[-3],
+            flags=v[-2],
             checksum=v[-1],
         )
 
