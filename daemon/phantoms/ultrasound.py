@@ -172,7 +172,9 @@ class Phantom:
     the field of view filling it (square pixels).
 
     Motion repeats every ``loop_s`` seconds: the heart rate is rounded to whole beats per
-    loop, the vein is compressed once per loop, the probe drifts and comes back. Blood
+    loop, the vein is compressed once per loop, a linear probe drifts and comes back
+    (in whole lines and IQ samples, with the tissue's speckle; the medium is painted
+    once). Blood
     speckle is drawn from the frame's place in the loop, so frame ``i`` and frame
     ``i + loop`` are identical (a source may cache one loop).
     """
@@ -230,6 +232,9 @@ class Phantom:
             motion_mm,
             (rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)),
         )
+        if self.probe.kind != "linear":
+            motion_mm = (0.0, 0.0)  # a sector's lines are not parallel: no drift
+        self._drift = (motion_mm, self._drift[1])
         self.imager = Imager(self.probe, self.scanner, self.layout, rng, motion_mm)
         self.seed = seed
 
@@ -247,7 +252,7 @@ class Phantom:
         """Frame ``index`` (uint8) and its labels; a pure function of the index."""
         i = index % self.loop_frames
         t = i / self.fps
-        shift = self.shift(t)
+        step = self.imager.step_of(self.shift(t))
         rng = np.random.default_rng([self.seed, 13, i])
-        image = self.imager.frame(self.scene, t, rng, shift)
-        return image, self.imager.labels(self.scene, t, shift)
+        image = self.imager.frame(self.scene, t, rng, step)
+        return image, self.imager.labels(self.scene, t, step)

@@ -65,19 +65,19 @@ class Probe:
         half = (self.radius + self.depth) * math.sin(self.sector / 2)
         return -half, half, self.depth
 
-    def angles(self) -> np.ndarray:
-        return np.linspace(-self.sector / 2, self.sector / 2, self.lines, dtype=np.float32)
-
-    def beams(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def beams(
+        self, r: np.ndarray, extra: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Positions (x, z) and beam directions (bx, bz) at ranges ``r`` (rows) on every
-        line (columns)."""
+        line (columns), and on ``extra`` more lines beyond each side at the same pitch."""
         rr = r.astype(np.float32)[:, None]
+        step = np.arange(-extra, self.lines + extra, dtype=np.float32) / (self.lines - 1)
         if self.kind == "linear":
-            xl = np.linspace(-self.width / 2, self.width / 2, self.lines, dtype=np.float32)
-            x = np.broadcast_to(xl[None, :], (len(r), self.lines))
-            z = np.broadcast_to(rr, (len(r), self.lines))
+            xl = (-self.width / 2 + self.width * step).astype(np.float32)
+            x = np.broadcast_to(xl[None, :], (len(r), len(xl)))
+            z = np.broadcast_to(rr, x.shape)
             return x, z, np.zeros_like(x), np.ones_like(x)
-        th = self.angles()[None, :]
+        th = (-self.sector / 2 + self.sector * step).astype(np.float32)[None, :]
         s, c = np.sin(th), np.cos(th)
         x = (self.radius + rr) * s
         z = (self.radius + rr) * c - self.radius
@@ -160,7 +160,10 @@ class Imager:
     """Frames of scenes seen by one probe with one scanner's settings.
 
     The grids, the pulse's filter, the scan conversion maps and the tissue scatterers
-    are made once (``rng``), so frames of a moving scene share their speckle.
+    are made once (``rng``), so frames of a moving scene share their speckle; the
+    scene's medium (the tissue, which does not move) is painted once per scene. A probe
+    drift is a ``step`` of whole lines and whole IQ samples over the tissue (at most
+    ``motion_mm``).
     """
 
     def __init__(
@@ -181,12 +184,16 @@ class Imager:
         self.r = (np.arange(m, dtype=np.float32) + 0.5) * self.dr
         self.x, self.z, self.bx, self.bz = probe.beams(self.r)
         self._pitch = float(probe.line_spacing(np.array([probe.depth / 2]))[0])
-        self._margin = (
+        self._margin = (  # lines, RF samples
             math.ceil(motion_mm[0] / self._pitch) + 1,
             math.ceil(motion_mm[1] / (self.dr / 2)) + 1,
         )
         ml, mr = self._margin
         self.scatterers = rng.standard_normal((n + 2 * mr, probe.lines + 2 * ml), dtype=np.float32)
+        self._mk = mr // 2  # IQ rows of drift the tissue is painted for
+        r_ext = (np.arange(-self._mk, m + self._mk, dtype=np.float32) + 0.5) * self.dr
+        self._extended = probe.beams(r_ext, extra=ml)
+        self._medium: tuple[Scene, Canvas] | None = None
 
         # the pulse's band (positive RF frequencies), in cycles per mm of depth
         k = np.fft.rfftfreq(n, self.dr / 2)
@@ -229,23 +236,38 @@ class Imager:
         self.pixel_x, self.pixel_z = px, pz
         self.fov = probe.contains(px, pz)
 
-    def canvas(self, scene: Scene, t: float, shift: tuple[float, float] = (0.0, 0.0)) -> Canvas:
+    def step_of(self, shift_mm: tuple[float, float]) -> tuple[int, int]:
+        """A probe drift (mm, lateral and axial) as a step of whole lines and IQ samples,
+        within ``motion_mm``."""
+        ml, mk = self._margin[0], self._mk
+        dl, dk = round(shift_mm[0] / self._pitch), round(shift_mm[1] / self.dr)
+        return max(-ml, min(ml, dl)), max(-mk, min(mk, dk))
+
+    def canvas(self, scene: Scene, t: float, step: tuple[int, int] = (0, 0)) -> Canvas:
         """The scene's acoustic fields on the beam grid at time ``t``, the probe moved
-        by ``shift`` (mm, lateral and axial) over the scene."""
-        return scene.paint(Canvas(self.x + shift[0], self.z + shift[1], self.bx, self.bz), t)
+        by ``step`` (lines, IQ samples) over the tissue."""
+        if self._medium is None or self._medium[0] is not scene:
+            whole = Canvas(*self._extended)
+            scene.medium.paint(whole, t)
+            self._medium = (scene, whole)
+        ml, mk = self._margin[0], self._mk
+        rows = slice(mk + step[1], mk + step[1] + self.rows)
+        c = self._medium[1].crop(rows, slice(ml + step[0], ml + step[0] + self.probe.lines))
+        for obj in scene.objects:
+            obj.paint(c, t)
+        return c
 
     def envelope(
-        self, c: Canvas, rng: np.random.Generator, shift: tuple[float, float] = (0.0, 0.0)
+        self, c: Canvas, rng: np.random.Generator, step: tuple[int, int] = (0, 0)
     ) -> np.ndarray:
         """Detected, compensated echo power (linear) on the beam grid (rows x lines);
-        the tissue's scatterers move with ``shift``."""
+        the tissue's scatterers move with ``step``."""
         s, m = self.scanner, self.rows
         att_db = (2 * s.f0 * self.dr / 10) * np.cumsum(c.alpha, axis=0)
         amp = 10 ** (-att_db / 20)
         diffuse = np.sqrt(c.echo) * amp * self.diffuse_gain
         (ml, mr), lines = self._margin, self.probe.lines
-        dl, dr = round(shift[0] / self._pitch), round(shift[1] / (self.dr / 2))
-        dl, dr = max(-ml, min(ml, dl)), max(-mr, min(mr, dr))
+        dl, dr = step[0], 2 * step[1]
         scat = self.scatterers[mr + dr : mr + dr + 2 * m, ml + dl : ml + dl + lines]
         rf = np.repeat(diffuse, 2, axis=0) * scat
         if c.blood.any():
@@ -342,17 +364,18 @@ class Imager:
         self,
         scene: Scene,
         t: float,
-        shift: tuple[float, float] = (0.0, 0.0),
+        step: tuple[int, int] = (0, 0),
         at: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Vessel labels on the display grid, or at display pixel coordinates ``at``
-        (rows, cols; fractional), 0 outside the field of view."""
+        (rows, cols; fractional), 0 outside the field of view; ``step`` as for
+        :meth:`canvas` (a linear probe's: lines are parallel)."""
         if at is None:
             x, z, fov = self.pixel_x, self.pixel_z, self.fov
         else:
             x, z = self.layout.points(*at)
             fov = self.probe.contains(x, z)
-        lab = scene.labels(x + shift[0], z + shift[1], t)
+        lab = scene.labels(x + step[0] * self._pitch, z + step[1] * self.dr, t)
         lab[~fov] = 0
         return lab
 
@@ -361,8 +384,8 @@ class Imager:
         scene: Scene,
         t: float,
         rng: np.random.Generator,
-        shift: tuple[float, float] = (0.0, 0.0),
+        step: tuple[int, int] = (0, 0),
     ) -> np.ndarray:
         """The displayed image (uint8, the layout's shape) of ``scene`` at ``t``."""
-        power = self.envelope(self.canvas(scene, t, shift), rng, shift)
+        power = self.envelope(self.canvas(scene, t, step), rng, step)
         return self.scan_convert(self.grey(power))

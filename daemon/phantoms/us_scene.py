@@ -73,6 +73,13 @@ class Canvas:
         self.blood = np.zeros(shape, bool)
         self.labels = np.zeros(shape, np.uint8)
 
+    def crop(self, rows: slice, cols: slice) -> Canvas:
+        """A copy of the fields on a window of the points."""
+        out = Canvas.__new__(Canvas)
+        for name in ("x", "z", "bx", "bz", "echo", "spec", "alpha", "reverb", "blood", "labels"):
+            setattr(out, name, getattr(self, name)[rows, cols].copy())
+        return out
+
     def incidence(self, nx: np.ndarray, nz: np.ndarray, power: float = 2.0) -> np.ndarray:
         """How squarely the beam meets a surface of normal (nx, nz): |cos|^power."""
         norm = np.sqrt(nx * nx + nz * nz) + 1e-6
