@@ -170,12 +170,12 @@ def test_card_guard_section_is_validated(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(b"")
     model.with_suffix(".toml").write_text(
-        '[guard]\nmin_confidence = 0.9\n[guard.domain]\nfov_fractoin = [0.1, 1.0]\n'
+        "[guard]\nmin_confidence = 0.9\n[guard.domain]\nfov_fractoin = [0.1, 1.0]\n"
     )
-    with pytest.raises(ModelError, match="unknown statistic 'fov_fractoin'.*fov_fraction"):
+    with pytest.raises(ModelError, match=r"unknown statistic 'fov_fractoin'.*fov_fraction"):
         load_card(model)
     model.with_suffix(".toml").write_text("[guard]\nmin_confidence = 1.5\n")
-    with pytest.raises(ModelError, match="guard.min_confidence"):
+    with pytest.raises(ModelError, match=r"guard\.min_confidence"):
         load_card(model)
 
 

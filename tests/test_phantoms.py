@@ -191,4 +191,3 @@ def test_ultrasound_phantom_is_the_acquisition_source() -> None:
     assert np.array_equal(frame.image, image) and np.array_equal(labels, truth)
     assert frame.image.shape == labels.shape == (288, 320)
     assert {ultrasound.ARTERY, ultrasound.VEIN} <= set(np.unique(labels))
-
