@@ -226,7 +226,6 @@ class ControlServer:
         self.pub.close(0)
         self._ctx.term()
 
-
 def load_client_keys(clients_dir: Path) -> dict[str, Role]:
     """Allowed client public keys (z85) and their role, from ``{read,control,admin}/*.key``."""
     roles: dict[str, Role] = {}
