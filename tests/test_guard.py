@@ -9,6 +9,7 @@ The guard withholds blank frames, pure noise and a CT slice shown as an image.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,7 @@ from daemon.engines.segmenter import Segmenter
 from daemon.errors import ModelError
 from daemon.models import BUNDLED, ULTRASOUND
 from daemon.phantoms.ultrasound import ARTERY, VEIN, example
-from tests.conftest import DATA, need_data
+from tests.conftest import DATA, ROOT, Echod, need_data
 
 FRESH = 1_000_000
 RECORDINGS = (
@@ -186,3 +187,28 @@ def test_guard_sees_the_frame_as_the_network_does(seg: Segmenter) -> None:
     _, small = seg.segment_guarded(ex.image)
     _, large = seg.segment_guarded(big)
     assert small.confident == large.confident
+
+
+def test_echod_run_withholds_the_water_tank_and_says_why(run_echod: type[Echod]) -> None:
+    rec = need_data(DATA / "us" / RECORDINGS[0])
+    e = run_echod(
+        "run", "--source", str(rec), "--frames", "10", "--mode", "all", "--headless", "--json"
+    )
+    code, _ = e.finish()
+    assert code == 0, "".join(e.stderr)
+    assert any("overlay withheld: out of domain" in line for line in e.stderr)
+
+
+def test_echod_run_without_the_bundled_model_fails_clearly(
+    run_echod: type[Echod], tmp_path: Path
+) -> None:
+    """A copy of the package whose model is gone: one line naming the problem and the fix,
+    exit 65 (a model error), no run on random weights."""
+    shutil.copytree(ROOT / "daemon", tmp_path / "daemon", ignore=shutil.ignore_patterns("*.pyc"))
+    (tmp_path / "daemon" / "models" / ULTRASOUND).unlink()
+    e = run_echod("run", "--headless", "--frames", "3", cwd=tmp_path)
+    e.proc.wait(120)
+    code, _ = e.finish()
+    errors = [line for line in e.stderr if "ultrasound-seg.onnx is missing" in line]
+    assert code == 65 and errors, "".join(e.stderr)
+    assert "--model" in errors[0]

@@ -763,7 +763,7 @@ class DisplayStage(Stage):
         if not self._frames_flowing(now):
             return [SCANNER_DISCONNECTED]
         out = [INFERENCE_STOPPED] if self._inference_stopped(now) else []
-        if not out and self.overlay_withheld and self.shown_result is not None:
+        if not out and self.overlay_withheld and self.overlay_index is not None:
             out.append(NO_CONFIDENT_FINDING)
         if self.newest_age_ms > self.settings.frame_old_ms:
             out.append(FRAME_OLD)
