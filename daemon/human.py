@@ -126,6 +126,12 @@ def run_summary(s: dict[str, Any]) -> list[str]:
         f"p99 {lat.get('p99', float('nan')):.1f} ms | {s.get('engine')} {s.get('device')}, "
         f"{s.get('model')}"
     ]
+    withheld = s.get("withheld") or {}
+    if withheld.get("frames"):
+        lines.append(
+            f"echod: overlay withheld on {withheld['frames']} of {s['frames_out']} frames "
+            "(no confident finding, or the frame is unlike the model's training data)"
+        )
     for consumer, n in (s.get("skipped") or {}).items():
         if n:
             lines.append(

@@ -780,6 +780,7 @@ class Supervisor:
             },
             "fps": sink.get("fps"),
             "latency_ms": sink.get("latency_ms"),
+            "withheld": sink.get("withheld"),
             **self.counts(),
             "engine": infer.get("engine"),
             "device": infer.get("device"),
@@ -795,8 +796,8 @@ class Supervisor:
         """Refresh resource use (control thread, once per telemetry interval) and report."""
         self.resources = _resources(self.workers.values())
         st = self.status()
-        keys = ("state", "source", "fps", "latency_ms", "frames_in", "frames_out", "dropped")
-        return {k: st[k] for k in (*keys, "skipped", "jobs", "resources")}
+        keys = ("state", "source", "fps", "latency_ms", "withheld", "frames_in", "frames_out")
+        return {k: st[k] for k in (*keys, "dropped", "skipped", "jobs", "resources")}
 
     # -- stopping ---------------------------------------------------------------
 
@@ -844,6 +845,7 @@ class Supervisor:
             "fps": sink.get("fps", 0.0),
             "latency_ms": sink.get("latency_ms", {}),
             "overhead_ms": sink.get("overhead_ms", {}),
+            "withheld": sink.get("withheld"),  # overlays the guard held back
             "stages": sink.get("stages", {}),
             "engine": infer.info.get("engine"),
             "device": infer.info.get("device"),

@@ -313,7 +313,7 @@ def test_hot_swap_in_mode_all_loses_no_frame(runtime: Path, tmp_path: Path) -> N
     n = 120
     model = tmp_path / "models" / "swapped.onnx"
     model.parent.mkdir()
-    shutil.copy(default_model(config.Config().paths.cache()), model)
+    shutil.copy(default_model(), model)
     r = Running(
         live(
             runtime,

@@ -36,6 +36,7 @@ from daemon.ctl import Client, CtlError  # noqa: E402
 from daemon.display.colours import class_lut, heatmap_lut  # noqa: E402
 from daemon.display.gl import (  # noqa: E402
     INFERENCE_STOPPED,
+    NO_CONFIDENT_FINDING,
     SCANNER_DISCONNECTED,
     DisplayConfig,
     DisplayError,
@@ -46,7 +47,7 @@ from daemon.display.gl import (  # noqa: E402
     write_png,
 )
 from daemon.engines.card import ClassCard  # noqa: E402
-from daemon.frame import FrameMeta  # noqa: E402
+from daemon.frame import WITHHELD, FrameMeta  # noqa: E402
 from daemon.ring import Ring, RingWriter  # noqa: E402
 from daemon.stage import InputPort, StageContext, StageSpec, run_stage  # noqa: E402
 from daemon.supervisor import Supervisor  # noqa: E402
@@ -358,8 +359,9 @@ class Rig:
         self.step_until(lambda: self.stage.frames_shown > seen)
         return index
 
-    def result(self, index: int, labels: np.ndarray) -> None:
-        self.results.write(labels, FrameMeta(index=index, t_acquired_ns=time.monotonic_ns()))
+    def result(self, index: int, labels: np.ndarray, flags: int = 0) -> None:
+        meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), flags=flags)
+        self.results.write(labels, meta)
 
     def step_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -439,6 +441,37 @@ def test_stage_keeps_the_image_flowing_when_inference_stops(rig: Callable[..., R
     s = r.stage.summary()
     assert s["frames_out"] == r.stage.frames_shown and s["results_in"] == 2
     assert s["latency_ms"]["p50"] > 0 and s["display_ms"]["total"]["p99"] > 0
+
+
+def test_stage_says_no_confident_finding_when_the_guard_withholds(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    r.stage.setup()
+    r.result(r.show(100), np.zeros(r.shape, np.uint8), flags=WITHHELD)
+    r.step_until(lambda: NO_CONFIDENT_FINDING in r.stage.warnings)
+    assert (r.centre() == 100).all(), "nothing painted"
+    assert r.stage.summary()["withheld"] == {"frames": 1, "fraction": 1.0}
+    r.result(r.show(120), square(r.shape))
+    r.step_until(lambda: NO_CONFIDENT_FINDING not in r.stage.warnings)
+    r.step_until(lambda: r.stage.draw_mode() == "filled")
+    assert r.stage.summary()["withheld"] == {"frames": 1, "fraction": 0.5}
+    assert NO_CONFIDENT_FINDING in r.stage.summary()["warned"]
+
+
+def test_headless_sink_counts_withheld_results(
+    rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    r = rig()
+    assert r.stage.setup()["display"] == "headless"
+    for k in range(4):  # one at a time: the rig's results port reads the newest
+        r.result(r.frame(10), square(r.shape), flags=WITHHELD if k % 2 else 0)
+        r.step_until(lambda k=k: r.stage.headless is not None and r.stage.headless.count == k + 1)
+    assert r.stage.summary()["withheld"] == {"frames": 2, "fraction": 0.5}
+    assert r.stage.headless is not None
+    assert r.stage.headless.live(30.0)["withheld"] == {"frames": 2, "fraction": 0.5}
 
 
 def test_stage_warns_when_frames_stop(rig: Callable[..., Rig]) -> None:

@@ -14,7 +14,9 @@ Three layers, each usable alone:
 - :class:`DisplayStage`: the pipeline stage (input ports ``frames`` and ``results``, both
   ``newest``). It never waits for inference: each step takes the newest frame and the
   newest result, and the image keeps flowing when results stop (the overlay is then hidden
-  and the status line says "inference stopped"). Keys: ``o`` overlay on/off, ``m`` filled /
+  and the status line says "inference stopped"). When the uncertainty guard withheld the
+  overlay (the result's WITHHELD flag), nothing is painted and the status line says
+  "no confident finding". Keys: ``o`` overlay on/off, ``m`` filled /
   contour, ``f`` freeze, ``s`` screenshot, ``Esc``/``q`` quit when ``allow_quit``.
 
 If no window with either context can be opened (no display, no driver, the ``display``
@@ -43,10 +45,10 @@ from pydantic import ValidationError
 from daemon.config import DISPLAY_RUNTIME, Config, DisplayConfig
 from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
-from daemon.display.headless import TABLE2, HeadlessSink
+from daemon.display.headless import TABLE2, HeadlessSink, withheld_figures
 from daemon.engines.card import ClassCard, load_card
 from daemon.errors import ConfigError, EchodError, ModelError, StageError
-from daemon.frame import FrameMeta
+from daemon.frame import WITHHELD, FrameMeta
 from daemon.metrics import Percentiles, RateMeter, RunningStats
 from daemon.paths import check_new_file
 from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
@@ -74,6 +76,7 @@ WARN_COLOUR: Colour = (255, 176, 0)
 INFERENCE_STOPPED = "inference stopped"
 SCANNER_DISCONNECTED = "scanner disconnected"
 FRAME_OLD = "frame old"
+NO_CONFIDENT_FINDING = "no confident finding"  # the guard withheld the overlay shown
 
 
 class DisplayError(StageError):
@@ -591,6 +594,8 @@ class DisplayStage(Stage):
         self.cost = {k: Percentiles() for k in ("upload", "draw", "swap", "total")}
         self.stages = {name: RunningStats() for name in TABLE2}
         self.frames_shown = self.results_in = self.unmatched = self.torn = 0
+        self.withheld = 0  # results whose overlay the guard withheld
+        self.overlay_withheld = False  # the overlay in the texture is a withheld one
         self.frames_without_inference = 0
         self.first_ns = self.last_ns = 0
         self._update_status(now)
@@ -676,6 +681,7 @@ class DisplayStage(Stage):
             self.last_result_t = now
             self.results_in += 1
             meta = result.meta
+            self.withheld += bool(meta.flags & WITHHELD)
             for name, idx in TABLE2.items():
                 self.stages[name].add(float(meta.timings_ms[idx]))
         if self.frozen:
@@ -730,6 +736,7 @@ class DisplayStage(Stage):
             return False
         self.heatmap = result.image.dtype.kind == "f"
         self.overlay_index = result.meta.index
+        self.overlay_withheld = bool(result.meta.flags & WITHHELD)
         generation = result.meta.generation
         if generation != self.generation and generation in self.models:
             self.generation = generation
@@ -770,6 +777,8 @@ class DisplayStage(Stage):
         if not self._frames_flowing(now):
             return [SCANNER_DISCONNECTED]
         out = [INFERENCE_STOPPED] if self._inference_stopped(now) else []
+        if not out and self.overlay_withheld and self.overlay_index is not None:
+            out.append(NO_CONFIDENT_FINDING)
         if self.newest_age_ms > self.settings.frame_old_ms:
             out.append(FRAME_OLD)
         return out
@@ -798,6 +807,7 @@ class DisplayStage(Stage):
             inference_ms=round(self.stages["nn_inference"].mean, 3),
             frames=self.frames_shown,
             dropped=self.frames.dropped if self.frames is not None else 0,
+            withheld=withheld_figures(self.withheld, self.results_in),
             warnings=list(self.warnings),
         )
 
@@ -936,6 +946,7 @@ class DisplayStage(Stage):
             "stages": {name: s.summary() for name, s in self.stages.items()},
             "display_ms": {name: p.summary(50, 99) for name, p in self.cost.items()},
             "results_in": self.results_in,
+            "withheld": withheld_figures(self.withheld, self.results_in),
             "results_unmatched": self.unmatched,
             "frames_without_inference": self.frames_without_inference,
             "warned": sorted(self.warned),
