@@ -92,7 +92,7 @@ def _parser() -> Parser:
     run.add_argument(
         "--source",
         help="'synthetic', igtl://HOST:PORT[/DEVICE] (a scanner), a recording "
-        "(.mha/.mhd, .dcm, .nrrd) or a folder of images",
+        "(.mha/.mhd, .dcm, .nrrd), a folder of images, or 'none' (offline jobs only)",
     )
     run.add_argument("--pace", choices=["timestamps", "fps", "none"], help="frame pacing")
     run.add_argument("--fps", type=float, help="frame rate for --pace fps")

@@ -43,7 +43,7 @@ import psutil
 
 from daemon import __version__, pipeline
 from daemon.config import NO_SOURCE, Config
-from daemon.errors import EchodError, StageError, from_dict
+from daemon.errors import ConfigError, EchodError, StageError, from_dict
 from daemon.events import EventBus
 from daemon.instance import InstanceLock
 from daemon.lifeline import Lifeline
@@ -236,6 +236,11 @@ class Supervisor:
         """The job store, checked at start (a corrupt or unwritable one is one clear line);
         jobs a crash left running go back to the queue."""
         if self.config.offline.workers == 0:
+            if not self.live:
+                raise ConfigError(
+                    "nothing to run: --source none takes no frames and offline.workers = 0 "
+                    "takes no jobs; give a source or at least one worker"
+                )
             return
         from daemon.offline.service import JobService
 

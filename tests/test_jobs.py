@@ -372,3 +372,9 @@ def test_a_corrupt_store_stops_the_daemon_at_start_with_one_line(
     code, _ = e.finish(60)
     assert code == 78 and "jobs.db cannot be used" in e.stderr[-1], e.stderr
     assert sqlite3.connect(tmp_path / "jobs" / "jobs.db") is not None
+
+
+def test_no_source_and_no_workers_is_refused(run_echod: type[Echod]) -> None:
+    e = run_echod("run", "--source", "none", "--set", "offline.workers=0")
+    code, _ = e.finish(30)
+    assert code == 78 and "nothing to run" in e.stderr[-1], e.stderr
