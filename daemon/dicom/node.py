@@ -91,6 +91,8 @@ class DicomNode:
                 raise ConfigError(f"dicom.routes[{i}].model {route.model}: no such file")
 
     def start(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG):  # a line per PDU and request otherwise
+            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         self.scp.start()
         self._thread.start()
         resumed = self.store.receipts(RECEIVING, SUBMITTED)
@@ -301,7 +303,7 @@ class DicomNode:
             )
         else:
             log.warning(
-                "DICOM %s of job %s to %s failed (try %d of %d, next in %.0f s): %s",
+                "DICOM %s of job %s to %s failed (try %d of %d, next in %.3g s): %s",
                 path.name,
                 job,
                 name,

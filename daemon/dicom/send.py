@@ -69,13 +69,8 @@ def store_files(
     tls = (_client_context(settings), dest.host) if dest.tls else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
-        why = (
-            "association rejected"
-            if assoc.is_rejected
-            else "association aborted"
-            if assoc.is_aborted
-            else "cannot connect"
-        )
+        # pynetdicom reports a refused or timed-out connection as an abort
+        why = "association rejected" if assoc.is_rejected else "cannot connect, or aborted"
         reason = f"{why} by {dest.ae_title} at {dest.host}:{dest.port}"
         return False, {**outcome, **{p: reason for p, _ in datasets}}
     try:

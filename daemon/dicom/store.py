@@ -211,8 +211,8 @@ class DicomStore:
         ).fetchall()
         if used - sum(size for _, size, _ in studies) + need > self.max_bytes:
             raise StorageFull(
-                f"DICOM storage is full ({used / 2**30:.2f} of "
-                f"{self.max_bytes / 2**30:.2f} GB, in series not finished yet)"
+                f"DICOM storage is full ({used / 2**20:.1f} of "
+                f"{self.max_bytes / 2**20:.1f} MB, in series not finished yet)"
             )
         for study, size, _ in studies:
             if used + need <= self.max_bytes:
