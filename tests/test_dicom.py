@@ -34,6 +34,7 @@ from daemon.dicom.scp import OUT_OF_RESOURCES, Scp
 from daemon.dicom.send import store_files
 from daemon.dicom.settings import DicomDestination, DicomRoute
 from daemon.dicom.store import DONE, Instance, StorageFull
+from daemon.offline.kinds import KINDS
 from daemon.offline.service import JobService
 from daemon.phantoms.ct import ct_phantom, write_dicom_series
 from tests.conftest import Echod
@@ -439,5 +440,57 @@ def test_storescu_series_becomes_a_job_by_itself_and_a_stranger_is_refused(
         code = cli_main(["ctl", "--endpoint", f"ipc://{runtime}/control.sock", "dicom", "status"])
         out = capsys.readouterr().out
         assert code == 0 and "accepted=2 rejected=1" in out and "instances_received  12" in out
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+@need_dcmtk
+@pytest.mark.skipif("ct" not in KINDS, reason="the ct job kind is not on this branch yet")
+def test_storescu_series_to_ct_job_to_seg_at_storescp_retried_while_it_was_down(
+    run_echod: type[Echod], tmp_path: Path, storescps: list[Storescp]
+) -> None:
+    """The issue's case: a phantom CT series from storescu; the CT job runs by itself; its
+    SEG reaches storescp (down at first: retried until it is up) and refers to the series."""
+    import highdicom as hd
+
+    runtime = Path(tempfile.mkdtemp(prefix="ec-"))
+    pacs_port = free_port()
+    cfg = tmp_path / "echod.toml"
+    cfg.write_text(
+        "[offline]\nthreads = 1\n"
+        '[dicom]\nenabled = true\nport = 0\nquiet_s = 0.3\nallowed_aes = ["STORESCU"]\n'
+        "retry_s = 0.5\nretry_max_s = 1.0\n"
+        '[[dicom.routes]]\nmodality = "CT"\nkind = "ct"\n'
+        '[[dicom.destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {pacs_port}\n"
+    )
+    e = run_echod(
+        "run",
+        *("--config", str(cfg), "--source", "none"),
+        *("--set", f"paths.runtime_dir={runtime}", "--set", f"paths.state_dir={tmp_path / 's'}"),
+    )
+    try:
+        port = e.wait_for("DICOM node ECHOD on 127.0.0.1:").strip().rsplit(":", 1)[1]
+        files = series(tmp_path / "sent", slices=16, seed=3)
+        store = ["storescu", "-aet", "STORESCU", "-aec", "ECHOD", "+sd", "127.0.0.1", port]
+        assert subprocess.run([*store, str(tmp_path / "sent")], capture_output=True).returncode == 0
+        client = Client(f"ipc://{runtime}/control.sock", timeout_s=30)
+        try:
+
+            def sends() -> list[dict[str, Any]]:
+                return list(client.call("dicom.status")["sends"])
+
+            failing = wait(lambda: [s for s in sends() if s["attempts"] >= 2], 300)
+            assert all("cannot connect" in s["error"] for s in failing)
+            storescps.append(pacs := Storescp(pacs_port, tmp_path / "pacs"))
+            wait(lambda: not sends() and pacs.files(), 60)
+        finally:
+            client.close()
+        segs = [f for f in pacs.files() if dcmread(f, stop_before_pixels=True).Modality == "SEG"]
+        assert len(segs) == 1
+        seg = hd.seg.segread(segs[0])
+        sent = dcmread(files[0], stop_before_pixels=True)
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sent.SeriesInstanceUID
+        assert seg.StudyInstanceUID == sent.StudyInstanceUID
     finally:
         shutil.rmtree(runtime, ignore_errors=True)

@@ -274,8 +274,9 @@ class DicomNode:
                 self._record(job, name, path, error)
             if not self.store.sends(job, (PENDING,)):
                 shutil.rmtree(self.store.outgoing / job, ignore_errors=True)
-        except Exception as e:  # recorded on the next try; never lost in the pool
-            log.error("DICOM send of job %s to %s: %s: %s", job, name, type(e).__name__, e)
+        except Exception as e:  # still pending: tried again (after a restart, if stopping)
+            if not self._stop.is_set():
+                log.error("DICOM send of job %s to %s: %s: %s", job, name, type(e).__name__, e)
         finally:
             with self._lock:
                 self._sending.discard((job, name))
