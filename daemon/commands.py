@@ -145,6 +145,15 @@ class ControlCommands:
         stopped and its partial outputs removed."""
         return self.sup.in_main(lambda: self.sup.cancel_job(args.job))
 
+    # -- the DICOM node ---------------------------------------------------------------
+
+    def dicom_status(self, args: protocol.DicomStatusArgs, role: Role) -> dict[str, Any]:
+        if self.sup.dicom is None:
+            raise ProtocolError(
+                protocol.UNAVAILABLE, "the DICOM node is off: set dicom.enabled = true"
+            )
+        return dict(self.sup.dicom.status(args.job))
+
     def shutdown(self, args: Any, role: Role) -> dict[str, Any]:
         self.sup.request_stop(f"shutdown requested by a {role} client")
         return {"stopping": True}

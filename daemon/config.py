@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
+from daemon.dicom.settings import DicomConfig
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
@@ -283,6 +284,14 @@ class OfflineConfig(Section):
     )
 
 
+class MetricsConfig(Section):
+    enabled: bool = Field(False, description="serve Prometheus metrics over HTTP at /metrics")
+    host: str = Field(
+        "127.0.0.1", description="interface to listen on ('0.0.0.0': all; no authentication)"
+    )
+    port: int = Field(9464, ge=0, le=65535, description="HTTP port (0: any free one, logged)")
+
+
 class Config(Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
@@ -295,6 +304,8 @@ class Config(Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 
 def _dir(value: str, env: str, default: Path) -> Path:
@@ -490,6 +501,8 @@ def to_toml(config: Config) -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, BaseModel):  # a table in a list ([[dicom.routes]]): inline
+        return _toml_value(value.model_dump())
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):

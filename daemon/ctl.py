@@ -214,6 +214,9 @@ def check_endpoint(endpoint: str) -> None:
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or default_endpoint()
+    if args.args and f"{args.command}.{args.args[0]}" in protocol.COMMANDS:
+        # two words for a dotted command: `echod ctl dicom status` = `echod ctl dicom.status`
+        args.command, args.args = f"{args.command}.{args.args[0]}", args.args[1:]
     try:
         check_endpoint(endpoint)
         if args.command == "watch":

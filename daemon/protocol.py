@@ -125,6 +125,10 @@ class JobListArgs(Args):
     limit: int = Field(100, ge=1, le=10_000)
 
 
+class DicomStatusArgs(Args):
+    job: str = Field("", max_length=64, description="that job's sends (all states)")
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -149,6 +153,7 @@ COMMANDS: dict[str, Command] = {
         Command("jobs.list", JobListArgs, "read", "jobs, newest first"),
         Command("jobs.cancel", JobIdArgs, "control", "cancel a queued or running job"),
         Command("jobs.result", JobIdArgs, "read", "a finished job's manifest"),
+        Command("dicom.status", DicomStatusArgs, "read", "DICOM node: associations, series, sends"),
         Command("shutdown", NoArgs, "admin", "stop the daemon"),
     )
 }

@@ -129,6 +129,8 @@ class Supervisor:
         self.source_state: dict[str, Any] = {}
         self.control: Any = None
         self.jobs: Any = None  # the JobService when offline.workers > 0
+        self.dicom: Any = None  # the DicomNode when dicom.enabled
+        self.exporter: Any = None  # the Prometheus exporter when metrics.enabled
         self.resources: dict[str, Any] = {}
         self.swap: Swap | None = None
         self.last_swap: dict[str, Any] | None = None
@@ -166,6 +168,7 @@ class Supervisor:
                 self.workers = {s.name: Worker(s) for s in specs}
                 self._start_control()
                 self._start_all()
+                self._start_hospital()
                 self.state = "running"
                 notify("READY=1", f"STATUS=running: {source['description']}")
                 self._watch()
@@ -173,6 +176,7 @@ class Supervisor:
             finally:
                 self.state = "stopping"
                 notify("STOPPING=1")
+                self._stop_hospital()
                 self._stop_all()
                 if self.control is not None:
                     self.control.close()
@@ -731,6 +735,27 @@ class Supervisor:
         if isinstance(error, str):
             error = {"code": "stage", "message": error}
         self._swap_event("failed", error=error)
+
+    # -- the hospital network: DICOM node, Prometheus exporter ------------------------
+
+    def _start_hospital(self) -> None:
+        """The DICOM node and the /metrics exporter, when configured (a port in use is a
+        configuration error, before READY)."""
+        if self.config.dicom.enabled:
+            from daemon.dicom.node import DicomNode
+
+            self.dicom = DicomNode(self.config, self.jobs, self.publish)
+            self.dicom.start()
+        if self.config.metrics.enabled:
+            from daemon.exporter import Exporter
+
+            self.exporter = Exporter(self.config.metrics, self)
+
+    def _stop_hospital(self) -> None:
+        for part in (self.exporter, self.dicom):
+            if part is not None:
+                part.close()
+        self.exporter = self.dicom = None
 
     # -- offline jobs ---------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from daemon.display.headless import TABLE2, HeadlessSink, withheld_figures
 from daemon.engines.card import ClassCard, load_card
 from daemon.errors import ConfigError, EchodError, ModelError, StageError
 from daemon.frame import WITHHELD, FrameMeta
-from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
 from daemon.paths import check_new_file
 from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
 from daemon.stage import POLL_S, Stage, StageContext, StageSpec
@@ -593,6 +593,7 @@ class DisplayStage(Stage):
         self.latency = Percentiles()
         self.cost = {k: Percentiles() for k in ("upload", "draw", "swap", "total")}
         self.stages = {name: RunningStats() for name in TABLE2}
+        self.histograms = FrameHistograms(TABLE2)  # for /metrics
         self.frames_shown = self.results_in = self.unmatched = self.torn = 0
         self.withheld = 0  # results whose overlay the guard withheld
         self.overlay_withheld = False  # the overlay in the texture is a withheld one
@@ -684,6 +685,7 @@ class DisplayStage(Stage):
             self.withheld += bool(meta.flags & WITHHELD)
             for name, idx in TABLE2.items():
                 self.stages[name].add(float(meta.timings_ms[idx]))
+                self.histograms.steps[name].add(float(meta.timings_ms[idx]))
         if self.frozen:
             return None
         if self.settings.sync == "synchronised":
@@ -749,6 +751,7 @@ class DisplayStage(Stage):
         if shown.t_acquired_ns > 0:
             ms = (now_ns - shown.t_acquired_ns) / 1e6
             self.latency.add(ms)
+            self.histograms.latency.add(ms)
             self.recent_latency.append(ms)
         for name, s in zip(("upload", "draw", "swap"), costs, strict=True):
             self.cost[name].add(s * 1e3)
@@ -809,6 +812,7 @@ class DisplayStage(Stage):
             dropped=self.frames.dropped if self.frames is not None else 0,
             withheld=withheld_figures(self.withheld, self.results_in),
             warnings=list(self.warnings),
+            histograms=self.histograms.snapshot(),
         )
 
     def _update_status(self, now: float) -> bool:

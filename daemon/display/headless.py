@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from daemon.frame import WITHHELD, Timing
-from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
 from daemon.stage import POLL_S, Stage
 
 TABLE2 = {  # the paper's Table 2 columns, in the order they happen
@@ -28,6 +28,7 @@ class HeadlessSink(Stage):
         self.latency = Percentiles()
         self.overhead = Percentiles()  # latency minus the frame's own inference time
         self.stages = {name: RunningStats() for name in TABLE2}
+        self.histograms = FrameHistograms(TABLE2)  # for /metrics
         self.count = 0
         self.withheld = 0  # results flagged WITHHELD by the guard
         self.first_ns = self.last_ns = 0
@@ -43,9 +44,11 @@ class HeadlessSink(Stage):
             meta = f.meta
             latency = (now_ns - meta.t_acquired_ns) / 1e6
             self.latency.add(latency)
+            self.histograms.latency.add(latency)
             self.overhead.add(latency - float(meta.timings_ms[Timing.NN_INFERENCE]))
             for name, idx in TABLE2.items():
                 self.stages[name].add(float(meta.timings_ms[idx]))
+                self.histograms.steps[name].add(float(meta.timings_ms[idx]))
             self.count += 1
             self.withheld += bool(meta.flags & WITHHELD)
             self.first_ns = self.first_ns or now_ns
@@ -71,6 +74,7 @@ class HeadlessSink(Stage):
             "frames": self.count,
             "dropped": self.reader.dropped,
             "withheld": withheld_figures(self.withheld, self.count),
+            "histograms": self.histograms.snapshot(),
         }
 
     def summary(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """``echo-volume``: the built-in job kind that exercises the job system end to end.
 
-It reads a volume (NIfTI, MetaImage: anything SimpleITK reads), runs the bundled
+It reads a volume (NIfTI, MetaImage: anything SimpleITK reads; or a folder holding one
+DICOM series, as the DICOM node hands one over), runs the bundled
 CT model (or the job's model) over it slab by slab (``slab`` slices, each resized
 in-plane to the network's size and back), and writes the label volume as NIfTI
 with the input's geometry. Each slab is a unit: its labels go to the work folder
@@ -37,6 +38,9 @@ class EchoVolume(JobKind):
     def check(cls, path: Path, options: Any) -> None:
         import SimpleITK as sitk
 
+        if path.is_dir():
+            _series(path)
+            return
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
@@ -56,7 +60,11 @@ class EchoVolume(JobKind):
 
         self.check(ctx.input, ctx.options)
         with ctx.phase("read"):
-            image = sitk.ReadImage(str(ctx.input))
+            image = (
+                sitk.ReadImage(_series(ctx.input))
+                if ctx.input.is_dir()
+                else sitk.ReadImage(str(ctx.input))
+            )
             volume = sitk.GetArrayViewFromImage(image)  # (z, y, x)
         model = ctx.model or BUNDLED / CT
         card = load_card(model)
@@ -142,6 +150,18 @@ class EchoVolume(JobKind):
         return np.stack(
             [cv2.resize(p, (x, y), interpolation=cv2.INTER_NEAREST_EXACT) for p in labels]
         )
+
+
+def _series(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order (GDCM's sort)."""
+    import SimpleITK as sitk
+
+    if not any(folder.glob("*.dcm")):
+        raise JobInputError(f"{folder.name} is a folder without .dcm files: give one volume")
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(ids) != 1:
+        raise JobInputError(f"{folder.name} holds {len(ids)} DICOM series: one is needed")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:

@@ -226,6 +226,14 @@ class JobStore:
         rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
         return {state: n for state, n in rows}
 
+    def durations(self) -> list[tuple[str, str, float]]:
+        """``(kind, outcome, seconds)`` of every job that ran and ended: first start to end."""
+        rows = self._db.execute(
+            "SELECT kind, state, finished - started FROM jobs"
+            " WHERE state IN ('done', 'failed', 'cancelled') AND started IS NOT NULL"
+        ).fetchall()
+        return [(kind, state, max(0.0, float(s))) for kind, state, s in rows]
+
     # -- running -------------------------------------------------------------------
 
     def claim(self, worker: str) -> Job | None:
