@@ -383,4 +383,6 @@ def test_a_large_slide_is_classified_in_bounded_memory(tmp_path: Path) -> None:
     accuracy = _accuracy(
         tmp_path / "job" / "out" / "patches.csv", truth.class_map, truth.map_downsample
     )
+    print(f"{LARGE}: {manifest['patches']}, peak {peak_mib:.0f} MiB, accuracy {accuracy:.3f}")
+    print(json.dumps(manifest["timings"]))
     assert accuracy >= 0.9

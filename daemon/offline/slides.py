@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from daemon.offline.kind import JobInputError
 
@@ -142,12 +141,13 @@ class OpenSlideSlide(Slide):
             img = self._slide.read_region((x, y), level, (w, h))
         except self._error as exc:
             raise self._read_error(x, y, level, exc) from exc
-        alpha = img.getchannel("A")
-        if alpha.getextrema()[0] != 255:  # transparent: outside the slide or its scanned areas
-            base = Image.new("RGB", img.size, self.background)
-            base.paste(img, mask=alpha)
-            img = base
-        return np.asarray(img.convert("RGB"))
+        rgba = np.asarray(img)
+        alpha = rgba[:, :, 3]
+        if alpha.min() != 255:  # transparent: outside the slide or its scanned areas
+            a = alpha[:, :, None].astype(np.float32) / 255.0
+            bg = np.array(self.background, np.float32)
+            return np.rint(rgba[:, :, :3] * a + bg * (1.0 - a)).astype(np.uint8)
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
 
     def close(self) -> None:
         self._slide.close()
