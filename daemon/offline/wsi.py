@@ -61,17 +61,32 @@ OUTPUTS = {
 class WsiOptions(KindOptions):
     """Options of a ``wsi`` job (``echod submit wsi PATH --mpp 0.5 --batch 8 ...``)."""
 
-    mpp: Positive | None = None  # microns per pixel of the patches; default 0.5 (20x)
-    magnification: Positive | None = None  # instead of mpp: 20 means 0.5 um/px
-    batch: Annotated[int, Field(ge=1, le=256)] = 8  # patches per inference
-    slide_mpp: Positive | None = None  # level-0 um/px of a slide that does not say
-    tissue: TissueMethod = "saturation"  # darkness; fluorescence (a fixed threshold)
-    tissue_threshold: Annotated[float, Field(ge=0, le=255)] | None = None  # default 20
-    tissue_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5  # of a patch, to classify it
-    tissue_radius: Annotated[float, Field(ge=0)] = 16.0  # um: closing and opening of the mask
-    readers: Annotated[int, Field(ge=0, le=64)] = 0  # reading threads; 0: one per core
-    prefetch: Annotated[int, Field(ge=0)] = 0  # patches read ahead; 0: two batches
-    thumbnail: Annotated[int, Field(ge=64, le=8192)] = 1024  # long side of thumbnail.png
+    mpp: Positive | None = Field(
+        None, description="microns per pixel of the patches (default 0.5, i.e. 20x)"
+    )
+    magnification: Positive | None = Field(
+        None, description="instead of mpp: objective magnification (20 means 0.5 um/px)"
+    )
+    batch: int = Field(8, ge=1, le=256, description="patches per inference")
+    slide_mpp: Positive | None = Field(
+        None, description="level-0 microns per pixel of a slide that does not say its own"
+    )
+    tissue: TissueMethod = Field(
+        "saturation",
+        description="tissue mask: saturation (H&E), darkness (weak stains) or fluorescence",
+    )
+    tissue_threshold: float | None = Field(
+        None, ge=0, le=255, description="floor of Otsu's threshold, or fluorescence's (20)"
+    )
+    tissue_fraction: float = Field(
+        0.5, ge=0, le=1, description="tissue a patch needs to be classified (0: every patch)"
+    )
+    tissue_radius: float = Field(
+        16.0, ge=0, description="um: closing and opening of the tissue mask (0: none)"
+    )
+    readers: int = Field(0, ge=0, le=64, description="reading threads (0: one per core)")
+    prefetch: int = Field(0, ge=0, description="patches read ahead (0: two batches)")
+    thumbnail: int = Field(1024, ge=64, le=8192, description="long side of thumbnail.png")
 
     @model_validator(mode="after")
     def _one_target(self) -> WsiOptions:
@@ -115,7 +130,7 @@ class WsiJob(JobKind):
             cells = np.argwhere(cover >= opts.tissue_fraction)  # row-major (row, col)
             with ctx.phase("classify"):
                 probs, timing = _classify(
-                    ctx, slide, sampling, clf, pool, grid, cells, opts, readers, t_start
+                    ctx, slide, sampling, clf, pool, grid, cells, opts, t_start
                 )
             classified = np.zeros((grid.rows, grid.cols), bool)
             classified[cells[:, 0], cells[:, 1]] = True
@@ -201,7 +216,6 @@ def _classify(
     grid: Grid,
     cells: np.ndarray,
     opts: WsiOptions,
-    readers: int,
     t_start: float,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Probabilities on the grid (rows, cols, classes), batch by batch, resuming the
