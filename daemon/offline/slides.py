@@ -142,9 +142,10 @@ class OpenSlideSlide(Slide):
         except self._error as exc:
             raise self._read_error(x, y, level, exc) from exc
         rgba = np.asarray(img)
-        alpha = rgba[:, :, 3]
-        if alpha.min() != 255:  # transparent: outside the slide or its scanned areas
-            a = alpha[:, :, None].astype(np.float32) / 255.0
+        # any alpha below 255 (the top byte of each pixel read as a little-endian word):
+        # outside the slide or its scanned areas
+        if (rgba.view("<u4") < 0xFF000000).any():
+            a = rgba[:, :, 3:].astype(np.float32) / 255.0
             bg = np.array(self.background, np.float32)
             return np.rint(rgba[:, :, :3] * a + bg * (1.0 - a)).astype(np.uint8)
         return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
