@@ -117,13 +117,21 @@ def _rate(n: int, run: Callable[[], None]) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _cpu_ms(todo: list[tuple[int, int]], read: Callable[[tuple[int, int]], Any]) -> float:
+    """CPU milliseconds of this thread per read (robust to a loaded machine)."""
+    t0 = time.thread_time()
+    for origin in todo:
+        read(origin)
+    return (time.thread_time() - t0) / len(todo) * 1e3
+
+
 def reading(
     slide_path: Path, origins: list[tuple[int, int]], readers: int, prefetch: int, rounds: int = 5
 ) -> dict:
     """Patches per second, best of ``rounds`` interleaved: raw OpenSlide ``read_region`` on
     a thread pool, echod's PatchReader (threads), a process pool (one handle each); and
     echod over raw as the median of each round's pair (a shared machine's load moves
-    both alike)."""
+    both alike); and the CPU time of one read on one thread, raw and echod's."""
     import openslide
 
     todo = origins * max(1, -(-256 // max(1, len(origins))))  # at least 256 reads a round
@@ -158,15 +166,21 @@ def reading(
                 pass
 
         raw_threads()  # warm the page cache
+        cpu: dict[str, list[float]] = {"raw": [], "echod": []}
         for _ in range(rounds):
             for key, run in zip(rates, (raw_threads, echod, processes), strict=True):
                 rates[key].append(_rate(len(todo), run))
+            cpu["raw"].append(_cpu_ms(todo, lambda o: raw.read_region(o, level, (side, side))))
+            cpu["echod"].append(_cpu_ms(todo, reader.read))
     raw.close()
     result: dict[str, Any] = {"reads": len(todo), "readers": readers, "rounds": rounds}
     result |= {k: round(max(v), 1) for k, v in rates.items()}
     pairs = np.array(rates["echod_threads"]) / np.array(rates["raw_openslide_threads"])
     result["echod_over_raw"] = round(float(np.median(pairs)), 3)
     result["echod_over_raw_rounds"] = [round(float(r), 3) for r in pairs]
+    cpu_ms = {k: float(np.median(v)) for k, v in cpu.items()}
+    result["cpu_ms_per_read"] = {k: round(v, 3) for k, v in cpu_ms.items()}
+    result["echod_over_raw_cpu"] = round(cpu_ms["raw"] / cpu_ms["echod"], 3)
     return result
 
 
@@ -244,7 +258,9 @@ def main() -> None:
             f"patches/s: raw "
             f"OpenSlide {reads['raw_openslide_threads']}, echod {reads['echod_threads']} "
             f"({reads['echod_over_raw']:.2f} of raw, median of the rounds; target 0.9), "
-            f"processes {reads['processes']}"
+            f"processes {reads['processes']}; CPU per read on one thread: raw "
+            f"{reads['cpu_ms_per_read']['raw']} ms, echod {reads['cpu_ms_per_read']['echod']} ms "
+            f"({reads['echod_over_raw_cpu']:.2f})"
         )
         result: dict[str, Any] = {
             "slide": str(args.slide) if args.slide else f"phantom {args.width}x{args.height}",
