@@ -29,7 +29,7 @@ from daemon.cli import main as cli_main
 from daemon.ctl import Client, CtlError
 from daemon.errors import ConfigError
 from daemon.offline.store import JobStore
-from tests.conftest import Echod
+from tests.conftest import DATA, Echod, need_data
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,8 +78,11 @@ def tiny_model(path: Path) -> Path:
 class Appliance:
     """A daemon taking jobs, its folders, and a client."""
 
-    def __init__(self, run_echod: type[Echod], root: Path, *extra: str) -> None:
+    def __init__(
+        self, run_echod: type[Echod], root: Path, *extra: str, roots: tuple[Path, ...] = ()
+    ) -> None:
         self.root = root
+        self.roots = roots
         self.data = root / "data"
         self.data.mkdir(exist_ok=True)
         self.runtime = Path(tempfile.mkdtemp(prefix="ej-"))  # ipc paths must be short
@@ -99,7 +102,7 @@ class Appliance:
             "--set",
             f"paths.state_dir={self.state}",
             "--set",
-            f"control.roots={self.data}",
+            f"control.roots={','.join(map(str, (self.data, *self.roots)))}",
             "--set",
             "offline.threads=1",
             *self.extra,
@@ -378,3 +381,21 @@ def test_no_source_and_no_workers_is_refused(run_echod: type[Echod]) -> None:
     e = run_echod("run", "--source", "none", "--set", "offline.workers=0")
     code, _ = e.finish(30)
     assert code == 78 and "nothing to run" in e.stderr[-1], e.stderr
+
+
+def test_a_real_slide_is_classified_through_the_socket(
+    run_echod: type[Echod], tmp_path: Path
+) -> None:
+    slide = need_data(DATA / "wsi" / "CMU-1-Small-Region.svs")
+    a = Appliance(run_echod, tmp_path, roots=(slide.parent,))
+    try:
+        job_id = a.client.call("jobs.submit", {"kind": "wsi", "input": str(slide)})["job"]
+        manifest = a.wait_done(job_id)
+    finally:
+        a.stop()
+    out = Path(manifest["output"])
+    assert manifest["result"] == "classified" and manifest["patches"]["tissue"] > 0
+    for name in manifest["outputs"].values():
+        assert (out / name).is_file(), name
+    features = json.loads((out / manifest["outputs"]["geojson"]).read_text())["features"]
+    assert len(features) == manifest["patches"]["tissue"]

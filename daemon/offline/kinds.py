@@ -10,6 +10,7 @@ from daemon.offline.kind import JobKind
 
 KINDS: dict[str, str] = {
     "echo-volume": "daemon.offline.echo_volume:EchoVolume",
+    "wsi": "daemon.offline.wsi:WsiJob",
 }
 
 
