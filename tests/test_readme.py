@@ -39,6 +39,9 @@ SKIPPED = {  # the start of a command -> why it is not run here
     f"{ECHOD} run --source ~/": "plays a folder of your own images",
     f"{ECHOD} ctl screenshot": "needs the display (a screen); tests/test_display.py takes "
     "screenshots under Xvfb",
+    f"{ECHOD} run --source none": "runs until stopped; tests/test_jobs.py runs it",
+    f"{ECHOD} submit": "needs a daemon taking jobs; tests/test_jobs.py submits through it",
+    f"{ECHOD} jobs": "needs a daemon taking jobs; tests/test_jobs.py runs these",
     f"{ECHOD} ctl dicom": "needs the DICOM node (dicom.enabled); tests/test_dicom.py runs it",
     "echoscu": "a DICOM peer (dcmtk) for a running node: tests/test_dicom.py",
     "storescu": "a DICOM peer (dcmtk) for a running node: tests/test_dicom.py",
