@@ -8,7 +8,9 @@ BIN    := $(VENV)/bin
 EXTRAS ?= onnxruntime,openvino,opencl,display,dev
 # Debian packages the tests and the embedded default need (installed as root only);
 # PoCL from Debian knows CPUs that the PoCL inside the pyopencl wheel (LLVM 14) cannot build for.
-DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd
+# dcmtk (storescu, storescp, echoscu) and prometheus (promtool) are the DICOM node's and the
+# exporter's independent peers in the tests.
+DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd dcmtk prometheus
 
 .PHONY: run test lint bench clean
 

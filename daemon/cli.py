@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import __version__, config, ctl, human
+from daemon import __version__, config, ctl, human, jobs_cli
 from daemon.errors import EchodError
 
 log = logging.getLogger("echod")
@@ -36,7 +36,8 @@ RUN_FLAGS: dict[str, str] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
+    args.extra = extra  # a job kind's own options (echod submit)
+    if extra and not getattr(args, "takes_options", False):
         # the subcommand's own usage, and the option it most likely meant
         getattr(args, "command_parser", parser).reject(extra)
     if not hasattr(args, "func"):
@@ -91,7 +92,7 @@ def _parser() -> Parser:
     run.add_argument(
         "--source",
         help="'synthetic', igtl://HOST:PORT[/DEVICE] (a scanner), a recording "
-        "(.mha/.mhd, .dcm, .nrrd) or a folder of images",
+        "(.mha/.mhd, .dcm, .nrrd), a folder of images, or 'none' (offline jobs only)",
     )
     run.add_argument("--pace", choices=["timestamps", "fps", "none"], help="frame pacing")
     run.add_argument("--fps", type=float, help="frame rate for --pace fps")
@@ -116,6 +117,7 @@ def _parser() -> Parser:
     run.set_defaults(func=cmd_run)
 
     ctl.add_parser(sub)
+    jobs_cli.add_parsers(sub)
 
     keys = sub.add_parser("keys", help="make CURVE key pairs for a tcp control endpoint")
     keys.add_argument(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, protocol
 from daemon.config import RUNTIME_SETTINGS, ConfigError, validate_change
-from daemon.paths import confine
+from daemon.paths import check_folder, check_new_file, confine
 from daemon.protocol import Parsed, ProtocolError, Role
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ def then(future: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
     return out
 
 
+# run-time settings that name a folder: confined to the screenshot roots, like `screenshot`
+PATH_SETTINGS = frozenset({"display.screenshot_dir"})
+
+
 class ControlCommands:
     """The control server's handler: one method per command (``config.set`` -> ``config_set``)."""
 
@@ -47,12 +51,6 @@ class ControlCommands:
 
     def __call__(self, req: Parsed, role: Role) -> Any:
         name = req.command.name
-        if name.startswith("jobs."):
-            raise ProtocolError(
-                protocol.UNAVAILABLE,
-                f"'{name}' is not available in this version: offline jobs arrive with the job"
-                " system",
-            )
         return getattr(self, name.replace(".", "_"))(req.args, role)
 
     # -- reads ----------------------------------------------------------------------
@@ -95,7 +93,13 @@ class ControlCommands:
                 f"'{args.key}' cannot change while running (restart to change it); "
                 f"run-time settings: {', '.join(RUNTIME_SETTINGS)}"
             )
+        args = args.model_copy(update={"value": self.confined(args.key, args.value)})
         changed = validate_change(self.sup.config, args.key, args.value)
+        if stage == "sink" and self.sup.workers["sink"].spec.kind != "display":
+            raise ProtocolError(
+                protocol.UNAVAILABLE,
+                f"'{args.key}' applies to the display, and none is running (headless)",
+            )
         sup = self.sup
 
         def applied(result: Any) -> dict[str, Any]:  # in the supervisor's thread
@@ -118,12 +122,59 @@ class ControlCommands:
                 protocol.UNAVAILABLE,
                 "no display is running (headless): screenshots need the display stage",
             )
-        path = confine(args.path, self.roots("screenshots"), what="screenshot", must_exist=False)
+        path = check_new_file(self.in_screenshots(args.path, "screenshot"), "screenshot")
         return self.sup.in_main(lambda: self.sup.call(sink, "screenshot", {"path": str(path)}))
+
+    # -- offline jobs ---------------------------------------------------------------
+
+    def jobs_submit(self, args: protocol.JobSubmitArgs, role: Role) -> Future[Any]:
+        """Answered once the job is committed to the store (its id), or refused."""
+        return self.sup.jobs.submit(args, "local", self.roots, self.sup.publish)
+
+    def jobs_get(self, args: protocol.JobIdArgs, role: Role) -> dict[str, Any]:
+        return self.sup.jobs.get(args.job)
+
+    def jobs_list(self, args: protocol.JobListArgs, role: Role) -> list[dict[str, Any]]:
+        return self.sup.jobs.list(args.state, args.limit)
+
+    def jobs_result(self, args: protocol.JobIdArgs, role: Role) -> dict[str, Any]:
+        return self.sup.jobs.result(args.job)
+
+    def jobs_cancel(self, args: protocol.JobIdArgs, role: Role) -> Future[Any]:
+        """Takes effect at once: a queued job never starts, a running one's worker is
+        stopped and its partial outputs removed."""
+        return self.sup.in_main(lambda: self.sup.cancel_job(args.job))
+
+    # -- the DICOM node ---------------------------------------------------------------
+
+    def dicom_status(self, args: protocol.DicomStatusArgs, role: Role) -> dict[str, Any]:
+        if self.sup.dicom is None:
+            raise ProtocolError(
+                protocol.UNAVAILABLE, "the DICOM node is off: set dicom.enabled = true"
+            )
+        return dict(self.sup.dicom.status(args.job))
 
     def shutdown(self, args: Any, role: Role) -> dict[str, Any]:
         self.sup.request_stop(f"shutdown requested by a {role} client")
         return {"stopping": True}
+
+    def in_screenshots(self, path: str, what: str) -> Path:
+        """``path`` confined to the screenshot roots, resolved; a relative one (``now.png``)
+        is taken in the state directory's screenshots/ (made if missing)."""
+        folder = self.sup.config.paths.state() / "screenshots"
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            folder.mkdir(parents=True, exist_ok=True)
+            p = folder / p
+        return confine(p, self.roots("screenshots"), what=what, must_exist=False)
+
+    def confined(self, key: str, value: Any) -> Any:
+        """A path-valued setting's value confined like a path argument and resolved (a
+        relative folder is taken in the screenshots folder); other values as they are."""
+        if key not in PATH_SETTINGS or not isinstance(value, str) or not value:
+            return value
+        what = f"setting '{key}'"
+        return str(check_folder(self.in_screenshots(value, what), what))
 
     def roots(self, kind: str) -> list[Path]:
         """Folders a path argument of ``kind`` may lie in."""
@@ -135,4 +186,6 @@ class ControlCommands:
             roots += [BUNDLED, cfg.paths.cache() / "models"]
         elif kind == "screenshots":
             roots.append(cfg.paths.state() / "screenshots")
+        elif kind == "outputs":
+            roots.append(cfg.paths.results())
         return roots

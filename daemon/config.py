@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
+from daemon.dicom.settings import DicomConfig
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
@@ -30,11 +31,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+NO_SOURCE = "none"
+
+
 class SourceConfig(Section):
     uri: str = Field(
         "synthetic",
         description="'synthetic', igtl://HOST:PORT[/DEVICE] (a scanner), a recording "
-        "(.mha/.mhd, .dcm, .nrrd) or a folder of images",
+        "(.mha/.mhd, .dcm, .nrrd), a folder of images, or 'none' (no live pipeline: a "
+        "workstation that only takes offline jobs)",
     )
     pace: Literal["timestamps", "fps", "none"] = Field(
         "timestamps", description="release frames by recorded timestamps, at `fps`, or at once"
@@ -136,9 +141,21 @@ class IgtlOutConfig(Section):
 
 
 class PathsConfig(Section):
-    runtime_dir: str = Field("", description="sockets; empty = $RUNTIME_DIRECTORY or /tmp")
+    runtime_dir: str = Field(
+        "",
+        description="sockets; empty = $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/echod, else "
+        "/tmp/echod-<uid>; made 0700, refused when another user owns it or may write to it",
+    )
     state_dir: str = Field("", description="job store; empty = $STATE_DIRECTORY or ~/.local/state")
     cache_dir: str = Field("", description="generated models; empty = $CACHE_DIRECTORY or ~/.cache")
+
+    def jobs(self) -> Path:
+        """The job store (SQLite) and each job's work folder."""
+        return self.state() / "jobs"
+
+    def results(self) -> Path:
+        """Where job outputs go unless a submission names a folder."""
+        return self.state() / "results"
 
     def cache(self) -> Path:
         return _dir(self.cache_dir, "CACHE_DIRECTORY", Path.home() / ".cache" / "echod")
@@ -147,7 +164,9 @@ class PathsConfig(Section):
         return _dir(self.state_dir, "STATE_DIRECTORY", Path.home() / ".local/state/echod")
 
     def runtime(self) -> Path:
-        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", Path(f"/tmp/echod-{os.getuid()}"))
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        default = Path(xdg) / "echod" if xdg else Path(f"/tmp/echod-{os.getuid()}")
+        return _dir(self.runtime_dir, "RUNTIME_DIRECTORY", default)
 
 
 class ControlConfig(Section):
@@ -244,6 +263,35 @@ class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
 
+class OfflineConfig(Section):
+    workers: int = Field(
+        1, ge=0, le=64, description="worker processes for offline jobs (0: accept none)"
+    )
+    nice: int = Field(10, ge=0, le=19, description="CPU priority of the workers (live stays first)")
+    threads: int = Field(
+        1,
+        ge=0,
+        description="CPU threads per worker for engines, OpenCV and BLAS (0: engine default);"
+        " the live stages keep the other cores",
+    )
+    max_queued: int = Field(100, ge=1, description="jobs waiting at most; more are refused")
+    max_input_gb: float = Field(20.0, gt=0, description="largest input accepted (file or folder)")
+    max_attempts: int = Field(
+        3, ge=1, description="a job whose worker dies this many times while running it fails"
+    )
+    heartbeat_timeout_s: float = Field(
+        300.0, gt=0, description="a worker silent this long (one unit of work) is hung"
+    )
+
+
+class MetricsConfig(Section):
+    enabled: bool = Field(False, description="serve Prometheus metrics over HTTP at /metrics")
+    host: str = Field(
+        "127.0.0.1", description="interface to listen on ('0.0.0.0': all; no authentication)"
+    )
+    port: int = Field(9464, ge=0, le=65535, description="HTTP port (0: any free one, logged)")
+
+
 class Config(Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
@@ -252,9 +300,12 @@ class Config(Section):
     record: RecordConfig = Field(default_factory=RecordConfig)
     igtl_out: IgtlOutConfig = Field(default_factory=IgtlOutConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    offline: OfflineConfig = Field(default_factory=OfflineConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 
 def _dir(value: str, env: str, default: Path) -> Path:
@@ -278,15 +329,28 @@ def load(
     data: dict[str, Any] = {}
     source = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
-        try:
-            data = tomllib.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config file {source} not found: pass an existing --config"
-            ) from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+        data = _read_toml(Path(source))
     return _validated(data, overrides or {}, source, origins or {})
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
+    """The tables of a TOML file; ConfigError (one line) for anything that is not one."""
+    try:
+        text = source.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} not found: pass an existing --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source} is a folder: pass a .toml file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {source} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {source} is not text (byte {e.start} is not UTF-8): pass a .toml file"
+        ) from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        why = e if isinstance(e, tomllib.TOMLDecodeError) else "nested too deeply"
+        raise ConfigError(f"config file {source} is not valid TOML: {why}") from None
 
 
 def validate_change(config: Config, key: str, value: Any) -> Config:
@@ -314,7 +378,7 @@ def toml_or_str(raw: str) -> Any:
     """``raw`` read as a TOML value, else the plain string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # validation says what is wrong
         return raw
 
 
@@ -437,6 +501,8 @@ def to_toml(config: Config) -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, BaseModel):  # a table in a list ([[dicom.routes]]): inline
+        return _toml_value(value.model_dump())
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):

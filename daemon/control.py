@@ -5,14 +5,15 @@ not thread-safe: other threads hand it messages to publish through a queue).
 A request is parsed and checked by :mod:`daemon.protocol`, answered by the
 supervisor's handler, and every failure becomes an error reply: the server
 never dies of a request, and a slow or vanished client never blocks it (sends
-are non-blocking; a reply that cannot be queued is dropped). A handler that
-needs the supervisor's thread returns a :class:`~concurrent.futures.Future`:
-the request is parked and answered when it resolves, while other requests
-(``ping``, ``status``) go on being answered.
+are non-blocking; a reply that cannot be queued is dropped).
 
 Endpoints: ``ipc://`` in the runtime directory by default (socket mode 0660);
 ``tcp://`` only with CURVE, a server key and an allow-list of client public
 keys in ``clients_dir/{read,control,admin}/*.key`` (``echod keys`` makes them).
+
+Audit (:mod:`daemon.audit`, logger ``daemon.control.audit``): every accepted
+``control`` or ``admin`` command with its client and outcome; refusals
+(forbidden, malformed, refused handshakes) once per client and minute.
 """
 
 from __future__ import annotations
@@ -24,25 +25,46 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
-from daemon import protocol
+from daemon import audit, protocol
 from daemon.config import ControlConfig
 from daemon.errors import ConfigError, EchodError
+from daemon.paths import private_dir
 from daemon.protocol import ROLES, Parsed, ProtocolError, Role
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger(f"{__name__}.audit")
 
 Handler = Callable[[Parsed, Role], Any]
 POLL_MS = 50
 PARKED_POLL_MS = 2  # while replies are pending
 PARKED_TIMEOUT_S = 120.0  # a parked request is answered by then, whatever happens
 HARD_LIMIT_FACTOR = 16  # messages above this many times the limit are cut by ZeroMQ itself
+
+
+class ClientKey(NamedTuple):
+    role: Role
+    name: str  # the key file's name: who the client is in the audit log
+
+
+@dataclass
+class Parked:
+    """A request answered when its Future resolves."""
+
+    parsed: Parsed
+    role: Role
+    client: str
+    future: Future[Any]
+    deadline: float
+    envelope: list[Any] = field(default_factory=list)  # where the reply goes
 
 
 class ControlServer:
@@ -60,10 +82,13 @@ class ControlServer:
         self.telemetry = telemetry
         self._ctx = zmq.Context()
         self._auth: ThreadAuthenticator | None = None
-        self._roles: dict[str, Role] = {}
+        self._keys: dict[str, ClientKey] = {}
+        self._names: dict[str, str] = {}
+        self._monitors: list[zmq.Socket[Any]] = []
+        self._throttle = audit.Throttle(audit_log)
         self._outbox: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._parked: list[tuple[list[Any], str | None, Future[Any], float]] = []
+        self._parked: list[Parked] = []
         self.router = self._ctx.socket(zmq.ROUTER)
         self.pub = self._ctx.socket(zmq.PUB)
         try:
@@ -90,19 +115,23 @@ class ControlServer:
         return self._bind_one(self.router, endpoint), self._bind_one(self.pub, pub_endpoint)
 
     def _bind_one(self, sock: zmq.Socket[Any], endpoint: str) -> str:
+        """Bind; an ipc socket goes in a private folder (:func:`private_dir`) and is made
+        mode 0660 by the umask it is created with (no chmod by path: no symlink race)."""
+        umask = None
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[len("ipc://") :])
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            private_dir(path.parent, "the control socket's folder")
             if path.exists() or path.is_symlink():
                 path.unlink()  # a stale socket from a killed daemon
+            umask = os.umask(0o117)  # the socket file: rw for owner and group
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
             raise ConfigError(f"cannot bind control endpoint {endpoint}: {e}") from None
-        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if bound.startswith("ipc://"):
-            os.chmod(bound[len("ipc://") :], 0o660)
-        return bound
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _enable_curve(self) -> None:
         s = self.settings
@@ -120,7 +149,8 @@ class ControlServer:
                 f"control.server_key {s.server_key} holds no secret key: "
                 "use the .key_secret file that `echod keys` wrote"
             )
-        self._roles = load_client_keys(Path(s.clients_dir))
+        self._keys = load_client_keys(Path(s.clients_dir))
+        self._names = {key: k.name for key, k in self._keys.items()}
         self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(f"{__name__}.auth"))
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=self)
@@ -128,19 +158,43 @@ class ControlServer:
             sock.curve_server = True
             sock.curve_publickey = public
             sock.curve_secretkey = secret
+            # handshakes that fail before ZAP (no key, another server's key) show only here
+            self._monitors.append(sock.get_monitor_socket(audit.HANDSHAKE_EVENTS))
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: a CURVE client is let in only when its public key is on the allow-list."""
-        allowed = key.decode() in self._roles
+        allowed = key.decode() in self._keys
         if not allowed:
-            log.warning("refused control client with unknown CURVE key %s", key.decode())
+            self._throttle(
+                ("unknown key", key),
+                logging.WARNING,
+                "refused a control client: CURVE key %s is not on the allow-list",
+                key.decode(),
+            )
         return allowed
 
     def _role(self, frame: zmq.Frame) -> Role:
         if self._auth is None:
             return self.settings.ipc_role
         user = frame.get("User-Id")
-        return self._roles.get(user, "read") if isinstance(user, str) else "read"
+        known = self._keys.get(user) if isinstance(user, str) else None
+        return known.role if known is not None else "read"
+
+    def _handshakes_failed(self, monitor: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            why = audit.handshake_failure(event)
+            where = event["endpoint"].decode(errors="replace")
+            self._throttle(
+                ("handshake", where, why),
+                logging.WARNING,
+                "refused a control client's CURVE handshake on %s: %s",
+                where,
+                why,
+            )
 
     # -- serving ---------------------------------------------------------------
 
@@ -154,11 +208,15 @@ class ControlServer:
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
+        for sock in (self.router, *self._monitors):
+            poller.register(sock, zmq.POLLIN)
         next_telemetry = time.monotonic()
         while not self._stop.is_set():
-            if poller.poll(PARKED_POLL_MS if self._parked else POLL_MS):
-                self._drain_requests()
+            for sock, _ in poller.poll(PARKED_POLL_MS if self._parked else POLL_MS):
+                if sock is self.router:
+                    self._drain_requests()
+                else:
+                    self._handshakes_failed(sock)
             if self._parked:
                 self._answer_parked()
             while True:
@@ -178,11 +236,24 @@ class ControlServer:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            envelope = frames[:-1]
-            reply = self.answer(frames[-1].bytes, self._role(frames[-1]))
-            if isinstance(reply, tuple):
-                rid, future = reply
-                self._parked.append((envelope, rid, future, time.monotonic() + PARKED_TIMEOUT_S))
+            # [routing id, (REQ's empty delimiter,) request]: the reply goes back the same way
+            cut = 2 if len(frames) > 2 and not frames[1].bytes else 1
+            envelope, body = frames[:cut], frames[cut:]
+            client = audit.who(frames[-1], self._names)
+            if len(body) == 1:
+                reply = self.answer(body[0].bytes, self._role(frames[-1]), client)
+            else:
+                reply = self._refuse(
+                    None,
+                    ProtocolError(
+                        protocol.BAD_REQUEST,
+                        f"a request is one message part, got {len(body)}: send one JSON object",
+                    ),
+                    client,
+                )
+            if isinstance(reply, Parked):
+                reply.envelope = envelope
+                self._parked.append(reply)
             else:
                 self._reply(envelope, reply)
 
@@ -192,31 +263,11 @@ class ControlServer:
         except zmq.ZMQError as e:  # the client is gone or not reading: drop the reply
             log.debug("reply dropped: %s", e)
 
-    def _answer_parked(self) -> None:
-        now = time.monotonic()
-        waiting = []
-        for envelope, rid, future, deadline in self._parked:
-            if future.done():
-                self._reply(envelope, self._outcome(rid, future))
-            elif now > deadline:
-                late = protocol.error(rid, protocol.UNAVAILABLE, "no answer in time")
-                self._reply(envelope, late)
-            else:
-                waiting.append((envelope, rid, future, deadline))
-        self._parked = waiting
-
-    def _outcome(self, rid: str | None, future: Future[Any]) -> bytes:
-        error = future.exception()
-        if error is None:
-            return protocol.ok(rid, future.result())
-        if isinstance(error, (ProtocolError, EchodError)):
-            return protocol.error(rid, error.code, error.message)
-        log.error("control request failed: %s: %s", type(error).__name__, error)
-        return protocol.error(rid, protocol.INTERNAL, f"{type(error).__name__}: {error}")
-
-    def answer(self, raw: bytes, role: Role) -> bytes | tuple[str | None, Future[Any]]:
-        """One request in, one reply out (or, for work in the supervisor's thread, the
-        request id and the Future of its result); never raises."""
+    def answer(self, raw: bytes, role: Role, client: str = "a local client") -> bytes | Parked:
+        """One request in, one reply out; never raises. A handler that needs the
+        supervisor's thread returns a Future: the request is :class:`Parked` and answered
+        when it resolves. Changes (``control`` and ``admin`` commands) are logged with
+        ``client`` and their outcome."""
         rid: str | None = None
         try:
             parsed = protocol.parse(raw, self.settings.max_message_bytes)
@@ -227,17 +278,73 @@ class ControlServer:
                     f"'{parsed.command.name}' needs the "
                     f"{parsed.command.role} role; this client has {role}",
                 )
-            result = self.handler(parsed, role)
-            if isinstance(result, Future):
-                return rid, result
-            return protocol.ok(rid, result)
         except ProtocolError as e:
-            return protocol.error(rid or e.request_id, e.code, e.message)
-        except EchodError as e:
-            return protocol.error(rid, e.code, e.message)
+            return self._refuse(rid, e, client)
+        try:
+            result = self.handler(parsed, role)
         except Exception as e:
-            log.exception("control request failed")
-            return protocol.error(rid, protocol.INTERNAL, f"{type(e).__name__}: {e}")
+            reply, outcome = self._failure(parsed.id, e)
+        else:
+            if isinstance(result, Future):
+                return Parked(parsed, role, client, result, time.monotonic() + PARKED_TIMEOUT_S)
+            reply, outcome = protocol.ok(parsed.id, result), "done"
+        self._audit(parsed, role, client, outcome)
+        return reply
+
+    def _answer_parked(self) -> None:
+        now = time.monotonic()
+        waiting = []
+        for p in self._parked:
+            if p.future.done():
+                error = p.future.exception()
+                if error is None:
+                    reply, outcome = protocol.ok(p.parsed.id, p.future.result()), "done"
+                else:
+                    reply, outcome = self._failure(p.parsed.id, error)
+            elif now > p.deadline:
+                why = "no answer in time"
+                reply, outcome = protocol.error(p.parsed.id, protocol.UNAVAILABLE, why), why
+            else:
+                waiting.append(p)
+                continue
+            self._audit(p.parsed, p.role, p.client, outcome)
+            self._reply(p.envelope, reply)
+        self._parked = waiting
+
+    @staticmethod
+    def _failure(rid: str | None, e: BaseException) -> tuple[bytes, str]:
+        """The error reply for a handler's exception, and the outcome in words."""
+        if isinstance(e, (ProtocolError, EchodError)):
+            return protocol.error(rid, e.code, e.message), f"{e.code}: {e.message}"
+        log.error("control request failed", exc_info=e)
+        return protocol.error(
+            rid, protocol.INTERNAL, f"{type(e).__name__}: {str(e)[:300]}"
+        ), protocol.INTERNAL
+
+    @staticmethod
+    def _audit(parsed: Parsed, role: Role, client: str, outcome: str) -> None:
+        if parsed.command.role != "read":
+            audit_log.info(
+                "%s %s by %s (%s role): %s",
+                parsed.command.name,
+                protocol.brief(parsed.args.model_dump()),
+                client,
+                role,
+                outcome,
+            )
+
+    def _refuse(self, rid: str | None, e: ProtocolError, client: str) -> bytes:
+        """The error reply to a request that is not served; logged once per client and minute."""
+        forbidden = e.code == protocol.FORBIDDEN
+        self._throttle(
+            (e.code if forbidden else "malformed", client),
+            logging.WARNING if forbidden else logging.INFO,
+            "refused a request from %s: %s: %s",
+            client,
+            e.code,
+            e.message,
+        )
+        return protocol.error(rid or e.request_id, e.code, e.message)
 
     def _send_pub(self, topic: str, data: dict[str, Any]) -> None:
         try:
@@ -263,19 +370,26 @@ class ControlServer:
         self._release()
 
     def _release(self) -> None:
+        for sock in (self.router, self.pub):
+            if self._monitors:
+                sock.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(0)
         if self._auth is not None:
             self._auth.stop()
         self.router.close(0)
         self.pub.close(0)
         self._ctx.term()
 
-def load_client_keys(clients_dir: Path) -> dict[str, Role]:
-    """Allowed client public keys (z85) and their role, from ``{read,control,admin}/*.key``."""
-    roles: dict[str, Role] = {}
+
+def load_client_keys(clients_dir: Path) -> dict[str, ClientKey]:
+    """Allowed client public keys (z85), their role and name, from
+    ``{read,control,admin}/NAME.key``."""
+    roles: dict[str, ClientKey] = {}
     for role in ROLES:
         for path in sorted((clients_dir / role).glob("*.key")):
             public, _ = zmq.auth.load_certificate(path)
-            roles[public.decode()] = role
+            roles[public.decode()] = ClientKey(role, path.stem)
     if not roles:
         raise ConfigError(
             f"control.clients_dir {clients_dir} has no client keys in "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -31,6 +32,7 @@ EXIT = {
     protocol.TOO_LARGE: 64,
     protocol.FORBIDDEN: 77,
     protocol.UNAVAILABLE: 69,
+    protocol.NOT_FOUND: 66,
     protocol.INTERNAL: 70,
     "config": 78,
     "model": 65,
@@ -47,6 +49,7 @@ POSITIONAL = {
     "screenshot": "path",
     "jobs.get": "job",
     "jobs.cancel": "job",
+    "jobs.result": "job",
 }
 
 
@@ -167,19 +170,28 @@ def add_parser(sub: Any) -> None:
     ctl.set_defaults(func=cmd_ctl)
 
 
+# path arguments taken relative to where the user is (the daemon runs elsewhere);
+# a screenshot's relative name goes to the daemon's screenshots folder instead
+CLIENT_PATHS = {"model.load": ("path",), "jobs.submit": ("input", "output", "model")}
+
+
 def parse_args(command: str, items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs (values read as TOML, else plain strings), or the one positional."""
     if command == "config.set" and len(items) == 1 and "=" in items[0]:
         key, _, raw = items[0].partition("=")
         return {"key": key, "value": config.parse_value(key, raw)}
-    if len(items) == 1 and "=" not in items[0] and command in POSITIONAL:
-        return {POSITIONAL[command]: items[0]}
     out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise CtlError(protocol.BAD_ARGS, f"argument {item!r}: expected KEY=VALUE")
-        out[key] = config.toml_or_str(raw)
+    if len(items) == 1 and "=" not in items[0] and command in POSITIONAL:
+        out = {POSITIONAL[command]: items[0]}
+    else:
+        for item in items:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise CtlError(protocol.BAD_ARGS, f"argument {item!r}: expected KEY=VALUE")
+            out[key] = config.toml_or_str(raw)
+    for key in CLIENT_PATHS.get(command, ()):
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = os.path.abspath(os.path.expanduser(out[key]))
     return out
 
 
@@ -202,6 +214,9 @@ def check_endpoint(endpoint: str) -> None:
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or default_endpoint()
+    if args.args and f"{args.command}.{args.args[0]}" in protocol.COMMANDS:
+        # two words for a dotted command: `echod ctl dicom status` = `echod ctl dicom.status`
+        args.command, args.args = f"{args.command}.{args.args[0]}", args.args[1:]
     try:
         check_endpoint(endpoint)
         if args.command == "watch":

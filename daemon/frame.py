@@ -32,6 +32,8 @@ class Timing(IntEnum):
 
 N_TIMINGS = 8
 
+WITHHELD = 1  # flags: the uncertainty guard withheld this result's overlay (labels blanked)
+
 META_DTYPE = np.dtype(
     [
         ("index", "<i8"),  # frame number at the source
@@ -43,6 +45,8 @@ META_DTYPE = np.dtype(
         ("spacing", "<f8", (3,)),  # mm per pixel: x, y, z
         ("transform", "<f8", (4, 4)),  # ijk-to-world
         ("timings_ms", "<f4", (N_TIMINGS,)),
+        ("confidence", "<f4"),  # results: the guard's finding confidence (1 = no doubt)
+        ("flags", "<u4"),  # results: WITHHELD
         ("checksum", "<u8"),  # optional content checksum (0 = none), used by tests
         ("generation", "<u4"),  # results: which model made it (0, then +1 per hot-swap)
     ],
@@ -84,6 +88,8 @@ class FrameMeta:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     transform: np.ndarray = field(default_factory=lambda: np.eye(4))
     timings_ms: np.ndarray = field(default_factory=lambda: np.zeros(N_TIMINGS, np.float32))
+    confidence: float = 1.0
+    flags: int = 0
     checksum: int = 0
     generation: int = 0
 
@@ -109,6 +115,8 @@ class FrameMeta:
             *self.spacing,
             *np.asarray(self.transform, np.float64).ravel(),
             *self.timings_ms,
+            self.confidence,
+            self.flags,
             self.checksum,
             self.generation,
         )
@@ -128,6 +136,8 @@ class FrameMeta:
             spacing=v[d : d + 3],
             transform=np.array(v[d + 3 : d + 19], np.float64).reshape(4, 4),
             timings_ms=np.array(v[d + 19 : d + 19 + N_TIMINGS], np.float32),
+            confidence=v[-4],
+            flags=v[-3],
             checksum=v[-2],
             generation=v[-1],
         )

@@ -114,6 +114,8 @@ def _singular(key: str) -> str:
 def run_summary(s: dict[str, Any]) -> list[str]:
     """The end of ``echod run``: counts that add up, figures as the status line gives
     them, and what each count means when a consumer skips label maps."""
+    if "frames_in" not in s:  # no live pipeline: a workstation that took jobs
+        return [f"echod: stopped ({s.get('stopped_by')}); {s.get('source')}"]
     dropped = s.get("dropped") or {}
     causes = ", ".join(f"{k} {v}" for k, v in dropped.items())
     lat = s.get("latency_ms") or {}
@@ -124,6 +126,12 @@ def run_summary(s: dict[str, Any]) -> list[str]:
         f"p99 {lat.get('p99', float('nan')):.1f} ms | {s.get('engine')} {s.get('device')}, "
         f"{s.get('model')}"
     ]
+    withheld = s.get("withheld") or {}
+    if withheld.get("frames"):
+        lines.append(
+            f"echod: overlay withheld on {withheld['frames']} of {s['frames_out']} frames "
+            "(no confident finding, or the frame is unlike the model's training data)"
+        )
     for consumer, n in (s.get("skipped") or {}).items():
         if n:
             lines.append(

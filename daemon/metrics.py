@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +72,45 @@ class RateMeter:
         r = self._count / dt if dt > 0 else 0.0
         self._t, self._count = now, 0
         return r
+
+
+LATENCY_BOUNDS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
+STEP_BOUNDS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+
+
+class Histogram:
+    """Samples counted into buckets of upper ``bounds`` (a Prometheus histogram), and their
+    sum: a fixed size whatever the run's length."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def add(self, x: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, x)] += 1
+        self.sum += x
+
+    def snapshot(self) -> dict[str, Any]:
+        """``bounds``, cumulative ``counts`` (one more: +Inf) and ``sum``."""
+        return {
+            "bounds": list(self.bounds),
+            "counts": list(itertools.accumulate(self.counts)),
+            "sum": round(self.sum, 4),
+        }
+
+
+class FrameHistograms:
+    """A sink's per-frame figures as histograms (ms): latency, and each step of Table 2."""
+
+    def __init__(self, steps: Iterable[str]) -> None:
+        self.latency = Histogram(LATENCY_BOUNDS_MS)
+        self.steps = {name: Histogram(STEP_BOUNDS_MS) for name in steps}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency.snapshot(),
+            "steps_ms": {name: h.snapshot() for name, h in self.steps.items()},
+        }

@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from daemon.acquire import FrameSource, open_source, paced
 from daemon.config import Config, SourceConfig
 from daemon.engines.base import Pending
 from daemon.errors import ModelError
-from daemon.frame import Frame, FrameMeta, Timing
+from daemon.frame import WITHHELD, Frame, FrameMeta, Timing
 from daemon.ring import ReaderMode
 from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
@@ -34,6 +36,7 @@ STAGES = {
     "display": "daemon.display.gl:DisplayStage",
     "record": "daemon.record:RecordStage",
     "igtl_out": "daemon.igtl_out:IgtlOutStage",
+    "job_worker": "daemon.offline.worker:JobWorker",
 }
 
 
@@ -64,6 +67,16 @@ def build(
         )
     specs.append(StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}))
     return specs
+
+
+def job_workers(config: Config) -> list[StageSpec]:
+    """The offline job workers: stages without rings, watched like the others but with
+    the patience of one unit of work (``offline.heartbeat_timeout_s``)."""
+    patience = {"heartbeat_timeout_s": config.offline.heartbeat_timeout_s}
+    return [
+        StageSpec(f"jobs-{i}", "job_worker", params=patience)
+        for i in range(config.offline.workers)
+    ]
 
 
 def open_configured(src: SourceConfig) -> FrameSource:
@@ -185,7 +198,7 @@ class InferStage(Stage):
 
         cfg, m, p = self.config, self.config.model, self.spec.params
         model = p.get("model") or m.path
-        path = Path(model) if model else default_model(cfg.paths.cache())
+        path = Path(model) if model else default_model()
         options: dict[str, Any] = {
             **m.options,
             "mode": cfg.pipeline.mode,
@@ -208,7 +221,9 @@ class InferStage(Stage):
         self.torn = 0
         self.rejected = 0
         self._refused: set[tuple[tuple[int, ...], str]] = set()
-        self.inflight: deque[tuple[Pending, FrameMeta, float, float]] = deque()
+        self.inflight: deque[tuple[Pending, FrameMeta, float, float, np.ndarray]] = deque()
+        self.withheld = 0
+        self.doubt = ""  # why the last frame was withheld ("" when it was not)
         self.active = False
         if not p.get("standby"):
             self._activate()
@@ -245,7 +260,7 @@ class InferStage(Stage):
             self.torn += 1
             return True
         t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
-        self.inflight.append((self.seg.submit(x), f.meta, t0, t1))
+        self.inflight.append((self.seg.submit(x), f.meta, t0, t1, x))
         # in order; at most `depth` in flight; a finished one goes out at once (latency)
         while self.inflight and (
             len(self.inflight) >= self.seg.depth or self.inflight[0][0].done()
@@ -254,11 +269,16 @@ class InferStage(Stage):
         return True
 
     def _finish_oldest(self) -> None:
-        pending, meta, t0, t1 = self.inflight.popleft()
+        pending, meta, t0, t1, x = self.inflight.popleft()
         out = self.seg.result(pending)
         t2 = time.perf_counter()  # with several in flight, inference includes queueing
-        labels = self.seg.finish(out, meta.shape)
+        labels, verdict = self.seg.finish_guarded(out, meta.shape, x)
         t3 = time.perf_counter()
+        meta.confidence, meta.flags = verdict.confidence, 0 if verdict.confident else WITHHELD
+        self.withheld += not verdict.confident
+        if bool(verdict.reason) != bool(self.doubt):  # log changes, not every frame
+            log.info("overlay %s", f"withheld: {verdict.reason}" if verdict.reason else "shown")
+        self.doubt = verdict.reason
         meta.timings_ms[Timing.NN_INPUT] = (t1 - t0) * 1e3
         meta.timings_ms[Timing.NN_INFERENCE] = (t2 - t1) * 1e3
         meta.timings_ms[Timing.NN_OUTPUT] = (t3 - t2) * 1e3
@@ -282,4 +302,9 @@ class InferStage(Stage):
             self.seg.close()
 
     def summary(self) -> dict[str, Any]:
-        return {"frames": self.count, "torn": self.torn, "rejected": self.rejected}
+        return {
+            "frames": self.count,
+            "torn": self.torn,
+            "rejected": self.rejected,
+            "withheld": self.withheld,
+        }

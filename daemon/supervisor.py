@@ -42,8 +42,8 @@ from typing import Any
 import psutil
 
 from daemon import __version__, pipeline
-from daemon.config import Config
-from daemon.errors import EchodError, StageError, from_dict
+from daemon.config import NO_SOURCE, Config
+from daemon.errors import ConfigError, EchodError, StageError, from_dict
 from daemon.events import EventBus
 from daemon.instance import InstanceLock
 from daemon.lifeline import Lifeline
@@ -74,6 +74,7 @@ class Worker:
     heartbeat: float = field(default_factory=time.monotonic)
     killing: float | None = None  # when it was found hung and sent SIGABRT
     retiring: bool = False  # a hot-swap predecessor on its way out
+    replaced: bool = False  # stopped on purpose (its job was cancelled): start it again
     crash_held: dict[str, int] = field(default_factory=dict)  # ring -> frame held at a crash
     poisoned: int = 0  # frames skipped because the stage died on them
     info: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +115,7 @@ class Supervisor:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.live = config.source.uri != NO_SOURCE
         self.threads = config.pipeline.workers == "threads"
         self._mp = mp.get_context("spawn")
         self.events = EventBus(None if self.threads else self._mp)
@@ -126,6 +128,9 @@ class Supervisor:
         self.source: dict[str, Any] = {}
         self.source_state: dict[str, Any] = {}
         self.control: Any = None
+        self.jobs: Any = None  # the JobService when offline.workers > 0
+        self.dicom: Any = None  # the DicomNode when dicom.enabled
+        self.exporter: Any = None  # the Prometheus exporter when metrics.enabled
         self.resources: dict[str, Any] = {}
         self.swap: Swap | None = None
         self.last_swap: dict[str, Any] | None = None
@@ -150,17 +155,20 @@ class Supervisor:
             if removed:
                 log.info("removed %d stale shared-memory segment(s) of dead daemons", len(removed))
             self.source = source = self._probe_source()
+            self._open_jobs()
             if not self.threads:
                 self.stop = Lifeline.create()
             previous = self._install_signals()
             try:
-                self._create_rings(source["shape"], source["dtype"])
-                specs = pipeline.build(
-                    self.config, {n: r.name for n, r in self.rings.items()}, source["shape"]
-                )
+                specs = pipeline.job_workers(self.config) if self.jobs is not None else []
+                if self.live:
+                    self._create_rings(source["shape"], source["dtype"])
+                    rings = {n: r.name for n, r in self.rings.items()}
+                    specs = pipeline.build(self.config, rings, source["shape"]) + specs
                 self.workers = {s.name: Worker(s) for s in specs}
                 self._start_control()
                 self._start_all()
+                self._start_hospital()
                 self.state = "running"
                 notify("READY=1", f"STATUS=running: {source['description']}")
                 self._watch()
@@ -168,9 +176,12 @@ class Supervisor:
             finally:
                 self.state = "stopping"
                 notify("STOPPING=1")
+                self._stop_hospital()
                 self._stop_all()
                 if self.control is not None:
                     self.control.close()
+                if self.jobs is not None:
+                    self.jobs.close()
                 self.events.close()
                 self._remove_rings()
                 if isinstance(self.stop, Lifeline):
@@ -185,6 +196,8 @@ class Supervisor:
 
     def _probe_source(self) -> dict[str, Any]:
         """Open the source once here so a bad one fails before anything starts."""
+        if not self.live:
+            return {"description": "no live source (offline jobs only)"}
         src = pipeline.open_configured(self.config.source)
         try:
             return {
@@ -223,16 +236,44 @@ class Supervisor:
 
     # -- starting ---------------------------------------------------------------
 
+    def _open_jobs(self) -> None:
+        """The job store, checked at start (a corrupt or unwritable one is one clear line);
+        jobs a crash left running go back to the queue."""
+        if self.config.offline.workers == 0:
+            if not self.live:
+                raise ConfigError(
+                    "nothing to run: --source none takes no frames and offline.workers = 0 "
+                    "takes no jobs; give a source or at least one worker"
+                )
+            return
+        from daemon.offline.service import JobService
+
+        self.jobs = JobService(self.config)
+        if self.jobs.resumed:
+            log.info("%d interrupted job(s) queued again to resume", len(self.jobs.resumed))
+
     def _start_all(self) -> None:
         """Inference first (the slowest to be ready: the sinks learn from it what runs),
         then the other readers, then the source: every reader exists before the first
-        frame is written."""
+        frame is written. The job workers last: the live image comes first."""
+        if self.live:
+            self._start_live()
+        workers = [w for w in self.workers.values() if w.spec.kind == "job_worker"]
+        for w in workers:
+            self._spawn(w)
+        self._await_ready(workers)
+
+    def _start_live(self) -> None:
         infer = self.workers["infer"]
         self._spawn(infer)
         self._await_ready([infer])
         running = {k: infer.info.get(k) for k in ("engine", "device", "classes")}
         running["model"] = infer.info.get("model_path")
-        others = [w for w in self.workers.values() if w.spec.kind not in ("infer", "acquire")]
+        others = [
+            w
+            for w in self.workers.values()
+            if w.spec.kind not in ("infer", "acquire", "job_worker")
+        ]
         for w in others:
             w.spec = dataclasses.replace(w.spec, params={**w.spec.params, **running})
         for wave in (others, [self.workers["acquire"]]):
@@ -287,8 +328,8 @@ class Supervisor:
 
     def _watch(self) -> None:
         """Until the sink has seen the end of the stream, or a stop is requested."""
-        sink = self.workers["sink"]
-        while sink.done is None and not self.stop.is_set():
+        sink = self.workers.get("sink")
+        while (sink is None or sink.done is None) and not self.stop.is_set():
             self._tick(TICK_S)
             now = time.monotonic()
             for w in list(self.workers.values()):
@@ -296,7 +337,10 @@ class Supervisor:
                     continue
                 if w.failure is not None and w.failure.get("fatal"):
                     raise from_dict(w.failure["error"])
-                if w.done is None and not w.alive:
+                if w.done is None and not w.alive and w.replaced:
+                    w.replaced = False
+                    self._spawn(w)
+                elif w.done is None and not w.alive:
                     if not self.events.pending():
                         self._restart(w)
                 elif w.done is None:
@@ -327,9 +371,8 @@ class Supervisor:
                     os.kill(w.pid, signal.SIGKILL)
             return
         cfg = self.config.pipeline
-        since, limit = (
-            (w.heartbeat, cfg.heartbeat_timeout_s) if w.ready else (w.started, cfg.stage_timeout_s)
-        )
+        patience = w.spec.params.get("heartbeat_timeout_s", cfg.heartbeat_timeout_s)
+        since, limit = (w.heartbeat, patience) if w.ready else (w.started, cfg.stage_timeout_s)
         if now - since <= limit:
             return
         what = "no heartbeat" if w.ready else "not ready"
@@ -393,7 +436,8 @@ class Supervisor:
             if w.killing is not None:
                 late = now - w.killing > 2 * KILL_GRACE_S  # it does not die: only systemd can help
             elif w.ready:
-                late = now - w.heartbeat > cfg.heartbeat_timeout_s + TICK_S
+                patience = w.spec.params.get("heartbeat_timeout_s", cfg.heartbeat_timeout_s)
+                late = now - w.heartbeat > patience + TICK_S
             else:
                 late = now - w.started > cfg.stage_timeout_s + TICK_S
             if late:
@@ -426,6 +470,8 @@ class Supervisor:
             self._status_line(data)
         elif kind == "source":
             self._source_changed(data)
+        elif kind == "job":
+            self.publish("job", data)
         elif kind == "done":
             w.done = data
         elif kind == "failed":
@@ -456,7 +502,7 @@ class Supervisor:
         """Headless, a scanner that is not streaming is said once per status interval
         (the sink reports nothing while no frame arrives)."""
         state = self.source_state.get("state")
-        headless = self.workers["sink"].spec.kind == "headless"
+        headless = self.live and self.workers["sink"].spec.kind == "headless"
         if state in (None, "connected", "streaming") or not headless:
             return
         if now - self._last_line < self.config.sink.status_interval_s:
@@ -690,6 +736,48 @@ class Supervisor:
             error = {"code": "stage", "message": error}
         self._swap_event("failed", error=error)
 
+    # -- the hospital network: DICOM node, Prometheus exporter ------------------------
+
+    def _start_hospital(self) -> None:
+        """The DICOM node and the /metrics exporter, when configured (a port in use is a
+        configuration error, before READY)."""
+        if self.config.dicom.enabled:
+            from daemon.dicom.node import DicomNode
+
+            self.dicom = DicomNode(self.config, self.jobs, self.publish)
+            self.dicom.start()
+        if self.config.metrics.enabled:
+            from daemon.exporter import Exporter
+
+            self.exporter = Exporter(self.config.metrics, self)
+
+    def _stop_hospital(self) -> None:
+        for part in (self.exporter, self.dicom):
+            if part is not None:
+                part.close()
+        self.exporter = self.dicom = None
+
+    # -- offline jobs ---------------------------------------------------------------
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel (supervisor thread): a queued job never starts; a running one's worker is
+        killed at once (the store is crash-safe) and started again, and the job's partial
+        outputs and checkpoints are removed."""
+        from daemon.offline.worker import partial_of, work_of
+
+        job = self.jobs.cancel(job_id)
+        if job.state not in ("queued", "running"):
+            return {"job": job_id, "state": job.state, "cancelled": False}
+        worker = self.workers.get(job.worker or "")
+        if job.state == "running" and worker is not None and worker.alive:
+            worker.replaced = True
+            self._kill(worker)
+        for path in (partial_of(Path(job.output)), work_of(self.config.paths.jobs(), job_id)):
+            threading.Thread(target=_remove_tree, args=(path,), daemon=True).start()
+        self.publish("job", {"job": job_id, "state": "cancelled", "was": job.state})
+        log.info("job %s cancelled (was %s)", job_id, job.state)
+        return {"job": job_id, "state": "cancelled", "cancelled": True, "was": job.state}
+
     def _kill(self, w: Worker) -> None:
         if isinstance(w.handle, mp.process.BaseProcess) and w.handle.is_alive():
             w.handle.kill()
@@ -722,11 +810,13 @@ class Supervisor:
             },
             "fps": sink.get("fps"),
             "latency_ms": sink.get("latency_ms"),
+            "withheld": sink.get("withheld"),
             **self.counts(),
             "engine": infer.get("engine"),
             "device": infer.get("device"),
             "model": infer.get("model"),
             "swap": None if self.swap is None else {"id": self.swap.id, "phase": self.swap.phase},
+            "jobs": self.jobs.counts() if self.jobs is not None else None,
             "last_swap": self.last_swap,
             "resources": self.resources,
             "versions": {"echod": __version__, "python": platform.python_version()},
@@ -736,8 +826,8 @@ class Supervisor:
         """Refresh resource use (control thread, once per telemetry interval) and report."""
         self.resources = _resources(self.workers.values())
         st = self.status()
-        keys = ("state", "source", "fps", "latency_ms", "frames_in", "frames_out", "dropped")
-        return {k: st[k] for k in (*keys, "skipped", "resources")}
+        keys = ("state", "source", "fps", "latency_ms", "withheld", "frames_in", "frames_out")
+        return {k: st[k] for k in (*keys, "dropped", "skipped", "jobs", "resources")}
 
     # -- stopping ---------------------------------------------------------------
 
@@ -776,6 +866,8 @@ class Supervisor:
 
     def _summary(self, source: dict[str, Any]) -> dict[str, Any]:
         self._stop_all()  # collect the final "done" events
+        if not self.live:
+            return {"source": source["description"], "stopped_by": self.stop_reason}
         sink = self.workers["sink"].done or {}
         infer = self.workers["infer"]
         return {
@@ -783,6 +875,7 @@ class Supervisor:
             "fps": sink.get("fps", 0.0),
             "latency_ms": sink.get("latency_ms", {}),
             "overhead_ms": sink.get("overhead_ms", {}),
+            "withheld": sink.get("withheld"),  # overlays the guard held back
             "stages": sink.get("stages", {}),
             "engine": infer.info.get("engine"),
             "device": infer.info.get("device"),
@@ -794,6 +887,12 @@ class Supervisor:
             "stopped_by": self.stop_reason,
             "duration_s": round(time.monotonic() - self.started, 3),
         }
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _chain(source: Future[Any], target: Future[Any]) -> None:

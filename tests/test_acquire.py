@@ -181,6 +181,56 @@ def test_missing_raw_file(tmp_path: Path) -> None:
         open_source(str(tmp_path / "s.mhd"))
 
 
+def test_detached_pixel_data_must_lie_beside_the_header(tmp_path: Path) -> None:
+    """A crafted .mhd must not make echod read another file: the data file is refused
+    when absolute, through '..', through a link out of the folder, or split over files."""
+    secret = tmp_path / "elsewhere" / "secret.raw"
+    secret.parent.mkdir()
+    secret.write_bytes(bytes(range(128)))  # the size the header asks for: it would be read
+    rec = tmp_path / "rec"
+    (rec / "data").mkdir(parents=True)
+    (rec / "link.raw").symlink_to(secret)
+    (rec / "data" / "mine.raw").write_bytes(bytes(128))
+    header = "ObjectType = Image\nNDims = 3\nDimSize = 8 8 2\nElementType = MET_UCHAR\n"
+    for name in (
+        str(secret),
+        "../elsewhere/secret.raw",
+        "link.raw",
+        "data/../../elsewhere/secret.raw",
+    ):
+        mhd = rec / "crafted.mhd"
+        mhd.write_text(header + f"ElementDataFile = {name}\n")
+        with pytest.raises(SourceError, match="not beside the header"):
+            open_source(str(mhd))
+    for split in ("LIST", "slice%03d.raw 1 2 1"):
+        mhd.write_text(header + f"ElementDataFile = {split}\n")
+        with pytest.raises(SourceError, match="several files"):
+            open_source(str(mhd))
+    mhd.write_text(header + "ElementDataFile = data/mine.raw\n")  # below the header: fine
+    assert len(list(open_source(str(mhd)).frames())) == 2
+
+
+def test_degenerate_recordings_are_refused_when_opened(tmp_path: Path) -> None:
+    """The frame rule every source applies: no empty frames, channels 1, 3 or 4."""
+    import nrrd
+    import SimpleITK as sitk
+
+    empty = tmp_path / "empty.seq.nrrd"
+    nrrd.write(str(empty), np.zeros((0, 8, 3), np.uint8), index_order="F")
+    two = tmp_path / "two.seq.nrrd"
+    kinds = ["vector", "domain", "domain", "list"]
+    nrrd.write(str(two), np.zeros((2, 8, 8, 3), np.uint8), {"kinds": kinds}, index_order="F")
+    two_mha = tmp_path / "two.mha"
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((3, 8, 8, 2), np.uint8), isVector=True), str(two_mha)
+    )
+    for path, why in ((empty, "no pixels"), (two, "2 channels"), (two_mha, "2 channels")):
+        with pytest.raises(
+            SourceError, match=f"{path.name}: its frames .* cannot be played: {why}"
+        ):
+            open_source(str(path))
+
+
 def test_unknown_extension(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")

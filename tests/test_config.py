@@ -68,3 +68,29 @@ def test_paths_follow_systemd_directories(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/echod:/other")
     assert config.Config().paths.cache() == Path("/var/cache/echod")
     assert config.load(None, {"paths.cache_dir": "/x"}).paths.cache() == Path("/x")
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "folder", "nested 5,000 deep", "unreadable"])
+def test_a_config_that_is_no_toml_file_is_one_line_and_exit_78(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import random
+
+    from daemon.cli import main as cli_main
+
+    path = tmp_path / "echod.toml"
+    if kind == "random bytes":
+        path.write_bytes(random.Random(11).randbytes(4096))
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file")
+        path.write_text("[source]\n")
+        path.chmod(0)
+    else:
+        path.write_text("[source]\nuri = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert cli_main(["run", "--config", str(path), "--headless"]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith(f"echod: error: config file {path} ") and err.count("\n") == 1, err

@@ -8,6 +8,8 @@ synchronise: the source is polled with deadlines.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import queue
@@ -27,6 +29,7 @@ import numpy as np
 import pydantic
 import pyigtl
 import pytest
+from pyigtl.messages import CRC64
 
 from daemon import config
 from daemon.acquire import IgtlSettings, IgtlSource, open_source
@@ -300,8 +303,9 @@ class RawServer:
                 with conn:
                     conn.settimeout(T)
                     conn.sendall(data)
-                    if end == "wait":
-                        while conn.recv(1 << 16):
+                    # a client that drops the connection with bytes unread resets it
+                    with contextlib.suppress(ConnectionResetError):
+                        while end == "wait" and conn.recv(1 << 16):
                             pass
         except BaseException as e:  # reported by the test
             self.errors.append(e)
@@ -353,6 +357,163 @@ def test_crc_checked_when_asked(source: Callable[..., IgtlSource]) -> None:
     src.close()
     server.close()
     assert frame.meta.t_source == 1.0 and src.counters.crc == 1
+
+
+# -- hostile IMAGE messages: the frame rule at the source ------------------------------------
+
+
+def framed(message: bytes, body: bytes, size: int | None = None) -> bytes:
+    """``message``'s header (type, device, timestamp) with ``body``, its size (or ``size``)
+    and its CRC-64: what a sender that means it would send."""
+    head = struct.pack(">QQ", len(body) if size is None else size, CRC64(body))
+    return message[:42] + head + body
+
+
+def hostile_image(
+    t: float,
+    *,
+    size: tuple[int, int, int] | None = None,
+    components: int | None = None,
+    scalar: int | None = None,
+    matrix: tuple[float, ...] | None = None,
+    pixels: bytes | None = None,
+) -> bytes:
+    """An IMAGE (correct header and CRC) whose body says what the arguments say: size
+    (i, j, k), components, scalar type, the 12 floats of its matrix, the pixel bytes."""
+    message = raw(image_message(0, t))
+    body = bytearray(message[HEADER_SIZE : HEADER_SIZE + 72])
+    if components is not None:
+        body[2] = components
+    if scalar is not None:
+        body[3] = scalar
+    if size is not None:
+        struct.pack_into(">HHH", body, 6, *size)
+        struct.pack_into(">HHH", body, 66, *size)  # the subvolume: all of it
+    if matrix is not None:
+        struct.pack_into(">12f", body, 12, *matrix)
+    rest = message[HEADER_SIZE + 72 :] if pixels is None else pixels
+    return framed(message, bytes(body) + rest)
+
+
+def hostile_stream(t0: float = 100.0) -> tuple[list[tuple[bytes, str]], dict[str, int], int]:
+    """Connection scripts for :class:`RawServer`: every kind of broken message, each with
+    valid frames before and after; the counters they must add up to; the valid frames."""
+    n_pixels = SHAPE[0] * SHAPE[1]
+    flat, h, w = b"\x00" * n_pixels, SHAPE[0], SHAPE[1]
+    nan = (float("nan"),) * 12
+    kept = [  # the framing survives: (message, counter)
+        (hostile_image(0, size=(w, 0, 1), pixels=b""), "malformed"),  # 0 rows
+        (hostile_image(0, size=(0, h, 1), pixels=b""), "malformed"),  # 0 columns
+        (hostile_image(0, size=(w, h, 0), pixels=b""), "malformed"),  # 0 slices
+        (hostile_image(0, components=0, pixels=b""), "malformed"),
+        (hostile_image(0, components=2, pixels=flat * 2), "malformed"),
+        (hostile_image(0, components=5, pixels=flat * 5), "malformed"),
+        (hostile_image(0, scalar=99), "malformed"),  # no such scalar type
+        (hostile_image(0, scalar=11, pixels=flat * 8), "rejected"),  # float64: not the dtype
+        (hostile_image(0, size=(65535, 65535, 1)), "malformed"),  # pixels for 96x128 only
+        (hostile_image(0, size=(8, 500, 1), pixels=b"\x01" * 4000), "rejected"),  # > max_shape
+        (hostile_image(0, pixels=flat[:-100]), "malformed"),  # fewer pixels than it says
+        (hostile_image(0, matrix=nan), "malformed"),
+        (hostile_image(0, matrix=(0.0,) * 12), "malformed"),  # zero spacing
+        (raw(image_message(0, 1.0, pixels=image(0, (400, 400)))), "oversized"),
+    ]
+    v2 = image_message(0, 1.0)
+    v2.header_version, v2.metadata = 2, {"Depth": "40 mm"}
+    v2_bytes = bytearray(raw(v2))
+    struct.pack_into(">I", v2_bytes, HEADER_SIZE + 4, 1 << 30)  # metadata "larger" than the body
+    kept.append((framed(bytes(v2_bytes), bytes(v2_bytes[HEADER_SIZE:])), "malformed"))
+    flipped = bytearray(raw(image_message(0, 1.0)))
+    flipped[-1] ^= 0xFF  # one pixel changed after the CRC was computed
+    kept.append((bytes(flipped), "crc"))
+
+    valid: list[bytes] = []
+
+    def ok() -> bytes:
+        valid.append(raw(image_message(len(valid), t0 + len(valid))))
+        return valid[-1]
+
+    first = ok() + b"".join(m + ok() for m, _ in kept)
+    expected = {"malformed": 0, "rejected": 0, "oversized": 0, "crc": 0, "truncated": 0}
+    for _, counter in kept:
+        expected[counter] += 1
+    good = raw(image_message(0, 1.0))
+    scripts = [
+        (first, "close"),
+        # framing lost: counted, the connection dropped and made again
+        (ok() + bytes(range(7, 7 + HEADER_SIZE)), "wait"),  # not an OpenIGTLink header
+        # says 200 bytes more than it has: eats the start of the next message (its CRC
+        # cannot match), whose middle is then no header
+        (ok() + framed(good, good[HEADER_SIZE:], len(good) - HEADER_SIZE + 200) + good, "wait"),
+        # says 100 bytes (CRC right for them): no room for its pixels, and the rest of
+        # them is no header (2 malformed)
+        (
+            ok() + framed(good, good[HEADER_SIZE : HEADER_SIZE + 100]) + good[HEADER_SIZE + 100 :],
+            "wait",
+        ),
+        (ok() + framed(good, b"", 2**64 - 1), "close"),  # endless: discarded until cut off
+        (ok() + ok(), "wait"),
+    ]
+    expected["malformed"] += 4
+    expected["crc"] += 1
+    expected["oversized"] += 1
+    expected["truncated"] += 1
+    return scripts, expected, len(valid)
+
+
+def test_hostile_images_are_counted_and_the_stream_goes_on(
+    source: Callable[..., IgtlSource],
+) -> None:
+    scripts, expected, n = hostile_stream()
+    server = RawServer(scripts)
+    src = source(
+        server.port, max_shape=SHAPE, max_message_bytes=120_000, check_crc=True, stall_timeout_s=5
+    )
+    frames = collect(src, n)
+    src.close()
+    server.close()
+    assert not server.errors
+    assert [f.meta.t_source for f in frames] == [100.0 + i for i in range(n)]
+    assert all(np.array_equal(f.image, image(i)) for i, f in enumerate(frames))
+    c = src.counters
+    got = {k: getattr(c, k) for k in expected}
+    assert got == expected and c.reconnects == len(scripts) - 1
+
+
+def test_echod_survives_a_hostile_scanner_and_counts_each_message(run_echod: Any) -> None:
+    """The real daemon (processes, rings, ONNX Runtime) behind a sender of broken IMAGE
+    messages: every valid frame goes through, every broken one is counted, nothing dies."""
+    scripts, expected, n = hostile_stream()
+    server = RawServer(scripts)
+    igtl = (
+        "{reconnect_min_s = 0.05, reconnect_max_s = 0.4, max_shape = [96, 128], "
+        "max_message_bytes = 120000, check_crc = true, stall_timeout_s = 5.0}"
+    )
+    echod = run_echod(
+        "run",
+        "--source",
+        f"igtl://127.0.0.1:{server.port}/Image",
+        "--mode",
+        "all",
+        "--frames",
+        str(n),
+        "--headless",
+        "--json",
+        "--set",
+        f"source.igtl={igtl}",
+        "--set",
+        "model.warmup=1",
+        "--set",
+        "control.enabled=false",
+    )
+    code, out = echod.finish(120)
+    server.close()
+    assert code == 0, "".join(echod.stderr)[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["frames_in"], summary["frames_out"], summary["dropped"]) == (n, n, {})
+    assert summary["restarts"] == {}
+    stats = summary["source_stats"]
+    assert {k: stats[k] for k in expected} == expected
+    assert stats["reconnects"] == len(scripts) - 1
 
 
 # -- addresses and settings -----------------------------------------------------------------

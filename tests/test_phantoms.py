@@ -181,11 +181,13 @@ def test_phantoms_import_only_numpy() -> None:
 
 
 def test_ultrasound_phantom_is_the_acquisition_source() -> None:
-    from daemon.acquire.synthetic import SyntheticSource
+    from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource
     from daemon.phantoms import ultrasound
 
-    assert ultrasound.SyntheticSource is SyntheticSource
-    src = ultrasound.SyntheticSource(ultrasound.SyntheticSettings(width=320, height=288, seed=3))
+    src = SyntheticSource(SyntheticSettings(width=320, height=288, seed=3))
+    assert isinstance(src.phantom, ultrasound.Phantom)
     frame, labels = src.frame_with_labels(5)
+    image, truth = ultrasound.Phantom((288, 320), seed=3).frame_with_labels(5)
+    assert np.array_equal(frame.image, image) and np.array_equal(labels, truth)
     assert frame.image.shape == labels.shape == (288, 320)
     assert {ultrasound.ARTERY, ultrasound.VEIN} <= set(np.unique(labels))

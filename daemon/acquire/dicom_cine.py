@@ -42,7 +42,14 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder, iter_pixels, pixel_array
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
+from daemon.acquire.base import (
+    DEFAULT_FPS,
+    check_frames,
+    closed_error,
+    fps_str,
+    recorded_frame,
+    shape_str,
+)
 from daemon.errors import SourceError
 from daemon.frame import Frame
 
@@ -174,6 +181,7 @@ class DicomCine:
         self.dtype = first.dtype
         if first.shape[:2] != (rows, cols):
             raise SourceError(f"{path}: frame 0 decodes to {first.shape}, not {rows}x{cols}")
+        check_frames(path, first.shape, first.dtype, self._spacing)
         self.description = (
             f"DICOM cine {path.name} ({n} frames, {shape_str(self.max_shape, self.dtype)}, "
             f"{fps_str(self.nominal_fps)}, {syntax.name})"

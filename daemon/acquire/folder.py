@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, shape_str
+from daemon.acquire.base import DEFAULT_FPS, check_frames, closed_error, fps_str, shape_str
 from daemon.errors import SourceError
 from daemon.frame import Frame, FrameMeta
 
@@ -71,6 +71,7 @@ class ImageFolder:
                     f"{shape_str(first.shape, first.dtype)}; all images of a folder must have "
                     "the same size and type"
                 )
+        check_frames(files[0], first.shape, first.dtype, (1.0, 1.0))
         self._files: list[Path] | None = files
         self.nominal_fps = fps
         self._period = 1.0 / (fps or DEFAULT_FPS)

@@ -52,8 +52,11 @@ bound what is accepted, sizing the rings; an image outside them is rejected
 (counted, warned once per size) and the stream goes on.
 
 Robustness: a message larger than ``max_message_bytes`` is read and discarded
-(counted as oversized; the framing is kept); a body that does not unpack is
-malformed (counted; the next message follows); a header that is not
+(counted as oversized; the framing is kept); a body that does not unpack, or
+an IMAGE that breaks the frame rule every source applies
+(:func:`~daemon.acquire.base.frame_problem`: no pixels, 2 or 5+ components, a
+non-numeric scalar type, a spacing that is not finite and positive), is
+malformed (counted, warned once per problem; the next message follows); a header that is not
 OpenIGTLink, a connection closed mid-message or a message that stops arriving
 for ``stall_timeout_s`` loses the framing: counted (malformed / truncated) and
 the connection is dropped and made again. Connecting retries with exponential
@@ -88,7 +91,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pyigtl.messages import CRC64, MessageBase
 
-from daemon.acquire.base import shape_str
+from daemon.acquire.base import fits, frame_problem, shape_str
 from daemon.errors import SourceError
 from daemon.frame import Frame, FrameMeta
 
@@ -324,6 +327,7 @@ class IgtlSource:
         self._heard = False  # a message arrived on this connection
         self._index = 0
         self._warned: set[tuple[tuple[int, ...], str]] = set()
+        self._warned_malformed: set[str] = set()
         self._head = bytearray(HEADER_SIZE)
         self._scratch = memoryview(bytearray(_DISCARD_CHUNK))
         self._reset_message()
@@ -606,8 +610,7 @@ class IgtlSource:
             if kind == "IMAGE":
                 return self._frame(msg, fields)
         except _MALFORMED as e:
-            c.malformed += 1
-            log.warning("OpenIGTLink %s from %r is malformed (%s); skipped", kind, device, e)
+            self._malformed(kind, device, str(e), type(e).__name__)
             return None
         if kind == "TRANSFORM":
             c.transforms += 1
@@ -630,23 +633,29 @@ class IgtlSource:
         return None
 
     def _frame(self, msg: Any, fields: dict[str, Any]) -> Frame | None:
-        """The frame of an IMAGE message, or None (rejected) if it does not fit."""
-        image: np.ndarray = msg.image
-        if image.shape[0] != 1:  # (k, j, i[, c])
-            self._reject(image.shape, image.dtype, f"a volume of {image.shape[0]} slices")
-            return None
-        image = image[0]
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        if not image.dtype.isnative:
-            image = image.astype(image.dtype.newbyteorder("="))
-        if image.dtype != self.dtype or not self._fits(image.shape):
-            self._reject(image.shape, image.dtype, "larger than max_shape or not dtype")
-            return None
+        """The frame of an IMAGE message, or None: malformed (breaks the frame rule of
+        :func:`~daemon.acquire.base.frame_problem`) or rejected (does not fit the settings)."""
+        image: np.ndarray = msg.image  # (k, j, i[, c])
         matrix = np.asarray(msg.ijk_to_world_matrix, np.float64)
         if msg.world_coordinate_system == "ras":
             matrix = _LPS_FROM_RAS @ matrix
         sx, sy, sz = (float(v) for v in np.linalg.norm(matrix[:3, :3], axis=0))
+        if image.shape[0] > 1:
+            self._reject(image.shape, image.dtype, f"a volume of {image.shape[0]} slices")
+            return None
+        slice_shape = image.shape[1:] if image.shape[0] else (0, 0)
+        if len(slice_shape) == 3 and slice_shape[2] == 1:
+            slice_shape = slice_shape[:2]
+        problem = frame_problem(slice_shape, image.dtype, (sx, sy))
+        if problem is not None:
+            self._malformed("IMAGE", fields["device_name"], problem, problem)
+            return None
+        image = image.reshape(slice_shape)
+        if not image.dtype.isnative:
+            image = image.astype(image.dtype.newbyteorder("="))
+        if image.dtype != self.dtype or not fits(image.shape, self.max_shape):
+            self._reject(image.shape, image.dtype, "larger than max_shape or not dtype")
+            return None
         pose = self.poses.get(self.settings.pose_device) if self.settings.pose_device else None
         if pose is not None:
             matrix = pose @ matrix
@@ -662,14 +671,12 @@ class IgtlSource:
         self.counters.frames += 1
         return Frame(image, meta)
 
-    def _fits(self, shape: tuple[int, ...]) -> bool:
-        limit = self.max_shape
-        channels = shape[2] if len(shape) == 3 else 1
-        return (
-            shape[0] <= limit[0]
-            and shape[1] <= limit[1]
-            and channels <= (limit[2] if len(limit) == 3 else 1)
-        )
+    def _malformed(self, kind: str, device: str, why: str, key: str) -> None:
+        """Count a message that breaks the protocol or the frame rule; warn once per ``key``."""
+        self.counters.malformed += 1
+        level = logging.DEBUG if key in self._warned_malformed else logging.WARNING
+        self._warned_malformed.add(key)
+        log.log(level, "OpenIGTLink %s from %r is malformed (%s); skipped", kind, device, why)
 
     def _reject(self, shape: tuple[int, ...], dtype: np.dtype, why: str) -> None:
         self.counters.rejected += 1

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
+from daemon.acquire.base import (
+    DEFAULT_FPS,
+    check_frames,
+    closed_error,
+    fps_str,
+    recorded_frame,
+    shape_str,
+)
 from daemon.acquire.plus import read_frames
 from daemon.errors import SourceError
 from daemon.frame import Frame
@@ -72,8 +79,8 @@ def _check_data(path: Path, fields: dict[str, str], header_end: int, raw: int) -
     expected = int(fields.get("CompressedDataSize", "-1")) if compressed else raw
     if data_file == "LOCAL":
         where, offset = path, header_end
-    elif data_file and data_file != "LIST" and "%" not in data_file.split()[0]:
-        where = path.parent / data_file
+    elif data_file:
+        where = _beside(path, data_file)
         if not where.is_file():
             raise SourceError(
                 f"{path}: its pixel data file {where} is missing; keep the .raw beside the .mhd"
@@ -82,7 +89,7 @@ def _check_data(path: Path, fields: dict[str, str], header_end: int, raw: int) -
         if offset < 0:  # -1: the data are the file's last bytes
             offset = max(where.stat().st_size - expected, 0) if expected >= 0 else 0
     else:
-        return  # data in several files: left to SimpleITK
+        return  # no data file named: SimpleITK says what is wrong
     present = where.stat().st_size - offset
     if present < expected:
         raise SourceError(
@@ -91,6 +98,28 @@ def _check_data(path: Path, fields: dict[str, str], header_end: int, raw: int) -
         )
     if compressed:
         _check_inflates(where, offset, raw)
+
+
+def _beside(path: Path, data_file: str) -> Path:
+    """The detached pixel file a header names, refused unless it lies beside the header
+    (in its folder or below): a crafted header must not make echod read another file."""
+    if data_file == "LIST" or "%" in data_file:
+        raise SourceError(
+            f"{path}: pixel data split over several files (ElementDataFile = {data_file}) is "
+            "not supported; write one .mha, or a .mhd with one .raw beside it"
+        )
+    folder = path.parent.resolve()
+    where = (folder / data_file).resolve()
+    if (
+        Path(data_file).is_absolute()
+        or ".." in Path(data_file).parts
+        or folder not in where.parents
+    ):
+        raise SourceError(
+            f"{path}: its pixel data file {data_file!r} is not beside the header (an absolute "
+            f"path, '..' or a link out of {folder}); keep the .raw in the .mhd's folder"
+        )
+    return where
 
 
 def _check_inflates(where: Path, offset: int, raw: int) -> None:
@@ -180,6 +209,7 @@ class MetaImageSequence:
         spacing = reader.GetSpacing()
         direction = np.array(reader.GetDirection()).reshape(dim, dim)[:2, :2]
         self._spacing = (float(spacing[0]), float(spacing[1]), 1.0)
+        check_frames(path, array.shape[1:], self.dtype, self._spacing)
         self._transform = np.eye(4)
         self._transform[:2, :2] = direction @ np.diag(spacing[:2])
         self._transform[:2, 3] = reader.GetOrigin()[:2]

@@ -37,7 +37,14 @@ from typing import Any
 import nrrd
 import numpy as np
 
-from daemon.acquire.base import DEFAULT_FPS, closed_error, fps_str, recorded_frame, shape_str
+from daemon.acquire.base import (
+    DEFAULT_FPS,
+    check_frames,
+    closed_error,
+    fps_str,
+    recorded_frame,
+    shape_str,
+)
 from daemon.acquire.plus import read_frames
 from daemon.errors import SourceError
 from daemon.frame import Frame
@@ -147,8 +154,6 @@ class NrrdSequence:
                     "2-D frames (one slice per item)"
                 )
             array = array[:, 0]
-        if array.ndim == 4 and not 1 <= array.shape[3] <= 4:
-            raise SourceError(f"{path}: {array.shape[3]} components per pixel; expected 1 to 4")
         if array.ndim == 4 and array.shape[3] == 1:
             array = array[..., 0]
         if not array.dtype.isnative:
@@ -175,6 +180,7 @@ class NrrdSequence:
         self._transform = _geometry(header, spatial)
         norms = np.linalg.norm(self._transform[:3, :3], axis=0)
         self._spacing = (float(norms[0]), float(norms[1]), float(norms[2]))
+        check_frames(path, array.shape[1:], array.dtype, self._spacing)
         self.max_shape: tuple[int, ...] = tuple(array.shape[1:])
         self.dtype = array.dtype
         skipped = n - len(self._valid)

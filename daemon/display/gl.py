@@ -14,7 +14,9 @@ Three layers, each usable alone:
 - :class:`DisplayStage`: the pipeline stage (input ports ``frames`` and ``results``, both
   ``newest``). It never waits for inference: each step takes the newest frame and the
   newest result, and the image keeps flowing when results stop (the overlay is then hidden
-  and the status line says "inference stopped"). Keys: ``o`` overlay on/off, ``m`` filled /
+  and the status line says "inference stopped"). When the uncertainty guard withheld the
+  overlay (the result's WITHHELD flag), nothing is painted and the status line says
+  "no confident finding". Keys: ``o`` overlay on/off, ``m`` filled /
   contour, ``f`` freeze, ``s`` screenshot, ``Esc``/``q`` quit when ``allow_quit``.
 
 If no window with either context can be opened (no display, no driver, the ``display``
@@ -43,11 +45,12 @@ from pydantic import ValidationError
 from daemon.config import DISPLAY_RUNTIME, Config, DisplayConfig
 from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
-from daemon.display.headless import TABLE2, HeadlessSink
+from daemon.display.headless import TABLE2, HeadlessSink, withheld_figures
 from daemon.engines.card import ClassCard, load_card
-from daemon.errors import ConfigError, ModelError, StageError
-from daemon.frame import FrameMeta
-from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.errors import ConfigError, EchodError, ModelError, StageError
+from daemon.frame import WITHHELD, FrameMeta
+from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
+from daemon.paths import check_new_file
 from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
 from daemon.stage import POLL_S, Stage, StageContext, StageSpec
 
@@ -73,6 +76,7 @@ WARN_COLOUR: Colour = (255, 176, 0)
 INFERENCE_STOPPED = "inference stopped"
 SCANNER_DISCONNECTED = "scanner disconnected"
 FRAME_OLD = "frame old"
+NO_CONFIDENT_FINDING = "no confident finding"  # the guard withheld the overlay shown
 
 
 class DisplayError(StageError):
@@ -502,14 +506,23 @@ class Renderer:
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:
-    """``rgb`` (h, w, 3) to a PNG at ``path``, written whole under a temporary name first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``rgb`` (h, w, 3) to a PNG at ``path``, written whole under a temporary name in the
+    same folder first (removed when anything fails). ConfigError when ``path`` is a folder
+    or its folder is missing; StageError when the file cannot be written."""
+    path = check_new_file(Path(path), "screenshot")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-        raise DisplayError(f"cannot write the screenshot {path}")
-    tmp.replace(path)
+    try:
+        if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+            raise OSError(f"cannot write {tmp.name}")
+        tmp.replace(path)
+    except (OSError, cv2.error) as e:
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
+        raise StageError(
+            f"cannot write the screenshot {path} ({why}): check the folder's permissions "
+            "and free space"
+        ) from None
     return path
 
 
@@ -580,7 +593,10 @@ class DisplayStage(Stage):
         self.latency = Percentiles()
         self.cost = {k: Percentiles() for k in ("upload", "draw", "swap", "total")}
         self.stages = {name: RunningStats() for name in TABLE2}
+        self.histograms = FrameHistograms(TABLE2)  # for /metrics
         self.frames_shown = self.results_in = self.unmatched = self.torn = 0
+        self.withheld = 0  # results whose overlay the guard withheld
+        self.overlay_withheld = False  # the overlay in the texture is a withheld one
         self.frames_without_inference = 0
         self.first_ns = self.last_ns = 0
         self._update_status(now)
@@ -666,8 +682,10 @@ class DisplayStage(Stage):
             self.last_result_t = now
             self.results_in += 1
             meta = result.meta
+            self.withheld += bool(meta.flags & WITHHELD)
             for name, idx in TABLE2.items():
                 self.stages[name].add(float(meta.timings_ms[idx]))
+                self.histograms.steps[name].add(float(meta.timings_ms[idx]))
         if self.frozen:
             return None
         if self.settings.sync == "synchronised":
@@ -720,6 +738,7 @@ class DisplayStage(Stage):
             return False
         self.heatmap = result.image.dtype.kind == "f"
         self.overlay_index = result.meta.index
+        self.overlay_withheld = bool(result.meta.flags & WITHHELD)
         generation = result.meta.generation
         if generation != self.generation and generation in self.models:
             self.generation = generation
@@ -732,6 +751,7 @@ class DisplayStage(Stage):
         if shown.t_acquired_ns > 0:
             ms = (now_ns - shown.t_acquired_ns) / 1e6
             self.latency.add(ms)
+            self.histograms.latency.add(ms)
             self.recent_latency.append(ms)
         for name, s in zip(("upload", "draw", "swap"), costs, strict=True):
             self.cost[name].add(s * 1e3)
@@ -760,6 +780,8 @@ class DisplayStage(Stage):
         if not self._frames_flowing(now):
             return [SCANNER_DISCONNECTED]
         out = [INFERENCE_STOPPED] if self._inference_stopped(now) else []
+        if not out and self.overlay_withheld and self.overlay_index is not None:
+            out.append(NO_CONFIDENT_FINDING)
         if self.newest_age_ms > self.settings.frame_old_ms:
             out.append(FRAME_OLD)
         return out
@@ -788,7 +810,9 @@ class DisplayStage(Stage):
             inference_ms=round(self.stages["nn_inference"].mean, 3),
             frames=self.frames_shown,
             dropped=self.frames.dropped if self.frames is not None else 0,
+            withheld=withheld_figures(self.withheld, self.results_in),
             warnings=list(self.warnings),
+            histograms=self.histograms.snapshot(),
         )
 
     def _update_status(self, now: float) -> bool:
@@ -860,7 +884,10 @@ class DisplayStage(Stage):
         elif key == "f":
             self.frozen = not self.frozen
         elif key == "s":
-            self.screenshot(self._screenshot_path())
+            try:
+                self.screenshot(self._screenshot_path())
+            except (EchodError, OSError) as e:  # a key never takes the display down
+                log.warning("screenshot not saved: %s", e)
             return False
         else:
             return False
@@ -868,11 +895,13 @@ class DisplayStage(Stage):
         return True
 
     def _screenshot_path(self) -> Path:
+        """A new file in the screenshot folder (made if missing) for the ``s`` key."""
         folder = (
             Path(self.settings.screenshot_dir)
             if self.settings.screenshot_dir
             else self.config.paths.state() / "screenshots"
         )
+        folder.mkdir(parents=True, exist_ok=True)
         index = self.shown.index if self.shown is not None else 0
         return folder / f"echod-{time.strftime('%Y%m%d-%H%M%S')}-{index}.png"
 
@@ -921,6 +950,7 @@ class DisplayStage(Stage):
             "stages": {name: s.summary() for name, s in self.stages.items()},
             "display_ms": {name: p.summary(50, 99) for name, p in self.cost.items()},
             "results_in": self.results_in,
+            "withheld": withheld_figures(self.withheld, self.results_in),
             "results_unmatched": self.unmatched,
             "frames_without_inference": self.frames_without_inference,
             "warned": sorted(self.warned),

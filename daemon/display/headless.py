@@ -1,7 +1,9 @@
 """The headless sink: consumes results, keeps run statistics, reports them once a second.
 
 It is the display's stand-in where no screen is attached (and the measuring
-end of every benchmark): frame latency is acquisition stamp -> read here.
+end of every benchmark): frame latency is acquisition stamp -> read here. It
+counts the results whose overlay the uncertainty guard withheld ("no confident
+finding").
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from daemon.frame import Timing
-from daemon.metrics import Percentiles, RateMeter, RunningStats
+from daemon.frame import WITHHELD, Timing
+from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
 from daemon.stage import POLL_S, Stage
 
 TABLE2 = {  # the paper's Table 2 columns, in the order they happen
@@ -26,7 +28,9 @@ class HeadlessSink(Stage):
         self.latency = Percentiles()
         self.overhead = Percentiles()  # latency minus the frame's own inference time
         self.stages = {name: RunningStats() for name in TABLE2}
+        self.histograms = FrameHistograms(TABLE2)  # for /metrics
         self.count = 0
+        self.withheld = 0  # results flagged WITHHELD by the guard
         self.first_ns = self.last_ns = 0
         now = time.monotonic()
         self.meter = RateMeter(now)
@@ -40,10 +44,13 @@ class HeadlessSink(Stage):
             meta = f.meta
             latency = (now_ns - meta.t_acquired_ns) / 1e6
             self.latency.add(latency)
+            self.histograms.latency.add(latency)
             self.overhead.add(latency - float(meta.timings_ms[Timing.NN_INFERENCE]))
             for name, idx in TABLE2.items():
                 self.stages[name].add(float(meta.timings_ms[idx]))
+                self.histograms.steps[name].add(float(meta.timings_ms[idx]))
             self.count += 1
+            self.withheld += bool(meta.flags & WITHHELD)
             self.first_ns = self.first_ns or now_ns
             self.last_ns = now_ns
             self.meter.tick()
@@ -66,6 +73,8 @@ class HeadlessSink(Stage):
             "inference_ms": round(self.stages["nn_inference"].mean, 3),
             "frames": self.count,
             "dropped": self.reader.dropped,
+            "withheld": withheld_figures(self.withheld, self.count),
+            "histograms": self.histograms.snapshot(),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -76,4 +85,11 @@ class HeadlessSink(Stage):
             "latency_ms": self.latency.summary(50, 90, 99),
             "overhead_ms": self.overhead.summary(50, 99),
             "stages": {name: s.summary() for name, s in self.stages.items()},
+            "withheld": withheld_figures(self.withheld, self.count),
         }
+
+
+def withheld_figures(withheld: int, results: int) -> dict[str, Any]:
+    """How many results had their overlay withheld (no confident finding), and which
+    fraction of all results that is."""
+    return {"frames": withheld, "fraction": round(withheld / results, 4) if results else 0.0}

@@ -26,6 +26,14 @@
     name = "background"
     colour = [0, 0, 0]
     opacity = 0.0
+
+    [guard]                            # optional: withhold the overlay of doubtful frames
+    min_confidence = 0.9               # mean max-probability over the pixels of a finding
+    [guard.domain]                     # network-input statistics (daemon/engines/guard.py)
+    fov_fraction = [0.15, 1.0]         # [min, max]
+
+``intended_use``, ``training_data``, ``limits`` (text) and ``[evaluation]`` (measured
+figures) document the model; echod shows them, it does not act on them.
 """
 
 from __future__ import annotations
@@ -106,6 +114,29 @@ class ClassCard(_Strict):
     opacity: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
+class GuardCard(_Strict):
+    """The uncertainty guard's thresholds (daemon/engines/guard.py): a frame is withheld
+    when a domain statistic of its network input is outside its range, or when the mean
+    probability over the pixels labelled a finding is below ``min_confidence``."""
+
+    min_confidence: Annotated[float, Field(ge=0, le=1)]
+    domain: dict[str, tuple[float, float]] = {}
+
+    @field_validator("domain")
+    @classmethod
+    def _known(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        from daemon.engines.guard import FEATURES
+
+        for name, (lo, hi) in v.items():
+            if name not in FEATURES:
+                close = difflib.get_close_matches(name, FEATURES, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(FEATURES)}"
+                raise ValueError(f"unknown statistic {name!r} ({hint})")
+            if not lo <= hi:
+                raise ValueError(f"{name}: range [{lo}, {hi}] is empty")
+        return v
+
+
 class ModelCard(_Strict):
     """Everything about a model that its file does not say."""
 
@@ -115,6 +146,11 @@ class ModelCard(_Strict):
     classes: tuple[ClassCard, ...] = ()
     engines: tuple[str, ...] = ()  # preferred engines, in order; () = the device's default
     provenance: str = ""
+    intended_use: str = ""
+    training_data: str = ""
+    limits: str = ""
+    guard: GuardCard | None = None  # None: every frame's overlay is shown
+    evaluation: dict[str, Any] = {}  # measured figures, as the training scripts wrote them
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelCard:

@@ -9,6 +9,10 @@ paper's Table 2: NN input, NN inference, NN output)::
     y = seg.infer(x)                              # the engine
     label_map = seg.finish(y, frame.shape)        # argmax/threshold + resize back
 
+With a ``[guard]`` on the card, ``labels, verdict = seg.finish_guarded(y, frame.shape, x)``
+also judges the frame (daemon/engines/guard.py): a frame the guard does not trust gets
+an empty label map and ``verdict.confident`` False, with the reason.
+
 For throughput (mode "all"), keep up to ``seg.depth`` frames in flight:
 ``p = seg.submit(x)`` returns at once, ``seg.result(p)`` waits for that
 frame's output; results come back in submission order.
@@ -32,12 +36,14 @@ from numpy.typing import DTypeLike
 from daemon.engines import opencl, postprocess, preprocess, registry
 from daemon.engines.base import Engine, Pending, TensorSpec
 from daemon.engines.card import ClassCard, ModelCard, card_path, load_card
+from daemon.engines.guard import Guard, Verdict, as_plane, probabilities
 from daemon.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
 _IMAGE_LAYOUTS = ("NCHW", "NHWC")
 PROBE_MULTIPLES = (8, 16, 32, 64, 128)
+_TRUSTED = Verdict(True, "", 1.0)
 
 
 def _frame_text(shape: tuple[int, ...]) -> str:
@@ -79,6 +85,9 @@ class Segmenter:
         self.input: TensorSpec = replace(spec, layout=card.input.layout or spec.layout)
         self.output: TensorSpec = engine.outputs[0]
         self.classes: tuple[ClassCard, ...] = card.classes
+        self.guard: Guard | None = (
+            Guard(card.guard.min_confidence, card.guard.domain) if card.guard else None
+        )
         self._checked: tuple[tuple[int, ...], np.dtype[Any]] | None = None
         if len(spec.shape) == 4 and self.input.layout in _IMAGE_LAYOUTS:
             self._validate()
@@ -214,9 +223,34 @@ class Segmenter:
         """uint8 label map of the frame's height and width."""
         return postprocess.labels(output, self.card, frame_shape, self.output.layout or "NCHW")
 
+    def judge(self, x: np.ndarray, output: np.ndarray) -> Verdict:
+        """The guard's verdict on one frame from its network input ``x`` (from
+        :meth:`prepare`) and the model's output; always confident without a guard."""
+        if self.guard is None:
+            return _TRUSTED
+        layout = self.output.layout or "NCHW"
+        probs = probabilities(postprocess.planes(output, layout), self.card.output.activation)
+        return self.guard.judge(as_plane(x, self.input.layout or "NCHW"), probs)
+
+    def finish_guarded(
+        self, output: np.ndarray, frame_shape: tuple[int, ...], x: np.ndarray
+    ) -> tuple[np.ndarray, Verdict]:
+        """:meth:`finish` behind the guard: the label map (empty when withheld) and the
+        verdict."""
+        verdict = self.judge(x, output)
+        labels = self.finish(output, frame_shape)
+        if not verdict.confident:
+            labels[:] = 0
+        return labels, verdict
+
     def segment(self, image: np.ndarray) -> np.ndarray:
-        """prepare + infer + finish in one call."""
+        """prepare + infer + finish in one call (the model alone, no guard)."""
         return self.finish(self.infer(self.prepare(image)), image.shape)
+
+    def segment_guarded(self, image: np.ndarray) -> tuple[np.ndarray, Verdict]:
+        """prepare + infer + :meth:`finish_guarded` in one call."""
+        x = self.prepare(image)
+        return self.finish_guarded(self.infer(x), image.shape, x)
 
     def network_size(self) -> tuple[int | None, int | None]:
         """(h, w) the network gets; None where it follows the frame."""
@@ -311,6 +345,7 @@ class Segmenter:
             },
             "network_size": list(self.network_size()),
             "classes": [c.model_dump(mode="json") for c in self.classes],
+            "guard": self.card.guard.model_dump(mode="json") if self.card.guard else None,
         }
 
     def close(self) -> None:

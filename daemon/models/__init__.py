@@ -4,7 +4,8 @@ Bundled (trained on echod's phantoms, see README.md beside this file):
 ``ultrasound-seg.onnx`` (artery/vein, the live default), ``ct-nodule-seg.onnx``
 (3-D lung nodules) and ``wsi-patch-cls.onnx`` (4-class H&E patches), each with
 its card. Paper-size reference networks (random weights) are generated into
-the cache on demand (:mod:`daemon.engines.reference`).
+the cache on demand (:mod:`daemon.engines.reference`) and run only when named:
+a missing or broken bundled model is an error, never replaced by random weights.
 """
 
 from __future__ import annotations
@@ -15,33 +16,56 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 BUNDLED = Path(__file__).resolve().parent
 ULTRASOUND = "ultrasound-seg.onnx"
 CT = "ct-nodule-seg.onnx"
 WSI = "wsi-patch-cls.onnx"
-REFERENCE_2D = "unet2d-256"
 
 
-def default_model(cache_dir: Path) -> Path:
-    """The bundled ultrasound segmentation model.
-
-    If it is missing (a stripped install), the paper-size 2-D U-Net with random
-    weights is generated into the cache, and the log says so: its overlay is noise.
-    """
+def default_model() -> Path:
+    """The bundled ultrasound segmentation model, checked: a one-line ModelError when it is
+    missing, unreadable or has no trained weights. echod never falls back to random
+    weights on its own: a reference network runs only when it is named (``--model``)."""
     bundled = BUNDLED / ULTRASOUND
-    if bundled.exists():
-        return bundled
-    from daemon.engines.reference import ensure_reference
+    problem = _unusable(bundled)
+    if problem:
+        raise ModelError(
+            f"the bundled model {bundled} {problem}: reinstall echod, or name a model with "
+            "--model FILE (for timing only, a reference network with random weights: "
+            "echod models --reference unet2d-256, then --model with the path it prints)"
+        )
+    return bundled
 
-    path = ensure_reference(REFERENCE_2D, cache_dir)
-    log.warning(
-        "no trained ultrasound model is bundled: using the paper-size 2-D U-Net with "
-        "random weights from %s (timings are real, the overlay is not)",
-        path,
-    )
-    return path
+
+def _unusable(path: Path) -> str:
+    """What makes ``path`` unusable as the default model, or ""."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from daemon.engines.card import load_card
+
+    if not path.is_file():
+        return "is missing"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, DecodeError, ValueError) as exc:
+        return (
+            f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        )
+    if not model.graph.node:
+        return "cannot be read (no graph in it)"
+    weights = {p.key: p.value for p in model.metadata_props}.get("echod.weights")
+    if weights != "trained":
+        return f"has no trained weights (echod.weights = {weights!r})"
+    try:
+        load_card(path)
+    except ModelError as exc:
+        return f"has a card that cannot be used ({exc})"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,6 @@ def describe(path: Path, origin: str) -> ModelInfo:
 
     from daemon.engines.base import detect_layout
     from daemon.engines.card import load_card
-    from daemon.errors import ModelError
 
     name = path.stem
     try:

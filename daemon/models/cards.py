@@ -7,6 +7,9 @@ after a provenance line (and, for trained models, the training record).
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 WSI_MEAN, WSI_STD = 0.5, 0.25  # of RGB in 0..1; the training code normalises with these
 
 ULTRASOUND = """\
@@ -101,3 +104,86 @@ name = "invasive"
 colour = [230, 0, 0]
 opacity = 0.5
 """
+
+
+ULTRASOUND_USE = (
+    "Research and demonstration: live artery/vein segmentation of B-mode frames in the "
+    "echod pipeline. Not a medical device; not for diagnosis or guidance."
+)
+ULTRASOUND_DATA = (
+    "Simulated frames only (daemon/phantoms/ultrasound.py): convolution-model B-mode "
+    "images of neck and abdomen scenes with zero, one or two vessels and of water, fluid, "
+    "cysts, bone, needles, air, blank and dark frames; linear and curvilinear probes. "
+    "No real image was used for training or for setting any threshold."
+)
+ULTRASOUND_LIMITS = (
+    "Seen only simulated anatomy: real vessels, other anatomy and other scanners may be "
+    "missed or mislabelled. Artery and vein are told apart by shape and wall, not by flow "
+    "or compression over time. The guard withholds frames that do not look like its "
+    "training domain, or where the model is unsure; a frame that passes is not thereby "
+    "correct. Real-data figures below are from two recordings that contain no vessel: "
+    "they bound false positives on them, they measure no sensitivity."
+)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(round(v, 6))
+    return str(v)
+
+
+def _toml_tables(prefix: str, table: dict[str, Any]) -> list[str]:
+    """``[prefix]`` with the plain values of ``table``, then its sub-tables."""
+    lines = [f"\n[{prefix}]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            lines += _toml_tables(f"{prefix}.{k}", v)
+    return lines
+
+
+def ultrasound_card(record: dict[str, Any], params: int) -> str:
+    """The bundled ultrasound model's card from its record (the ONNX metadata that the
+    training script and ``calibrate`` / ``measure`` write)."""
+    training = record.get("training", {})
+    scores = record.get("scores", {})
+    lines = ["# Model card (daemon/engines/card.py), written by daemon/models/train/ultrasound.py."]
+    lines += [f"# training {k}: {v}" for k, v in training.items()]
+    for step in ("calibration",):
+        lines += [f"# {step} {k}: {v}" for k, v in record.get(step, {}).items()]
+    if "real_data" in record:
+        lines.append(
+            "# measure: python -m daemon.models.train.ultrasound measure ultrasound-seg.onnx "
+            "(real recordings ../shared/data/us, measured only)"
+        )
+    provenance = (
+        f"FAST paper 2-D U-Net ({params:,} parameters) trained on the echod ultrasound "
+        f"simulator ({training.get('data', '?').split(',')[0]}, {training.get('steps', '?')} "
+        f"steps); held-out Dice artery {scores.get('dice_artery', float('nan')):.3f}, vein "
+        f"{scores.get('dice_vein', float('nan')):.3f}; synthetic data only, not for clinical use"
+    )
+    lines += [
+        f"provenance = {json.dumps(provenance)}",
+        f"intended_use = {json.dumps(ULTRASOUND_USE)}",
+        f"training_data = {json.dumps(ULTRASOUND_DATA)}",
+        f"limits = {json.dumps(ULTRASOUND_LIMITS)}",
+        "",
+        ULTRASOUND.rstrip("\n"),
+    ]
+    if "guard" in record:
+        lines += _toml_tables("guard", record["guard"])
+    evaluation: dict[str, Any] = {"held_out": scores}
+    if "real_data" in record:
+        real: dict[str, dict[str, Any]] = {}
+        for key, value in record["real_data"].items():
+            name, _, field = key.partition(".")
+            real.setdefault(name, {})[field] = value
+        evaluation["real_data"] = real
+    lines += _toml_tables("evaluation", evaluation)
+    return "\n".join(lines) + "\n"

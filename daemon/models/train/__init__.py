@@ -5,6 +5,7 @@
 - ``python -m daemon.models.train.wsi``: a 512x512 H&E patch classifier, 4 classes.
 
 Each trains on its phantom (daemon/phantoms/), scores itself on held-out seeds,
-and writes ``<name>.onnx`` and its card ``<name>.toml`` (default: daemon/models/).
+and writes ``<name>.onnx`` and its card ``<name>.toml`` into ``--out DIR``, or into
+the package (daemon/models/, replacing the bundled model) only with ``--publish``.
 ``--quick`` is a CPU smoke run. See daemon/models/README.md.
 """

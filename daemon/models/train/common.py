@@ -26,16 +26,20 @@ from torch.nn import functional as F
 log = logging.getLogger(__name__)
 
 OPSET = 17  # ONNX Runtime and OpenVINO both read it
+PACKAGE = Path(__file__).resolve().parent.parent  # daemon/models: only with --publish
 
 
 def arguments(doc: str | None, epochs: int, minutes: float) -> argparse.ArgumentParser:
     """The options every script takes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent.parent,
-        help="folder for the .onnx and its card (default: daemon/models)",
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="folder for the .onnx and its card")
+    where.add_argument(
+        "--publish",
+        dest="out",
+        action="store_const",
+        const=PACKAGE,
+        help=f"write them into the package ({PACKAGE}), replacing the bundled model",
     )
     p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     p.add_argument(

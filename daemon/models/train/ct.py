@@ -13,7 +13,7 @@ spacing 1-2 mm and in-plane spacing 1.3-1.5 mm (a 350 mm field of view at
 256), 0 to 5 nodules of 3-30 mm each, rendered in worker processes;
 augmented by left-right and head-foot flips and an HU offset::
 
-    python -m daemon.models.train.ct                 # GPU
+    python -m daemon.models.train.ct --publish       # GPU, into daemon/models
     python -m daemon.models.train.ct --quick --out /tmp/m
 """
 

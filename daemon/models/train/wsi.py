@@ -11,7 +11,7 @@ Data: patches of each class (daemon/phantoms/wsi.py, each seed another place
 and another stain), rendered in worker processes; augmented by flips, 90-degree
 turns and brightness/colour jitter::
 
-    python -m daemon.models.train.wsi                 # GPU
+    python -m daemon.models.train.wsi --publish       # GPU, into daemon/models
     python -m daemon.models.train.wsi --quick --out /tmp/m
 """
 

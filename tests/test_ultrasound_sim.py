@@ -1,0 +1,209 @@
+"""The ultrasound simulator (daemon/phantoms/ultrasound.py, us_imaging.py, us_scene.py):
+geometry, the physics a vessel detector must not be fooled by, the random examples, the
+live phantom."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from daemon.phantoms.ultrasound import (
+    ARTERY,
+    KINDS,
+    VEIN,
+    Phantom,
+    example,
+    random_scanner,
+)
+from daemon.phantoms.us_imaging import Imager, Layout, Probe
+from daemon.phantoms.us_scene import (
+    Air,
+    Bone,
+    Cyst,
+    Layer,
+    Scene,
+    Texture,
+    Tissue,
+    abdomen_layers,
+    draw_scene,
+    neck_layers,
+)
+from tests.conftest import ROOT
+
+SHAPE = (256, 256)
+
+
+def imager(probe: Probe, seed: int = 0, **settings: float) -> Imager:
+    rng = np.random.default_rng(seed)
+    base = random_scanner(rng, probe)
+    fixed = {
+        **base.__dict__,
+        "gain_grey": 110.0,
+        "dynamic_range": 60.0,
+        "tgc_sliders": (0.0,) * 6,
+        "smooth_px": 0.0,
+        "nearest": False,
+        "gamma": 1.0,
+        **settings,
+    }
+    return Imager(probe, type(base)(**fixed), Layout.fill(probe, SHAPE), rng)
+
+
+def tissue(rng: np.random.Generator, probe: Probe, objects: list) -> Scene:
+    """Plain tissue (no distractors, no vessels) with ``objects`` on it."""
+    scene = draw_scene(rng, "abdomen", probe.extent(), vessels=(), distractors=False)
+    assert isinstance(scene.medium, Tissue)
+    return Scene("abdomen", probe.extent(), scene.medium, objects)
+
+
+def test_simulator_needs_only_numpy_and_opencv() -> None:
+    """The training machine has no pydantic: the simulator must not import it."""
+    code = (
+        "import sys, daemon.phantoms.ultrasound, daemon.engines.guard; "
+        "print(sorted(m for m in ('pydantic', 'torch', 'SimpleITK') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_curvilinear_is_a_scan_converted_sector_black_outside() -> None:
+    probe = Probe("curvilinear", depth=120.0, lines=128, radius=40.0, sector=1.1)
+    im = imager(probe)
+    rng = np.random.default_rng(1)
+    image = im.frame(tissue(rng, probe, []), 0.0, rng)
+    assert (image[~im.fov] == 0).all()
+    assert image[im.fov].mean() > 40
+    h, w = image.shape
+    assert image[h - 3, :5].max() == 0 and image[h - 3, -5:].max() == 0  # below the arc ends
+    assert image[2, w // 2] == 0 or not im.fov[0, 0]  # the probe's arc, not a rectangle
+    assert im.fov[h // 2, w // 2] and not im.fov[5, 2]
+
+
+def test_linear_fills_its_rectangle() -> None:
+    probe = Probe("linear", depth=40.0, lines=160, width=38.0)
+    im = imager(probe)
+    rng = np.random.default_rng(2)
+    image = im.frame(tissue(rng, probe, []), 0.0, rng)
+    cols = np.nonzero(im.fov.any(axis=0))[0]
+    assert im.fov[:, cols].all()  # every column of the view, top to bottom
+    assert image[:, cols].mean() > 40
+
+
+def test_speckle_is_fully_developed_in_tissue() -> None:
+    """Log-compressed Rayleigh speckle in uniform tissue: its spread is about 5.6 dB."""
+    probe = Probe("linear", depth=40.0, lines=192, width=38.0)
+    im = imager(probe, tgc_alpha=0.5)
+    rng = np.random.default_rng(3)
+    flat = Texture(rng, probe.extent(), (1.0, 1.0))
+    uniform = Tissue([Layer(1e3, 0.0, 0.0, 0.5, -99.0)], flat, flat, flat)
+    scene = Scene("neck", probe.extent(), uniform, [])
+    power = im.envelope(im.canvas(scene, 0.0), rng)
+    db = 10 * np.log10(power[100:-50, 20:-20])
+    assert 5.0 < db.std() < 6.2
+    assert abs(np.median(db.mean(axis=1)[:100]) - np.median(db.mean(axis=1)[-100:])) < 2.0
+
+
+def test_anechoic_cyst_enhances_and_bone_shadows_what_lies_below() -> None:
+    probe = Probe("linear", depth=50.0, lines=192, width=40.0)
+    im = imager(probe)
+    rng = np.random.default_rng(4)
+    cyst = Cyst(-8.0, 18.0, 5.0, 1.0, 0.0, ((0.0, 0.0),), wall_db=-99.0, debris_db=-99.0)
+    bone = Bone(6.0, 16.0, 15.0, 0.0, 8.0)
+    image = im.frame(tissue(rng, probe, [cyst, bone]), 0.0, rng).astype(float)
+    x, z = im.pixel_x, im.pixel_z
+    inside = (x + 8.0) ** 2 + (z - 18.0) ** 2 < 4.0**2
+    below_cyst = (np.abs(x + 8.0) < 3.0) & (z > 26.0) & (z < 34.0)
+    below_bone = (x > 8.0) & (x < 14.0) & (z > 25.0) & (z < 34.0)
+    beside = (x > -2.0) & (x < 3.0) & (z > 26.0) & (z < 34.0)
+    assert image[inside].mean() < 0.3 * image[beside].mean(), "the cyst is anechoic"
+    assert image[below_cyst].mean() > 1.1 * image[beside].mean(), "posterior enhancement"
+    assert image[below_bone].mean() < 0.3 * image[beside].mean(), "acoustic shadow"
+    surface = np.where((x > 8.0) & (x < 14.0) & (z > 14.0) & (z < 17.0), image, 0).max(axis=0)
+    assert np.median(surface[surface > 0]) > 1.25 * image[beside].mean(), "a bright bone surface"
+
+
+def test_air_shows_reverberation_lines_and_nothing_else() -> None:
+    probe = Probe("linear", depth=40.0, lines=128, width=38.0)
+    im = imager(probe)
+    rng = np.random.default_rng(5)
+    image = im.frame(tissue(rng, probe, [Air(-30.0, 30.0, 0.0)]), 0.0, rng).astype(float)
+    profile = image[:, 100:150].mean(axis=1)
+    bright = profile > 3 * np.median(profile) + 10
+    runs = np.count_nonzero(np.diff(bright.astype(int)) == 1)
+    assert runs >= 3, "repeated horizontal lines (A-lines)"
+    assert np.median(profile) < 30
+
+
+def test_vessels_pulsate_and_the_vein_is_compressed() -> None:
+    ph = Phantom((256, 256), seed=0, kind="neck", fps=30.0, loop_s=4.0)
+    mm2 = ph.spacing_mm**2
+    artery = [np.count_nonzero(ph.frame_with_labels(i)[1] == ARTERY) * mm2 for i in range(0, 40)]
+    vein = [np.count_nonzero(ph.frame_with_labels(i)[1] == VEIN) * mm2 for i in range(0, 120, 6)]
+    assert max(artery) / min(artery) > 1.08  # systolic distension within a beat
+    assert max(vein) / min(vein) > 1.15  # compression within the loop
+    first, _ = ph.frame_with_labels(3)
+    again, _ = ph.frame_with_labels(3 + ph.loop_frames)
+    assert np.array_equal(first, again), "the loop repeats exactly"
+    moved, _ = ph.frame_with_labels(ph.loop_frames // 4)
+    assert not np.array_equal(first, moved)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_example(kind: str) -> None:
+    for seed in range(3):
+        ex = example(2_000_000 + seed, kind=kind)  # type: ignore[arg-type]
+        assert ex.image.shape == ex.labels.shape == (256, 256) and ex.image.dtype == np.uint8
+        assert set(np.unique(ex.labels)) <= {0, ARTERY, VEIN}
+        if kind in ("neck", "abdomen"):
+            assert set(np.unique(ex.labels)) - {0} == set(ex.vessels)
+        else:
+            assert not ex.labels.any() and not ex.vessels
+        if kind == "blank":
+            assert ex.image.std() < 60 and ex.probe == ""
+
+
+def test_examples_are_deterministic_and_varied() -> None:
+    a, b = example(3_000_000), example(3_000_000)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+    many = [example(3_000_000 + i) for i in range(40)]
+    assert {e.kind for e in many} >= {"neck", "abdomen", "water"}
+    assert {e.probe for e in many} >= {"linear", "curvilinear"}
+    counts = {len(e.vessels) for e in many if e.kind in ("neck", "abdomen")}
+    assert counts == {0, 1, 2}
+
+
+def test_vessel_lumen_is_dark_with_bright_artery_walls() -> None:
+    ph = Phantom((384, 384), seed=2, kind="neck")
+    image, labels = ph.frame_with_labels(0)
+    import cv2
+
+    for cls in (ARTERY, VEIN):
+        lumen = (labels == cls).astype(np.uint8)
+        ring = (cv2.dilate(lumen, np.ones((9, 9), np.uint8)) > 0) & (labels == 0)
+        assert image[lumen > 0].mean() < 0.4 * image[ring].mean()
+    art = (labels == ARTERY).astype(np.uint8)
+    wall = (cv2.dilate(art, np.ones((7, 7), np.uint8)) > 0) & (art == 0)
+    tissue_around = (cv2.dilate(art, np.ones((41, 41), np.uint8)) > 0) & (labels == 0) & ~wall
+    assert image[wall].mean() > image[tissue_around].mean()
+
+
+def test_abdomen_layers_and_neck_layers_are_ordered() -> None:
+    rng = np.random.default_rng(0)
+    for layers in (neck_layers(rng, 40.0), abdomen_layers(rng, 150.0)):
+        bottoms = [layer.bottom for layer in layers]
+        assert bottoms == sorted(bottoms)
+
+
+def test_depth_dependent_psf_is_narrowest_at_the_focus() -> None:
+    probe = Probe("linear", depth=60.0, lines=192, width=40.0)
+    im = imager(probe, focus=30.0, f_number=2.0)
+    sig = im.sigmas[im.lo] * (1 - im.frac[:, 0]) + im.sigmas[im.lo + 1] * im.frac[:, 0]
+    focus_row = int(30.0 / im.dr)
+    assert sig[focus_row] < sig[10] and sig[focus_row] < sig[-10]
+    assert math.isclose(float(sig.min()), float(sig[focus_row]), rel_tol=0.1)
