@@ -9,6 +9,7 @@ from daemon.errors import ConfigError
 from daemon.offline.kind import JobKind
 
 KINDS: dict[str, str] = {
+    "ct": "daemon.offline.ct:CtJob",
     "echo-volume": "daemon.offline.echo_volume:EchoVolume",
     "wsi": "daemon.offline.wsi:WsiJob",
 }
