@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from daemon import config, ctl, human
@@ -132,6 +133,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 return _follow(client, args.job, args.json)
             command = {"show": "jobs.get", "cancel": "jobs.cancel", "result": "jobs.result"}
             result = client.call(command[args.action], {"job": args.job})
+            if args.action == "show" and result["state"] == "done":  # where its files are
+                manifest = client.call("jobs.result", {"job": args.job})
+                folder = Path(manifest["output"])
+                outputs = manifest.get("outputs") or {}
+                result["outputs"] = {k: str(folder / v) for k, v in outputs.items()}
             print(json.dumps(result) if args.json else human.render(result))
             return 0
         finally:

@@ -399,3 +399,23 @@ def test_a_real_slide_is_classified_through_the_socket(
         assert (out / name).is_file(), name
     features = json.loads((out / manifest["outputs"]["geojson"]).read_text())["features"]
     assert len(features) == manifest["patches"]["tissue"]
+
+
+def test_real_ct_slices_segmented_through_the_socket_and_shown_with_their_files(
+    run_echod: type[Echod], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    series = need_data(DATA / "ct" / "ct-3slice")
+    a = Appliance(run_echod, tmp_path, roots=(series.parent,))
+    try:
+        request = {"kind": "ct", "input": str(series), "options": {"overlap": 0.25}}
+        job_id = a.client.call("jobs.submit", request)["job"]
+        manifest = a.wait_done(job_id, timeout=240)
+        endpoint = ["--endpoint", f"ipc://{a.runtime}/control.sock"]
+        assert cli_main(["jobs", "show", job_id, *endpoint]) == 0
+        shown = capsys.readouterr().out
+    finally:
+        a.stop()
+    out = Path(manifest["output"])
+    for name in manifest["outputs"].values():
+        assert (out / name).is_file(), name
+    assert "preview" in manifest["outputs"] and str(out / manifest["outputs"]["preview"]) in shown
