@@ -5,6 +5,9 @@ are compared byte for byte with the local executor's."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -104,3 +107,84 @@ def test_echo_volume_on_dask_gives_the_local_output(
     assert dask.marked == local.marked and len(dask.marked) == 10
     assert digest(dask.output) == digest(local.output)
     assert digest(dask.work) == digest(local.work)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from daemon.phantoms.wsi import write_slide
+
+    path = tmp_path_factory.mktemp("slide") / "phantom.tiff"
+    write_slide(path, 3072, 2560, seed=21, smallest=256)
+    return path
+
+
+def test_wsi_on_dask_gives_the_local_output(
+    executor: DaskExecutor, phantom: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("openslide")
+    from daemon.offline.wsi import WsiJob, WsiOptions
+
+    local, dask = run_both(WsiJob(), executor, tmp_path, phantom, WsiOptions(batch=4))
+    assert len(dask.marked) > 3 and dask.marked == local.marked
+    assert digest(dask.output) == digest(local.output)
+    assert digest(dask.work) == digest(local.work)
+
+
+def _tasks(executor: DaskExecutor) -> int:
+    """echod's tasks the scheduler still holds."""
+    return int(
+        executor._client().run_on_scheduler(
+            lambda dask_scheduler: sum(str(k).startswith("echod-") for k in dask_scheduler.tasks)
+        )
+    )
+
+
+def released(executor: DaskExecutor, timeout: float = 30) -> None:
+    """Wait until the scheduler holds none of echod's tasks (releasing is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while _tasks(executor):
+        assert time.monotonic() < deadline, "the job's tasks stayed on the scheduler"
+        time.sleep(0.05)
+
+
+def test_a_dask_worker_killed_mid_job_gives_the_same_output(
+    local_cluster: Any, executor: DaskExecutor, ct: tuple[Path, Path], tmp_path: Path
+) -> None:
+    vol, model = ct
+    reference = context(tmp_path / "local", vol, EchoVolumeOptions(slab=1), model)
+    EchoVolume().run(reference)
+    ctx = context(tmp_path / "dask", vol, EchoVolumeOptions(slab=1), model)
+    killed: list[int] = []
+
+    def kill_one(c: Ctx, done: int, total: int) -> None:
+        if done and not killed:  # units came back: both workers have loaded the model
+            nanny = next(iter(local_cluster.workers.values()))
+            killed.append(nanny.process.pid)
+            os.kill(nanny.process.pid, signal.SIGKILL)
+
+    ctx.on_progress = kill_one
+    executor.run(EchoVolume(), ctx)
+    assert killed and ctx.marked == reference.marked
+    assert digest(ctx.output) == digest(reference.output)
+    released(executor)
+    local_cluster.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def test_cancel_releases_the_jobs_futures(
+    executor: DaskExecutor, ct: tuple[Path, Path], tmp_path: Path
+) -> None:
+    vol, model = ct
+    ctx = context(tmp_path, vol, EchoVolumeOptions(slab=1), model)
+    seen: list[int] = []
+
+    def cancel_after_some(c: Ctx, done: int, total: int) -> None:
+        seen.append(_tasks(executor))
+        if done >= 3:
+            raise Cancelled("cancelled by the test")
+
+    ctx.on_progress = cancel_after_some
+    with pytest.raises(Cancelled):
+        executor.run(EchoVolume(), ctx)
+    assert max(seen) > 0 and 3 <= len(ctx.marked) < 40
+    released(executor)
+    assert not list(ctx.output.iterdir())
