@@ -5,6 +5,7 @@ are compared byte for byte with the local executor's."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -16,12 +17,13 @@ from typing import Any
 
 import pytest
 
+from daemon.cli import main as cli_main
 from daemon.offline.echo_volume import EchoVolume, EchoVolumeOptions
 from daemon.offline.kind import Cancelled, KindOptions, UnitKind
 from tests.test_jobs import tiny_model, volume
 
 distributed = pytest.importorskip("distributed")
-from daemon.offline.dask_executor import DaskExecutor, cluster  # noqa: E402
+from daemon.offline.dask_executor import DaskExecutor  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,3 +190,24 @@ def test_cancel_releases_the_jobs_futures(
     assert max(seen) > 0 and 3 <= len(ctx.marked) < 40
     released(executor)
     assert not list(ctx.output.iterdir())
+
+
+def test_echod_workers_shows_the_cluster_and_the_models_loaded(
+    local_cluster: Any,
+    executor: DaskExecutor,
+    ct: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    vol, model = ct
+    executor.run(EchoVolume(), context(tmp_path, vol, EchoVolumeOptions(slab=2), model))
+    address = "dask://" + local_cluster.scheduler_address.removeprefix("tcp://")
+    capsys.readouterr()
+    assert cli_main(["workers", "--executor", address, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scheduler"] == local_cluster.scheduler_address
+    assert len(info["workers"]) == 2 and all(w["threads"] == 1 for w in info["workers"])
+    loaded = [m for w in info["workers"] for m in w["models"]]
+    assert loaded and {(m["model"], m["device"]) for m in loaded} == {("tiny3d.onnx", "cpu")}
+    assert cli_main(["workers", "--executor", address]) == 0
+    assert "2 worker(s)" in capsys.readouterr().out
