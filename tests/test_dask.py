@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ import pytest
 from daemon.cli import main as cli_main
 from daemon.offline.echo_volume import EchoVolume, EchoVolumeOptions
 from daemon.offline.kind import Cancelled, KindOptions, UnitKind
-from tests.test_jobs import tiny_model, volume
+from tests.conftest import Echod
+from tests.test_jobs import Appliance, tiny_model, volume
 
 distributed = pytest.importorskip("distributed")
 from daemon.offline.dask_executor import DaskExecutor  # noqa: E402
@@ -211,3 +213,21 @@ def test_echod_workers_shows_the_cluster_and_the_models_loaded(
     assert loaded and {(m["model"], m["device"]) for m in loaded} == {("tiny3d.onnx", "cpu")}
     assert cli_main(["workers", "--executor", address]) == 0
     assert "2 worker(s)" in capsys.readouterr().out
+
+
+def test_a_daemon_with_a_dask_executor_runs_jobs_through_the_socket(
+    local_cluster: Any, run_echod: type[Echod], ct: tuple[Path, Path], tmp_path: Path
+) -> None:
+    vol, _ = ct
+    address = "dask://" + local_cluster.scheduler_address.removeprefix("tcp://")
+    app = Appliance(run_echod, tmp_path, "--set", f"offline.executor={address}")
+    try:
+        shutil.copy(vol, app.data / "vol.nii.gz")
+        manifest = app.wait_done(app.submit(app.data / "vol.nii.gz"))
+        assert manifest["slabs"] == 20 and "cluster" in manifest["timings_s"]
+        reference = context(tmp_path / "local", vol, EchoVolumeOptions(slab=2), app.model)
+        EchoVolume().run(reference)
+        out = Path(manifest["output"]) / "labels.nii.gz"
+        assert out.read_bytes() == (reference.output / "labels.nii.gz").read_bytes()
+    finally:
+        app.stop()

@@ -164,7 +164,7 @@ class DaskExecutor:
                 for u in todo
             }
             try:
-                with ctx.phase("units"):
+                with ctx.phase("cluster"):  # the manifest says the units ran on Dask
                     done = self._collect(ctx, futures, done, total, plan.what)
             finally:
                 pending = [f for f in futures if not f.done()]
