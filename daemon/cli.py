@@ -150,6 +150,14 @@ def _parser() -> Parser:
         "unet2d-256, unet3d-32x256x256, inception-v3-512",
     )
     mod.set_defaults(func=cmd_models)
+
+    wrk = sub.add_parser(
+        "workers", help="show the Dask cluster offline jobs run on: workers, models, tasks"
+    )
+    wrk.add_argument("--config", type=Path, help="configuration file (for offline.executor)")
+    wrk.add_argument("--executor", help="the scheduler to ask instead, dask://HOST:PORT")
+    wrk.add_argument("--json", action="store_true", help="print the cluster as JSON")
+    wrk.set_defaults(func=cmd_workers)
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)
     return p
@@ -296,4 +304,36 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
     print("\n".join(human.table(table)))
     print(f"cache: {cache / 'models'}")
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """The Dask cluster of ``offline.executor``: one row per worker."""
+    overrides = {"offline.executor": args.executor} if args.executor else None
+    cfg = config.load(args.config, overrides, {"offline.executor": "--executor (command line)"})
+    if cfg.offline.executor == "local":
+        print(
+            f"offline.executor is 'local': jobs run in {cfg.offline.workers} job worker "
+            "stage(s) of the daemon (echod status); set it to dask://HOST:PORT for a cluster"
+        )
+        return 0
+    from daemon.offline.dask_executor import cluster
+
+    info = cluster(cfg.offline.executor)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    table = [("WORKER", "HOST", "THREADS", "MEMORY", "IN FLIGHT", "MODELS")] + [
+        (
+            w["name"] or w["address"],
+            w["host"],
+            str(w["threads"]),
+            f"{w['memory_gb']:g} GiB",
+            f"{w['in_flight']} ({w['echod_tasks']} echod)",
+            ", ".join(f"{m['model']} {m['engine']}:{m['device']}" for m in w["models"]) or "-",
+        )
+        for w in info["workers"]
+    ]
+    print(f"scheduler {info['scheduler']}: {len(info['workers'])} worker(s)")
+    print("\n".join(human.table(table)))
     return 0

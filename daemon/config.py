@@ -13,7 +13,7 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -281,6 +281,21 @@ class OfflineConfig(Section):
     )
     heartbeat_timeout_s: float = Field(
         300.0, gt=0, description="a worker silent this long (one unit of work) is hung"
+    )
+    executor: str = Field(
+        "local",
+        pattern=r"^(local|dask(\+tls)?://[^/\s]+:\d+)$",
+        description="where job units run: 'local' (the workers) or a Dask scheduler,"
+        " 'dask://HOST:8786' ('dask+tls://': TLS from Dask's own config); pip install echod[dask]",
+    )
+    dask_paths: list[Annotated[str, Field(pattern=r"^/[^=]*=/.*$")]] = Field(
+        default_factory=list,
+        description="APPLIANCE_PREFIX=WORKER_PREFIX: where Dask workers see the shared storage"
+        " that holds inputs and models (none: the same paths)",
+    )
+    dask_device: str = Field("", description="engine device on Dask workers ('': the job's)")
+    dask_threads: int = Field(
+        0, ge=0, description="CPU threads per model on Dask workers (0: offline.threads)"
     )
 
 

@@ -12,7 +12,7 @@ The CT job (``ct``) is the full case: DICOM series, overlapping patches, DICOM S
 
 from __future__ import annotations
 
-import os
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,27 @@ import numpy as np
 from pydantic import Field
 
 from daemon.engines import registry
+from daemon.engines.base import Engine
 from daemon.engines.card import load_card
 from daemon.errors import EchodError
 from daemon.models import BUNDLED, CT
-from daemon.offline.kind import JobContext, JobInputError, JobKind, KindOptions
+from daemon.offline.kind import (
+    JobContext,
+    JobInputError,
+    KindOptions,
+    ModelSpec,
+    Plan,
+    Unit,
+    UnitKind,
+    load_unit,
+)
 
 
 class EchoVolumeOptions(KindOptions):
     slab: int = Field(32, ge=1, le=512, description="slices per unit of work")
 
 
-class EchoVolume(JobKind):
+class EchoVolume(UnitKind):
     name = "echo-volume"
     Options = EchoVolumeOptions
 
@@ -55,101 +65,145 @@ class EchoVolume(JobKind):
                 f"{reader.GetNumberOfComponents()} components: a 3-D scalar volume is needed"
             )
 
-    def run(self, ctx: JobContext) -> dict[str, Any]:
-        import SimpleITK as sitk
-
+    def plan(self, ctx: JobContext) -> Plan:
         self.check(ctx.input, ctx.options)
         with ctx.phase("read"):
-            image = (
-                sitk.ReadImage(_series(ctx.input))
-                if ctx.input.is_dir()
-                else sitk.ReadImage(str(ctx.input))
-            )
-            volume = sitk.GetArrayViewFromImage(image)  # (z, y, x)
+            image = _image(str(ctx.input), _mtime(ctx.input))
         model = ctx.model or BUNDLED / CT
         card = load_card(model)
         norm = card.input.normalisation
         lo, hi = norm.clip or (-np.inf, np.inf)
         mean, std = (norm.mean or (0.0,))[0], (norm.std or (1.0,))[0]
-        with ctx.phase("load"):
-            order = [ctx.engine] if ctx.engine else registry.preference(ctx.device)
-            engine_cls, _ = registry.select(order, ctx.device, model)
-            engine = engine_cls()
-            engine.load(model, ctx.device, **({"threads": ctx.threads} if ctx.threads else {}))
-        spec, out_spec = engine.inputs[0], engine.outputs[0]
-        depth, height, width = (d or 32 for d in spec.shape[2:5])
-        z = volume.shape[0]
-        step = ctx.options.slab
-        units = [(i, min(i + step, z)) for i in range(0, z, step)]
-        try:
-            for n, (z0, z1) in enumerate(units):
-                unit = f"slab-{z0:05d}"
-                if ctx.done(unit):
-                    continue
-                with ctx.phase("inference"):
-                    labels = np.concatenate(
-                        [
-                            self._slab(
-                                engine,
-                                (spec.name, out_spec.name),
-                                volume[s : min(s + depth, z1)],
-                                (depth, height, width),
-                                (lo, hi, norm.scale, mean, std),
-                            )
-                            for s in range(z0, z1, depth)
-                        ]
-                    )
-                _save_atomic(ctx.work / f"{unit}.npy", labels)
-                ctx.mark(unit)
-                ctx.progress(n + 1, len(units), "slabs")
-        finally:
-            engine.close()
+        z, step = image.GetSize()[2], ctx.options.slab
+        units = [
+            Unit(
+                f"slab-{z0:05d}",
+                segment_slab,
+                (
+                    str(ctx.input),
+                    _mtime(ctx.input),
+                    z0,
+                    min(z0 + step, z),
+                    (lo, hi, norm.scale, mean, std),
+                ),
+            )
+            for z0 in range(0, z, step)
+        ]
+        spec = ModelSpec(
+            "daemon.offline.echo_volume:load_engine",
+            str(model),
+            ctx.engine,
+            ctx.device,
+            ctx.threads,
+        )
+        geometry = (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        return Plan(spec, units, "slabs", (geometry, card))
+
+    def assemble(self, ctx: JobContext, plan: Plan) -> dict[str, Any]:
+        import SimpleITK as sitk
+
+        (spacing, origin, direction), card = plan.state
         with ctx.phase("write"):
-            labels = np.concatenate([np.load(ctx.work / f"slab-{z0:05d}.npy") for z0, _ in units])
+            labels = np.concatenate([load_unit(ctx, u.id) for u in plan.units])
             out = sitk.GetImageFromArray(labels)
-            out.CopyInformation(image)
+            out.SetSpacing(spacing)
+            out.SetOrigin(origin)
+            out.SetDirection(direction)
             sitk.WriteImage(out, str(ctx.output / "labels.nii.gz"), useCompression=True)
-        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        names = [c.name for c in card.class_list(max(2, out_spec.channels or 2))]
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        names = [c.name for c in card.class_list(max(2, int(labels.max(initial=0)) + 1))]
         counts = np.bincount(labels.ravel(), minlength=len(names))[: len(names)]
         return {
             "outputs": {"labels": "labels.nii.gz"},
-            "slabs": len(units),
+            "slabs": len(plan.units),
             "volume_ml": {
                 name: round(float(c) * voxel_ml, 3)
                 for name, c in zip(names[1:], counts[1:], strict=True)
             },
         }
 
-    @staticmethod
-    def _slab(
-        engine: Any,
-        names: tuple[str, str],
-        slab: np.ndarray,
-        size: tuple[int, int, int],
-        norm: tuple[float, float, float, float, float],
-    ) -> np.ndarray:
-        """Labels (k, y, x) for ``k <= depth`` slices: resized in-plane, padded in depth."""
-        import cv2
 
-        depth, height, width = size
-        lo, hi, scale, mean, std = norm
-        k, y, x = slab.shape
-        net = np.zeros((1, 1, depth, height, width), np.float32)
-        for i in range(k):
-            plane = np.clip(slab[i].astype(np.float32), lo, hi)
-            net[0, 0, i] = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
-        net[0, 0, :k] = (net[0, 0, :k] * scale - mean) / std
-        try:
-            probabilities = engine.run({names[0]: net})[names[1]]
-        except EchodError:
-            raise
-        except Exception as e:
-            raise JobInputError(f"the model cannot run this volume's slabs: {e}") from None
-        labels = probabilities[0].argmax(axis=0).astype(np.uint8)[:k]
-        return np.stack(
-            [cv2.resize(p, (x, y), interpolation=cv2.INTER_NEAREST_EXACT) for p in labels]
-        )
+def load_engine(model: Path, engine: str | None, device: str, threads: int) -> Engine:
+    """The engine for ``model`` (the job's engine, or the best one on ``device``)."""
+    order = [engine] if engine else registry.preference(device)
+    engine_cls, _ = registry.select(order, device, model)
+    eng = engine_cls()
+    eng.load(model, device, **({"threads": threads} if threads else {}))
+    return eng
+
+
+def segment_slab(
+    engine: Engine,
+    path: str,
+    mtime: int,
+    z0: int,
+    z1: int,
+    norm: tuple[float, float, float, float, float],
+) -> np.ndarray:
+    """Labels (z1 - z0, y, x) of slices ``z0:z1`` of the volume at ``path``, in pieces of
+    the network's depth, each resized in-plane to its size and back."""
+    import SimpleITK as sitk
+
+    volume = sitk.GetArrayViewFromImage(_image(path, mtime))  # (z, y, x)
+    spec, out_spec = engine.inputs[0], engine.outputs[0]
+    depth, height, width = (d or 32 for d in spec.shape[2:5])
+    return np.concatenate(
+        [
+            _slab(
+                engine,
+                (spec.name, out_spec.name),
+                volume[s : min(s + depth, z1)],
+                (depth, height, width),
+                norm,
+            )
+            for s in range(z0, z1, depth)
+        ]
+    )
+
+
+def _slab(
+    engine: Engine,
+    names: tuple[str, str],
+    slab: np.ndarray,
+    size: tuple[int, int, int],
+    norm: tuple[float, float, float, float, float],
+) -> np.ndarray:
+    """Labels (k, y, x) for ``k <= depth`` slices: resized in-plane, padded in depth."""
+    import cv2
+
+    depth, height, width = size
+    lo, hi, scale, mean, std = norm
+    k, y, x = slab.shape
+    net = np.zeros((1, 1, depth, height, width), np.float32)
+    for i in range(k):
+        plane = np.clip(slab[i].astype(np.float32), lo, hi)
+        net[0, 0, i] = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
+    net[0, 0, :k] = (net[0, 0, :k] * scale - mean) / std
+    try:
+        probabilities = engine.run({names[0]: net})[names[1]]
+    except EchodError:
+        raise
+    except Exception as e:
+        raise JobInputError(f"the model cannot run this volume's slabs: {e}") from None
+    labels = probabilities[0].argmax(axis=0).astype(np.uint8)[:k]
+    return np.stack([cv2.resize(p, (x, y), interpolation=cv2.INTER_NEAREST_EXACT) for p in labels])
+
+
+def _mtime(path: Path) -> int:
+    """What says a cached read of ``path`` is stale (a folder: its newest file)."""
+    if path.is_dir():
+        return max((p.stat().st_mtime_ns for p in path.iterdir()), default=0)
+    return path.stat().st_mtime_ns
+
+
+@functools.lru_cache(maxsize=1)
+def _image(path: str, mtime: int) -> Any:
+    """The volume at ``path`` (a file, or a folder of one DICOM series), read once per
+    process for all the slabs that need it."""
+    import SimpleITK as sitk
+
+    folder = Path(path)
+    return sitk.ReadImage(_series(folder)) if folder.is_dir() else sitk.ReadImage(path)
 
 
 def _series(folder: Path) -> list[str]:
@@ -162,12 +216,3 @@ def _series(folder: Path) -> list[str]:
     if len(ids) != 1:
         raise JobInputError(f"{folder.name} holds {len(ids)} DICOM series: one is needed")
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

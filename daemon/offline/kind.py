@@ -25,15 +25,26 @@ does the work in a worker process through a :class:`JobContext`:
 to ``ctx.output``) and the figures a user wants (volumes, areas, counts).
 A kind is registered in :data:`daemon.offline.kinds.KINDS` as ``"module:Class"``
 and imported only in the worker that runs it.
+
+A kind whose units are independent derives from :class:`UnitKind` instead: it says
+its units as (unit id, pure function, args) in a :class:`Plan`, and how to assemble
+their results; the job worker then runs them itself or hands them to a Dask cluster
+(``offline.executor``, :mod:`daemon.offline.dask_executor`), checkpointing each the
+same way (:func:`save_unit`).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from daemon.errors import EchodError
@@ -89,3 +100,97 @@ class JobKind(ABC):
     @abstractmethod
     def run(self, ctx: JobContext) -> dict[str, Any]:
         """Do the work; return the manifest."""
+
+
+# -- kinds that work in independent units (the Dask executor) ---------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a unit function needs loaded: ``loader`` (``"module:function"``) called once
+    per process with the model path, engine, device and threads; the object it returns
+    (closed with ``close()``) is the first argument of every unit function."""
+
+    loader: str
+    model: str
+    engine: str | None
+    device: str
+    threads: int
+
+    def load(self) -> Any:
+        module, _, attr = self.loader.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+        return fn(Path(self.model), self.engine, self.device, self.threads)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: ``fn(loaded_model, *args)`` is a pure, module-level function
+    (it runs wherever the executor sends it; it reads its input from the path in its
+    args) returning a numpy array, saved as ``<id>.npy`` in ``ctx.work``; ``size``
+    counts toward progress."""
+
+    id: str
+    fn: Callable[..., np.ndarray]
+    args: tuple[Any, ...]
+    size: int = 1
+
+
+@dataclass
+class Plan:
+    """A job split into units: the model they need, the units in order, progress's word,
+    and what :meth:`UnitKind.assemble` needs besides the units' files (the kind's own)."""
+
+    model: ModelSpec
+    units: list[Unit]
+    what: str
+    state: Any = None
+
+
+class UnitKind(JobKind):
+    """A kind made of independent units, runnable on any executor: :meth:`plan` (in the
+    job worker: read headers, prepare), the units (anywhere), :meth:`assemble` (in the
+    job worker: stitch the units' files from ``ctx.work``, write the outputs, return the
+    manifest). :meth:`run` is the local executor: the units one after the other."""
+
+    @abstractmethod
+    def plan(self, ctx: JobContext) -> Plan: ...
+
+    @abstractmethod
+    def assemble(self, ctx: JobContext, plan: Plan) -> dict[str, Any]: ...
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        plan = self.plan(ctx)
+        total = sum(u.size for u in plan.units)
+        done = sum(u.size for u in plan.units if ctx.done(u.id))
+        todo = [u for u in plan.units if not ctx.done(u.id)]
+        if todo:
+            with ctx.phase("load"):
+                model = plan.model.load()
+            try:
+                for unit in todo:
+                    with ctx.phase("units"):
+                        result = unit.fn(model, *unit.args)
+                    save_unit(ctx, unit.id, result)
+                    done += unit.size
+                    ctx.progress(done, total, plan.what)
+            finally:
+                model.close()
+        return self.assemble(ctx, plan)
+
+
+def save_unit(ctx: JobContext, unit: str, result: np.ndarray) -> None:
+    """Write a unit's result to ``ctx.work`` (synced, renamed into place), then mark it."""
+    path = ctx.work / f"{unit}.npy"
+    tmp = path.with_suffix(".tmp.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, result)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    ctx.mark(unit)
+
+
+def load_unit(ctx: JobContext, unit: str) -> np.ndarray:
+    result: np.ndarray = np.load(ctx.work / f"{unit}.npy")
+    return result

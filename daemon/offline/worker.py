@@ -22,13 +22,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemon.errors import EchodError
+from daemon.config import OfflineConfig
+from daemon.errors import ConfigError, EchodError
 from daemon.offline.kind import Cancelled
 from daemon.offline.kinds import kind_class
 from daemon.offline.store import Job, JobStore
 from daemon.stage import Stage, StageContext
+
+if TYPE_CHECKING:
+    from daemon.offline.dask_executor import DaskExecutor
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,13 @@ class JobWorker(Stage):
 
             cv2.setNumThreads(cfg.threads)
         self.store = JobStore(self.config.paths.jobs() / "jobs.db")
-        return {"worker": self.spec.name, "nice": cfg.nice, "threads": cfg.threads}
+        self.executor = _executor(cfg)
+        return {
+            "worker": self.spec.name,
+            "nice": cfg.nice,
+            "threads": cfg.threads,
+            "executor": cfg.executor,
+        }
 
     def step(self) -> bool:
         job = self.store.claim(self.spec.name)
@@ -166,7 +176,7 @@ class JobWorker(Stage):
         self.ctx.report("job", job=job.id, state="started", attempt=job.attempts, resumed=resumed)
         t0 = time.perf_counter()
         try:
-            manifest = kind().run(ctx)
+            manifest = kind().run(ctx) if self.executor is None else self.executor.run(kind(), ctx)
         except Cancelled:
             self._discard(partial, work)
             return  # the store says cancelled already; the supervisor published it
@@ -214,8 +224,24 @@ class JobWorker(Stage):
         shutil.rmtree(work, ignore_errors=True)
 
     def teardown(self) -> None:
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.close()
         if hasattr(self, "store"):
             self.store.close()
+
+
+def _executor(cfg: OfflineConfig) -> DaskExecutor | None:
+    """None: units run here (``offline.executor = "local"``); else the Dask executor."""
+    if cfg.executor == "local":
+        return None
+    try:
+        from daemon.offline.dask_executor import DaskExecutor
+    except ImportError:
+        raise ConfigError(
+            f"offline.executor = {cfg.executor!r} needs Dask: pip install 'echod[dask]'"
+        ) from None
+    return DaskExecutor(cfg.executor, cfg.dask_paths, cfg.dask_device, cfg.dask_threads)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

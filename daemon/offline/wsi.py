@@ -23,16 +23,27 @@ import os
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack, closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from pydantic import Field, model_validator
 
+from daemon.engines.card import ClassCard
 from daemon.models import BUNDLED, WSI
 from daemon.offline import slides
 from daemon.offline.classifier import PatchClassifier
-from daemon.offline.kind import JobContext, JobKind, KindOptions
+from daemon.offline.kind import (
+    JobContext,
+    KindOptions,
+    ModelSpec,
+    Plan,
+    Unit,
+    UnitKind,
+    load_unit,
+    save_unit,
+)
 from daemon.offline.slides import Grid, PatchReader, Sampling, Slide, TissueMethod
 from daemon.offline.wsi_outputs import (
     Result,
@@ -95,7 +106,7 @@ class WsiOptions(KindOptions):
         return self
 
 
-class WsiJob(JobKind):
+class WsiJob(UnitKind):
     name: ClassVar[str] = "wsi"
     Options: ClassVar[type[KindOptions]] = WsiOptions
 
@@ -105,71 +116,207 @@ class WsiJob(JobKind):
             slides.resolve(slide, options.mpp, options.magnification, options.slide_mpp)
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
+        """The local executor: one classifier, patches read ahead on a pool of threads."""
         t_start = time.perf_counter()
         opts: WsiOptions = ctx.options
         with ExitStack() as stack:
             slide = stack.enter_context(slides.open_slide(ctx.input))
             sampling = slides.resolve(slide, opts.mpp, opts.magnification, opts.slide_mpp)
-            clf = stack.enter_context(
-                PatchClassifier.open(
-                    ctx.model or BUNDLED / WSI, ctx.engine, ctx.device, ctx.threads
-                )
-            )
+            clf = stack.enter_context(load_classifier(_model(ctx), *_engine(ctx)))
             readers = opts.readers or os.cpu_count() or 1
             pool = stack.enter_context(ThreadPoolExecutor(readers, thread_name_prefix="wsi-read"))
-            grid = Grid(slide.width, slide.height, clf.size * sampling.downsample)
-            down = slides.overview_downsample(slide, grid.stride)
-            log.info(
-                "%s: %d x %d, level %d for %.3g um/px, %d x %d patches of %d",
-                slide.path.name, slide.width, slide.height, sampling.level, sampling.mpp,
-                grid.cols, grid.rows, clf.size,
-            )  # fmt: skip
-            with ctx.phase("tissue"):
-                overview, mask = _tissue(ctx, slide, sampling, down, pool, opts)
-            cover = slides.coverage(mask, down, grid)
-            cells = np.argwhere(cover >= opts.tissue_fraction)  # row-major (row, col)
+            prep = _prepare(ctx, slide, sampling, clf, pool, opts)
             with ctx.phase("classify"):
-                probs, timing = _classify(
-                    ctx, slide, sampling, clf, pool, grid, cells, opts, t_start
-                )
-            classified = np.zeros((grid.rows, grid.cols), bool)
-            classified[cells[:, 0], cells[:, 1]] = True
-            result = Result(grid, probs, classified, cover, clf.classes)
-            with ctx.phase("outputs"):
-                _write_outputs(ctx.output, slide, sampling, clf, result, overview, mask, down, opts)
-            manifest = {
-                "kind": self.name,
-                "result": "classified" if len(cells) else "no tissue",
-                "outputs": dict(OUTPUTS),
-                "slide": slide.describe(),
-                "sampling": sampling.describe(),
-                "model": clf.describe(),
-                "patches": {
-                    "size": clf.size,
-                    "stride": round(grid.stride, 3),
-                    "grid": [grid.rows, grid.cols],
-                    "tissue": len(cells),
-                    "classified_now": timing.pop("classified_now"),
-                    "readers": readers,
-                },
-                "tissue": {
-                    "method": opts.tissue,
-                    "fraction": opts.tissue_fraction,
-                    "overview_downsample": down,
-                    "area_mm2": round(
-                        float(mask.sum()) * (sampling.slide_mpp * down * 1e-3) ** 2, 4
-                    ),
-                },
-                "classes": class_areas(result, sampling.slide_mpp),
-                "timings": timing | {"total_s": round(time.perf_counter() - t_start, 3)},
-            }
-            if not len(cells):
-                manifest["message"] = (
-                    f"no tissue found in {slide.path.name} (tissue {opts.tissue}, "
-                    f"tissue_fraction {opts.tissue_fraction}): nothing was classified"
-                )
-                log.warning("%s", manifest["message"])
-        return manifest
+                probs, timing = _classify(ctx, slide, sampling, clf, pool, prep, opts, t_start)
+        return _finish(ctx, prep, probs, timing | {"readers": readers}, t_start)
+
+    def plan(self, ctx: JobContext) -> Plan:
+        """Batches of patches as units that read their patches from the slide themselves."""
+        t_start = time.perf_counter()
+        opts: WsiOptions = ctx.options
+        with ExitStack() as stack:
+            slide = stack.enter_context(slides.open_slide(ctx.input))
+            sampling = slides.resolve(slide, opts.mpp, opts.magnification, opts.slide_mpp)
+            clf = stack.enter_context(load_classifier(_model(ctx), *_engine(ctx)))
+            readers = opts.readers or os.cpu_count() or 1
+            pool = stack.enter_context(ThreadPoolExecutor(readers, thread_name_prefix="wsi-read"))
+            prep = _prepare(ctx, slide, sampling, clf, pool, opts)
+        units = [
+            Unit(
+                _unit(prep, i),
+                classify_batch,
+                (str(ctx.input), sampling, prep.origins(b), opts.readers or UNIT_READERS),
+                len(b),
+            )
+            for i, b in enumerate(prep.batches)
+        ]
+        now = sum(u.size for u in units if not ctx.done(u.id))
+        spec = ModelSpec("daemon.offline.wsi:load_classifier", str(_model(ctx)), *_engine(ctx))
+        return Plan(spec, units, "patches", (prep, now, t_start))
+
+    def assemble(self, ctx: JobContext, plan: Plan) -> dict[str, Any]:
+        prep, now, t_start = plan.state
+        probs = np.zeros((prep.grid.rows, prep.grid.cols, len(prep.classes)), np.float32)
+        for unit, b in zip(plan.units, prep.batches, strict=True):
+            probs[b[:, 0], b[:, 1]] = load_unit(ctx, unit.id)
+        return _finish(ctx, prep, probs, {"classified_now": now}, t_start)
+
+
+UNIT_READERS = 4  # threads reading one unit's patches on a Dask worker (readers = 0)
+
+
+def load_classifier(model: Path, engine: str | None, device: str, threads: int) -> PatchClassifier:
+    return PatchClassifier.open(model, engine, device, threads)
+
+
+def classify_batch(
+    clf: PatchClassifier,
+    path: str,
+    sampling: Sampling,
+    origins: list[tuple[int, int]],
+    readers: int,
+) -> np.ndarray:
+    """(n, classes) probabilities of the patches at level-0 ``origins`` of the slide at
+    ``path`` (a unit of work: it opens the slide and reads its own patches)."""
+    with slides.open_slide(Path(path)) as slide, ThreadPoolExecutor(readers) as pool:
+        reader = PatchReader(slide, sampling, clf.size, pool, len(origins))
+        with closing(reader.patches(origins)) as stream:
+            patches = [p for p, _ in stream]
+    return clf.finish(clf.infer(clf.prepare(patches)))
+
+
+@dataclass
+class _Prepared:
+    """A job ready to classify: grid, tissue, the batches, what the outputs need."""
+
+    slide: dict[str, Any]
+    slide_name: str
+    sampling: Sampling
+    grid: Grid
+    down: int
+    overview: np.ndarray
+    mask: np.ndarray
+    cover: np.ndarray
+    cells: np.ndarray
+    batches: list[np.ndarray]
+    plan: str  # the fingerprint in the batches' unit ids
+    model: dict[str, Any]
+    model_name: str
+    classes: tuple[ClassCard, ...]
+    size: int
+
+    def origins(self, batch: np.ndarray) -> list[tuple[int, int]]:
+        """Level-0 (x, y) of each patch of a batch of (row, col) cells."""
+        s = self.grid.stride
+        return [(round(int(c) * s), round(int(r) * s)) for r, c in batch]
+
+
+def _model(ctx: JobContext) -> Path:
+    return ctx.model or BUNDLED / WSI
+
+
+def _engine(ctx: JobContext) -> tuple[str | None, str, int]:
+    return ctx.engine, ctx.device, ctx.threads
+
+
+def _unit(prep: _Prepared, i: int) -> str:
+    return f"batch-{prep.plan}-{i:06d}"
+
+
+def _prepare(
+    ctx: JobContext,
+    slide: Slide,
+    sampling: Sampling,
+    clf: PatchClassifier,
+    pool: Executor,
+    opts: WsiOptions,
+) -> _Prepared:
+    """Grid, tissue mask (or an earlier attempt's), the patches on tissue in batches."""
+    grid = Grid(slide.width, slide.height, clf.size * sampling.downsample)
+    down = slides.overview_downsample(slide, grid.stride)
+    log.info(
+        "%s: %d x %d, level %d for %.3g um/px, %d x %d patches of %d",
+        slide.path.name, slide.width, slide.height, sampling.level, sampling.mpp,
+        grid.cols, grid.rows, clf.size,
+    )  # fmt: skip
+    with ctx.phase("tissue"):
+        overview, mask = _tissue(ctx, slide, sampling, down, pool, opts)
+    cover = slides.coverage(mask, down, grid)
+    cells = np.argwhere(cover >= opts.tissue_fraction)  # row-major (row, col)
+    plan = _fingerprint(
+        slide.describe(),
+        sampling.describe(),
+        clf.describe(),
+        opts.batch,
+        hashlib.sha1(cells.tobytes()).hexdigest(),
+    )
+    return _Prepared(
+        slide=slide.describe(),
+        slide_name=slide.path.name,
+        sampling=sampling,
+        grid=grid,
+        down=down,
+        overview=overview,
+        mask=mask,
+        cover=cover,
+        cells=cells,
+        batches=[cells[i : i + opts.batch] for i in range(0, len(cells), opts.batch)],
+        plan=plan,
+        model=clf.describe(),
+        model_name=clf.model.name,
+        classes=clf.classes,
+        size=clf.size,
+    )
+
+
+def _finish(
+    ctx: JobContext,
+    prep: _Prepared,
+    probs: np.ndarray,
+    timing: dict[str, Any],
+    t_start: float,
+) -> dict[str, Any]:
+    """Write the outputs from the grid's probabilities; the manifest."""
+    opts: WsiOptions = ctx.options
+    grid, cells, sampling = prep.grid, prep.cells, prep.sampling
+    classified = np.zeros((grid.rows, grid.cols), bool)
+    classified[cells[:, 0], cells[:, 1]] = True
+    result = Result(grid, probs, classified, prep.cover, prep.classes)
+    with ctx.phase("outputs"):
+        _write_outputs(ctx.output, prep, result, opts)
+    manifest = {
+        "kind": WsiJob.name,
+        "result": "classified" if len(cells) else "no tissue",
+        "outputs": dict(OUTPUTS),
+        "slide": prep.slide,
+        "sampling": sampling.describe(),
+        "model": prep.model,
+        "patches": {
+            "size": prep.size,
+            "stride": round(grid.stride, 3),
+            "grid": [grid.rows, grid.cols],
+            "tissue": len(cells),
+            "classified_now": timing.pop("classified_now"),
+            "readers": timing.pop("readers", None),
+        },
+        "tissue": {
+            "method": opts.tissue,
+            "fraction": opts.tissue_fraction,
+            "overview_downsample": prep.down,
+            "area_mm2": round(
+                float(prep.mask.sum()) * (sampling.slide_mpp * prep.down * 1e-3) ** 2, 4
+            ),
+        },
+        "classes": class_areas(result, sampling.slide_mpp),
+        "timings": timing | {"total_s": round(time.perf_counter() - t_start, 3)},
+    }
+    if not len(cells):
+        manifest["message"] = (
+            f"no tissue found in {prep.slide_name} (tissue {opts.tissue}, "
+            f"tissue_fraction {opts.tissue_fraction}): nothing was classified"
+        )
+        log.warning("%s", manifest["message"])
+    return manifest
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -213,36 +360,26 @@ def _classify(
     sampling: Sampling,
     clf: PatchClassifier,
     pool: Executor,
-    grid: Grid,
-    cells: np.ndarray,
+    prep: _Prepared,
     opts: WsiOptions,
     t_start: float,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Probabilities on the grid (rows, cols, classes), batch by batch, resuming the
     batches an earlier attempt finished; and the timings of the patches classified now."""
+    grid, cells, batches = prep.grid, prep.cells, prep.batches
     n_cls = len(clf.classes)
     probs = np.zeros((grid.rows, grid.cols, n_cls), np.float32)
-    plan = _fingerprint(
-        slide.describe(),
-        sampling.describe(),
-        clf.describe(),
-        opts.batch,
-        hashlib.sha1(cells.tobytes()).hexdigest(),
-    )
-    batches = [cells[i : i + opts.batch] for i in range(0, len(cells), opts.batch)]
     todo: list[int] = []
     for i, b in enumerate(batches):
-        unit = f"batch-{plan}-{i:06d}"
+        unit = _unit(prep, i)
         if ctx.done(unit):
-            probs[b[:, 0], b[:, 1]] = np.load(ctx.work / f"{unit}.npy")
+            probs[b[:, 0], b[:, 1]] = load_unit(ctx, unit)
         else:
             todo.append(i)
     done = len(cells) - sum(len(batches[i]) for i in todo)
     ctx.progress(done, len(cells), "patches")
     reader = PatchReader(slide, sampling, clf.size, pool, opts.prefetch or 2 * opts.batch)
-    origins = (
-        (round(c * grid.stride), round(r * grid.stride)) for i in todo for r, c in batches[i]
-    )
+    origins = (xy for i in todo for xy in prep.origins(batches[i]))
     sums = dict.fromkeys(
         ("generator", "wait", "nn_input", "inference", "nn_output", "stitcher"), 0.0
     )
@@ -267,11 +404,7 @@ def _classify(
             te = time.perf_counter()
             probs[b[:, 0], b[:, 1]] = p
             tf = time.perf_counter()
-            unit = f"batch-{plan}-{i:06d}"
-            tmp = ctx.work / f"{unit}.tmp.npy"
-            np.save(tmp, p)
-            tmp.replace(ctx.work / f"{unit}.npy")
-            ctx.mark(unit)
+            save_unit(ctx, _unit(prep, i), p)
             if first_result is None:
                 first_result = time.perf_counter() - t_start
             sums["generator"] += sum(s for _, s in got)
@@ -296,24 +429,15 @@ def _classify(
     return probs, timing
 
 
-def _write_outputs(
-    out: Path,
-    slide: Slide,
-    sampling: Sampling,
-    clf: PatchClassifier,
-    result: Result,
-    overview: np.ndarray,
-    mask: np.ndarray,
-    down: int,
-    opts: WsiOptions,
-) -> None:
-    names = ", ".join(f"{i} {c.name}" for i, c in enumerate(clf.classes))
+def _write_outputs(out: Path, prep: _Prepared, result: Result, opts: WsiOptions) -> None:
+    names = ", ".join(f"{i} {c.name}" for i, c in enumerate(prep.classes))
+    down = prep.down
     description = (
-        f"echod WSI heatmap of {slide.path.name}: model {clf.model.name} (classes {names}); "
+        f"echod WSI heatmap of {prep.slide_name}: model {prep.model_name} (classes {names}); "
         f"one pixel is {down} x {down} slide level-0 pixels; colour: class, white: none"
     )
-    write_heatmap(out / OUTPUTS["heatmap"], result, down, sampling.slide_mpp, description)
-    write_png(out / OUTPUTS["thumbnail"], thumbnail(overview, down, result, opts.thumbnail))
-    write_png(out / OUTPUTS["tissue_mask"], mask * 255)
+    write_heatmap(out / OUTPUTS["heatmap"], result, down, prep.sampling.slide_mpp, description)
+    write_png(out / OUTPUTS["thumbnail"], thumbnail(prep.overview, down, result, opts.thumbnail))
+    write_png(out / OUTPUTS["tissue_mask"], prep.mask * 255)
     write_geojson(out / OUTPUTS["geojson"], result)
     write_csv(out / OUTPUTS["csv"], result)
