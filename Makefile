@@ -12,13 +12,16 @@ EXTRAS ?= onnxruntime,openvino,opencl,display,dev
 # exporter's independent peers in the tests.
 DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd dcmtk prometheus
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-full lint bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/echod run
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests hil_tests
+	$(BIN)/python -m pytest tests hil_tests -m "not full"
+
+test-full: $(VENV)/.installed  # the paper-size runs: a 50,000 x 40,000 slide, a 305-slice CT
+	$(BIN)/python -m pytest tests -m full
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check daemon tests hil_tests bench

@@ -361,6 +361,7 @@ def paper() -> CTVolume:
 
 
 @pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize("syntax", ["plain", "jpeg2000"])
 def test_a_paper_size_series_end_to_end(paper: CTVolume, tmp_path: Path, syntax: str) -> None:
     """305 x 512 x 512 as a DICOM series (and once as JPEG 2000), the paper's case 2."""

@@ -108,7 +108,7 @@ class Appliance:
             *self.extra,
         )
         self.echod.wait_for("control on", 60)
-        self.client = Client(f"ipc://{self.runtime}/control.sock", timeout_s=30)
+        self.client = Client(f"ipc://{self.runtime}/control.sock", timeout_s=60)
         wait(lambda: self.client.call("status")["stages"]["jobs-0"]["state"] == "running", 60)
 
     def submit(self, vol: Path, **extra: Any) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from daemon.phantoms.wsi import MPP, write_slide
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.full, pytest.mark.timeout(1800)]
 
 WIDTH, HEIGHT = 50_000, 40_000
 LIMIT_MIB = 2048

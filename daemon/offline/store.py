@@ -132,8 +132,12 @@ class JobStore:
                     f"job store {path} was written by a newer echod (schema {version}): "
                     "upgrade echod, or set paths.state_dir to another folder"
                 )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:  # new: made once; every later connection only reads
+                with self._write() as db:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.execute("SELECT count(*) FROM jobs").fetchone()
         except sqlite3.DatabaseError as e:
             raise ConfigError(
