@@ -136,7 +136,7 @@ def main() -> None:
     print(
         f"newest, paced at {eng['fps'] * 0.9:.1f} fps: {new['fps']:.1f} fps, latency p50 "
         f"{new['latency_ms']['p50']:.2f} p99 {new['latency_ms']['p99']:.2f} ms, "
-        f"{new['dropped']} of {new['frames_in']} dropped"
+        f"{sum(new['dropped'].values())} of {new['frames_in']} dropped"
     )
     write_result(f"live_pipeline_{args.device.replace(':', '')}", result)
 

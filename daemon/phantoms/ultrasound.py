@@ -39,6 +39,7 @@ NET_SIZE = 256  # the bundled model's input (h = w)
 ExampleKind = Literal["neck", "abdomen", "water", "fluid", "air", "blank"]
 KINDS: tuple[ExampleKind, ...] = ("neck", "abdomen", "water", "fluid", "air", "blank")
 KIND_P = (0.36, 0.30, 0.11, 0.08, 0.08, 0.07)  # how often training draws each
+MAX_LOOP_FPS = 60.0  # frames per second of motion a synthetic loop holds at most
 
 
 def random_probe(rng: np.random.Generator, kind: SceneKind) -> Probe:
@@ -189,9 +190,11 @@ class Phantom:
         motion_mm: tuple[float, float] = (1.5, 0.5),
     ) -> None:
         rng = np.random.default_rng([seed, 11])
-        self.kind, self.fps = kind, fps
-        self.loop_frames = max(1, round(loop_s * fps))
-        self.loop_s = self.loop_frames / fps
+        # a loop holds at most MAX_LOOP_FPS frames a second of motion: a source paced faster
+        # (a benchmark) replays it faster instead of rendering every frame anew
+        self.kind, self.fps = kind, min(fps, MAX_LOOP_FPS)
+        self.loop_frames = max(1, round(loop_s * self.fps))
+        self.loop_s = self.loop_frames / self.fps
         if kind == "abdomen":
             self.probe = Probe(
                 "curvilinear",
