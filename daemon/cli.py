@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import __version__, config, ctl, human, jobs_cli, logs
+from daemon import __version__, config, ctl, human, jobs_cli, logs, service
 from daemon.errors import EchodError
 from daemon.notify import notify
 
@@ -125,6 +125,7 @@ def _parser() -> Parser:
 
     ctl.add_parser(sub)
     jobs_cli.add_parsers(sub)
+    service.add_parser(sub)
 
     keys = sub.add_parser("keys", help="make CURVE key pairs for a tcp control endpoint")
     keys.add_argument(

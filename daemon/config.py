@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from daemon import migrate
 from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
-from daemon import migrate
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
@@ -278,8 +278,8 @@ class LoggingConfig(Section):
     repeat_s: float = Field(
         10.0,
         ge=0,
-        description="the same message (numbers aside) at most once in this many seconds; the "
-        "next says how many were left out (0: no limit)",
+        description="the same message (numbers aside) at most 5 times in this many seconds; "
+        "the next after that says how many were left out (0: no limit)",
     )
 
 

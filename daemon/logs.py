@@ -16,8 +16,9 @@ Formats (``logging.format``, ``echod run --log-format``):
 - ``text``: time, stage[pid], level, message (a terminal; ``auto`` elsewhere).
 
 Repeats are limited: the same message from one logger (numbers aside: a backoff
-that grows, a frame index) at most once per ``logging.repeat_s``; the next one
-after that says how many were left out. A scanner that is gone does not flood.
+that grows, a reconnect count, a frame index) at most 5 times per
+``logging.repeat_s``; the next one after that says how many were left out. A
+scanner that comes and goes does not flood the journal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -40,7 +42,9 @@ PRIORITY = {  # syslog priorities (sd-daemon(3))
     logging.INFO: 6,
     logging.DEBUG: 7,
 }
+BURST = 5  # repeats of one message let through per window (the first few say what happens)
 MAX_KEYS = 1024  # repeat-filter memory: older keys are forgotten past this
+_DIGITS = re.compile(r"\d+")
 THREAD_PREFIX = "echod-"  # threads named echod-<stage> log as that stage (workers = threads)
 
 
@@ -93,26 +97,31 @@ class StageFilter(logging.Filter):
 
 
 class RepeatFilter(logging.Filter):
-    """Passes a message, then drops its repeats for ``window_s`` seconds; the first one
-    let through after that carries ``record.repeats`` (how many were dropped)."""
+    """Passes the first :data:`BURST` of a message in a window of ``window_s`` seconds and
+    drops the rest; the first one let through in a later window carries ``record.repeats``
+    (how many were dropped). A message is its logger, level, text and arguments with the
+    numbers left out (a growing backoff, a reconnect count, a frame index)."""
 
     def __init__(self, window_s: float) -> None:
         super().__init__()
         self.window_s = window_s
-        self._seen: dict[tuple[Any, ...], tuple[float, int]] = {}  # -> (passed at, dropped)
+        self._seen: dict[tuple[Any, ...], tuple[float, int, int]] = {}  # start, passed, dropped
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg), _shape(record.args))
         now = time.monotonic()
         with self._lock:
-            passed, dropped = self._seen.get(key, (-self.window_s, 0))
-            if now - passed < self.window_s:
-                self._seen[key] = (passed, dropped + 1)
-                return False
+            start, passed, dropped = self._seen.get(key, (-self.window_s, 0, 0))
+            if now - start < self.window_s:
+                if passed >= BURST:
+                    self._seen[key] = (start, passed, dropped + 1)
+                    return False
+                self._seen[key] = (start, passed + 1, dropped)
+                return True
             if len(self._seen) >= MAX_KEYS:
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
-            self._seen[key] = (now, 0)
+            self._seen[key] = (now, 1, 0)
         if dropped:
             record.repeats = dropped
             record.repeat_s = self.window_s
@@ -123,7 +132,10 @@ def _shape(args: Any) -> tuple[Any, ...]:
     """A message's arguments with the numbers left out (they change between repeats)."""
     if isinstance(args, dict):
         args = tuple(args.values())
-    return tuple(type(a).__name__ if isinstance(a, int | float) else str(a) for a in (args or ()))
+    return tuple(
+        type(a).__name__ if isinstance(a, int | float) else _DIGITS.sub("#", str(a))
+        for a in (args or ())
+    )
 
 
 class TextFormatter(logging.Formatter):

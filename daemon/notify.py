@@ -6,10 +6,13 @@ A datagram to ``$NOTIFY_SOCKET``; a no-op when not started by systemd.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MIN_WATCHDOG_S = 2.0  # stages beat every 0.5 s: half of a shorter WatchdogSec= is too tight
 
@@ -21,8 +24,12 @@ def notify(*fields: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto("\n".join(fields).encode(), address)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError as e:  # systemd went away (or never listened): the service goes on
+        log.debug("sd_notify to %s failed: %s", address, e)
+        return False
     return True
 
 
@@ -63,6 +70,12 @@ def status_text(status: dict[str, Any]) -> str:
     jobs = status.get("jobs")
     if jobs is not None:
         parts.append(f"{jobs.get('queued', 0)} jobs queued, {jobs.get('running', 0)} running")
+    troubled = [
+        f"stage {name} {st['state']}"
+        for name, st in (status.get("stages") or {}).items()
+        if st.get("state") not in ("running", "done")
+    ]
+    parts += troubled
     source = status.get("source") or {}
     if source.get("state") in ("connecting", "disconnected"):
         parts.append(f"scanner {source['state']}")

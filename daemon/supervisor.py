@@ -424,6 +424,7 @@ class Supervisor:
             now - since,
         )
         self.publish("stage", {"stage": w.spec.name, "state": "hung", "silent_s": now - since})
+        self._say(f"stage {w.spec.name} hung ({what} for {now - since:.1f} s): killing it")
         w.failure = {"error": {"code": "stage", "message": f"hung ({what} for {limit:g} s)"}}
         w.killing = now
         with contextlib.suppress(ProcessLookupError):
@@ -446,6 +447,7 @@ class Supervisor:
         w.restart_times.append(now)
         self.publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
         log.warning("stage %s died (%s): restart %d", w.spec.name, reason, w.restarts)
+        self._say(f"stage {w.spec.name} died ({reason}): restart {w.restarts}")
         self._spawn(w)
 
     def _skip_poison(self, w: Worker) -> None:
@@ -462,7 +464,11 @@ class Supervisor:
                 ring.skip_held(w.spec.name)
                 w.poisoned += 1
                 log.warning(
-                    "frame %d of ring %s skipped: stage %s died on it", held, port.ring, w.spec.name
+                    "frame %d of ring %s skipped: stage %s died on it",
+                    held,
+                    port.ring,
+                    w.spec.name,
+                    extra={"frame": held},
                 )
             else:
                 w.crash_held[port.ring] = held
@@ -848,7 +854,7 @@ class Supervisor:
             {"reload": {"applied": applied, "failed": failed, "not_reloaded": plan.not_reloaded}},
         )
         self._status_text = f"reloaded: {'; '.join(parts)}"
-        notify("READY=1", f"STATUS={self._status_text}")
+        notify("READY=1", f"STATUS={self._status_text}")  # one datagram: READY with why
 
     def _refresh_status(self, now: float) -> None:
         """Keep the unit's STATUS= current (fps, model, jobs queued, what is wrong)."""
@@ -857,8 +863,12 @@ class Supervisor:
         self._last_status = now
         text = status_text(self.status())
         if text != self._status_text:
-            self._status_text = text
-            notify(f"STATUS={text}")
+            self._say(text)
+
+    def _say(self, text: str) -> None:
+        """The unit's STATUS= now (an event: a stage hung, restarted; a reload)."""
+        self._status_text = text
+        notify(f"STATUS={text}")
 
     # -- offline jobs ---------------------------------------------------------------
 
