@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 EXTRAS ?= onnxruntime,openvino,opencl,display,dev
 # Debian packages the tests and the embedded default need (installed as root only);
 # PoCL from Debian knows CPUs that the PoCL inside the pyopencl wheel (LLVM 14) cannot build for.
-DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd
+# systemd (systemd-analyze only: it is not booted) and python3-seccomp check the unit.
+DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd systemd python3-seccomp
 
 .PHONY: run test lint bench clean
 

@@ -281,7 +281,8 @@ class Installer:
         binds = sorted(p for p in paths if any(p.is_relative_to(h) for h in HOMES))
         for p in binds:
             self.out(
-                f"{'python':<8} {p} is under a home folder: bound in read-only (ProtectHome=tmpfs)"
+                f"{'python':<8} {p} is under a home folder: the unit binds it in read-only"
+                " (ProtectHome=tmpfs); an appliance installs to /opt"
             )
         return binds
 

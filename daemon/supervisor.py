@@ -51,7 +51,6 @@ from daemon.notify import (
     MIN_WATCHDOG_S,
     extend_timeout,
     notify,
-    reloading,
     status_text,
     under_systemd,
     watchdog_s,
@@ -151,7 +150,7 @@ class Supervisor:
         self._last_ping = 0.0
         self._last_line = 0.0
         self._reload_asked = False
-        self._reload: tuple[reload.Plan, list[tuple[str, Future[Any]]]] | None = None
+        self._reload: reload.Reload | None = None
         self._status_text = ""
         self._last_status = self._last_extend = 0.0
 
@@ -217,6 +216,10 @@ class Supervisor:
                 self._restore_signals(previous)
         finally:
             lock.release()
+
+    def request_reload(self) -> None:
+        """Read the configuration again at the loop's next tick (SIGHUP; any thread)."""
+        self._reload_asked = True
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -393,8 +396,9 @@ class Supervisor:
         self._advance_swap(now)
         if self._reload_asked:
             self._reload_asked = False
-            self._begin_reload()
-        self._finish_reload()
+            self._reload = reload.Reload(self)
+        if self._reload is not None and self._reload.finished():
+            self._reload = None
         if self._ping_every and now - self._last_ping >= self._ping_every and self._healthy(now):
             notify("WATCHDOG=1")
             self._last_ping = now
@@ -424,7 +428,7 @@ class Supervisor:
             now - since,
         )
         self.publish("stage", {"stage": w.spec.name, "state": "hung", "silent_s": now - since})
-        self._say(f"stage {w.spec.name} hung ({what} for {now - since:.1f} s): killing it")
+        self.say(f"stage {w.spec.name} hung ({what} for {now - since:.1f} s): killing it")
         w.failure = {"error": {"code": "stage", "message": f"hung ({what} for {limit:g} s)"}}
         w.killing = now
         with contextlib.suppress(ProcessLookupError):
@@ -447,7 +451,7 @@ class Supervisor:
         w.restart_times.append(now)
         self.publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
         log.warning("stage %s died (%s): restart %d", w.spec.name, reason, w.restarts)
-        self._say(f"stage {w.spec.name} died ({reason}): restart {w.restarts}")
+        self.say(f"stage {w.spec.name} died ({reason}): restart {w.restarts}")
         self._spawn(w)
 
     def _skip_poison(self, w: Worker) -> None:
@@ -793,68 +797,12 @@ class Supervisor:
             error = {"code": "stage", "message": error}
         self._swap_event("failed", error=error)
 
-    # -- reload (SIGHUP) and the unit's STATUS= -----------------------------------------
-
-    def _begin_reload(self) -> None:
-        """Read the configuration again and apply what can change safely (daemon/reload.py);
-        RELOADING=1 now, READY=1 once the stages have taken their part."""
-        reloading()
-        try:
-            if self.loader is None:
-                raise ConfigError("this daemon was started without a configuration to re-read")
-            wanted = self.loader()
-        except EchodError as e:
-            log.error("reload refused, the configuration is as it was: %s", e)
-            notify("READY=1", f"STATUS=reload refused: {e}")
-            return
-        plan = reload.plan(self.config, wanted)
-        self.config = plan.config
-        calls: list[tuple[str, Future[Any]]] = []
-        changes = plan.apply
-        level = changes.get("all", {}).get("logging.level")
-        if level is not None:
-            logs.set_level(level)
-            change = {"key": "logging.level", "value": level}
-            calls += [("logging.level", self.call(w, "set", change)) for w in self.live_workers()]
-        sink = self.workers.get("sink")
-        if sink is not None and sink.spec.kind == "display" and sink.alive:
-            for key, value in changes.get("sink", {}).items():
-                calls.append((key, self.call(sink, "set", {"key": key, "value": value})))
-        if self.control is not None:
-            try:
-                self.control.reload(self.config.control)
-            except ConfigError as e:
-                log.error("reload: the control socket keeps its client keys: %s", e)
-                calls.append(("control.clients_dir", _failed(e)))
-        if self.jobs is not None:
-            self.jobs.config = self.config
-        self._reload = (plan, calls)
+    # -- SIGHUP (daemon/reload.py) and the unit's STATUS= ----------------------------------
 
     def live_workers(self) -> list[Worker]:
         """The stages running now (a hot-swap's successor included)."""
         workers = [*self.workers.values(), *([self.swap.worker] if self.swap else [])]
         return [w for w in workers if w.alive]
-
-    def _finish_reload(self) -> None:
-        """Once every stage has answered: say what was applied and what waits for a restart."""
-        if self._reload is None or not all(f.done() for _, f in self._reload[1]):
-            return
-        plan, calls = self._reload
-        self._reload = None
-        failed = sorted({key for key, f in calls if f.exception() is not None})
-        applied = [k for k in plan.applied if k not in failed]
-        parts = [f"applied {', '.join(applied)}" if applied else "no run-time setting changed"]
-        if failed:
-            parts.append(f"failed {', '.join(failed)} (see above)")
-        if plan.not_reloaded:
-            parts.append(f"not reloaded (restart echod to apply): {', '.join(plan.not_reloaded)}")
-        log.info("reload: %s", "; ".join(parts))
-        self.publish(
-            "config",
-            {"reload": {"applied": applied, "failed": failed, "not_reloaded": plan.not_reloaded}},
-        )
-        self._status_text = f"reloaded: {'; '.join(parts)}"
-        notify("READY=1", f"STATUS={self._status_text}")  # one datagram: READY with why
 
     def _refresh_status(self, now: float) -> None:
         """Keep the unit's STATUS= current (fps, model, jobs queued, what is wrong)."""
@@ -863,12 +811,13 @@ class Supervisor:
         self._last_status = now
         text = status_text(self.status())
         if text != self._status_text:
-            self._say(text)
+            self.say(text)
 
-    def _say(self, text: str) -> None:
-        """The unit's STATUS= now (an event: a stage hung, restarted; a reload)."""
+    def say(self, text: str, ready: bool = False) -> None:
+        """The unit's STATUS= now (an event: a stage hung, restarted; a reload, with READY=1
+        in the same datagram)."""
         self._status_text = text
-        notify(f"STATUS={text}")
+        notify(*(["READY=1"] if ready else []), f"STATUS={text}")
 
     # -- offline jobs ---------------------------------------------------------------
 
@@ -992,7 +941,7 @@ class Supervisor:
             self.request_stop(signal.Signals(signum).name)
 
         def on_hangup(_signum: int, _frame: object) -> None:
-            self._reload_asked = True  # the loop reloads at its next tick
+            self.request_reload()
 
         previous: dict[int, Any] = {
             s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
@@ -1030,12 +979,6 @@ class Supervisor:
             "stopped_by": self.stop_reason,
             "duration_s": round(time.monotonic() - self.started, 3),
         }
-
-
-def _failed(error: BaseException) -> Future[Any]:
-    fut: Future[Any] = Future()
-    fut.set_exception(error)
-    return fut
 
 
 def _remove_tree(path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests import plugin_engines
 from tests.conftest import Echod
+from tests.test_control import Running, live, runtime, until  # noqa: F401 (fixture)
 from tests.test_supervisor import NotifySocket, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -169,3 +170,24 @@ def test_a_notify_socket_nobody_listens_on_changes_nothing(
     code, out = e.finish(timeout=120)
     assert code == 0, "".join(e.stderr)
     assert out.strip().splitlines()[-1].startswith("echod: 8 frames in = 8 out"), out
+
+
+def test_in_development_a_display_that_cannot_open_runs_headless_and_says_so(
+    runtime: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not under systemd (display.fallback = auto: headless) the run goes on without the
+    display, and status and telemetry say it failed, with the reason."""
+    monkeypatch.setenv("DISPLAY", free_display())
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    r = Running(live(runtime, **{"sink.headless": False}))
+    c = r.client()
+    try:
+        until(lambda: (c.call("status")["fps"] or 0) > 0, 60)  # frames flow, headless
+        display = c.call("status")["display"]
+        assert display["state"] == "failed" and "no display" in display["error"], display
+        assert r.sup.telemetry()["display"] == display
+    finally:
+        c.close()
+        r.stop()

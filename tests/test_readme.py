@@ -39,6 +39,7 @@ SKIPPED = {  # the start of a command -> why it is not run here
     f"{ECHOD} run --source ~/": "plays a folder of your own images",
     f"{ECHOD} ctl screenshot": "needs the display (a screen); tests/test_display.py takes "
     "screenshots under Xvfb",
+    "sudo ": "changes this machine (tests/test_service.py installs into a temporary root)",
 }
 
 

@@ -97,10 +97,10 @@ def test_a_slow_model_swap_blocks_neither_ping_nor_the_watchdog(
 ) -> None:
     load_s = 10.0
     monkeypatch.setenv(plugin_engines.LOAD_S, str(load_s))
-    r = Running(live(runtime, **{"control.roots": [str(default_model(tmp_path).parent)]}))
+    r = Running(live(runtime, **{"control.roots": [str(default_model().parent)]}))
     c = r.client(timeout_s=30)
     try:
-        swap = c.call("model.load", {"path": str(default_model(tmp_path)), "engine": "slow"})
+        swap = c.call("model.load", {"path": str(default_model()), "engine": "slow"})
         assert swap["state"] == "warming"
         began = time.monotonic()
         rtts = []
