@@ -43,6 +43,10 @@ RELOADABLE: dict[str, str] = {
 }
 
 
+# run-time state an operator set over the control socket, not configuration: a reload keeps it
+KEPT = frozenset({"source.paused"})
+
+
 @dataclass
 class Plan:
     """The settings a reload changes, by who applies them, and those it leaves."""
@@ -59,7 +63,7 @@ class Plan:
 def plan(running: Config, wanted: Config) -> Plan:
     """Sort the settings that differ between ``running`` and ``wanted``."""
     now, new = flat(running), flat(wanted)
-    changed = [k for k in new if new[k] != now.get(k)]
+    changed = [k for k in new if new[k] != now.get(k) and k not in KEPT]
     merged = running.model_dump()
     out = Plan(running)
     for key in changed:

@@ -92,8 +92,6 @@ StateDirectory=echod
 StateDirectoryMode=0750
 CacheDirectory=echod
 CacheDirectoryMode=0750
-ConfigurationDirectory=echod
-ConfigurationDirectoryMode=0750
 UMask=0027
 # ONNX Runtime, OpenVINO, PoCL and Mesa keep caches under HOME and the XDG folders
 Environment=HOME=%S/echod XDG_STATE_HOME=%S/echod XDG_DATA_HOME=%S/echod/data
@@ -352,19 +350,21 @@ class Installer:
         if path.exists():
             self.out(f"{'config':<8} kept {path} (never overwritten): {_config_state(path)}")
             return
-        gid = _groups_gid(self.root).get(self.user)
+        gid = _groups_gid(self.root).get(self.user) if os.geteuid() == 0 else None
+        private = gid is not None or (self.make_user and self.dry_run)
+        how = f"mode 0640, group {self.user}" if private else "mode 0644: no group to give it"
 
         def write() -> None:
-            _write(path, config.to_toml(config.Config()), 0o640)
-            if gid is not None and os.geteuid() == 0:
+            _write(path, config.to_toml(config.Config()), 0o640 if gid is not None else 0o644)
+            if gid is not None:  # root:echod, readable by the service and nobody else
                 os.chown(path.parent, 0, gid)
                 os.chmod(path.parent, 0o750)
                 os.chown(path, 0, gid)
 
         self.step(
             "config",
-            f"write {path} from the defaults (mode 0640, group {self.user})",
-            f"wrote {path} from the defaults (mode 0640, group {self.user})",
+            f"write {path} from the defaults ({how})",
+            f"wrote {path} from the defaults ({how})",
             write,
         )
 

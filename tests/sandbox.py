@@ -3,6 +3,8 @@
 - ``--syscalls "@system-service ~@privileged"``: the ``SystemCallFilter=`` lines (groups
   expanded by ``systemd-analyze syscall-filter``; a call outside them fails with EPERM, as
   ``SystemCallErrorNumber=EPERM`` says), loaded with libseccomp;
+- ``--families "AF_UNIX AF_INET AF_INET6"``: ``RestrictAddressFamilies=``: ``socket()``
+  of any other family fails (with the filter above);
 - ``--mdwe``: ``MemoryDenyWriteExecute=``: no memory both writable and executable, no
   memory made executable later (the kernel's PR_SET_MDWE, what systemd 253+ uses).
 
@@ -17,6 +19,7 @@ import argparse
 import ctypes
 import errno
 import os
+import socket
 import subprocess
 
 PR_SET_MDWE = 65
@@ -41,7 +44,7 @@ def expand(name: str, seen: set[str]) -> set[str]:
     return calls
 
 
-def load_filter(spec: str) -> None:
+def load_filter(spec: str, families: str) -> None:
     import seccomp
 
     allowed: set[str] = set()
@@ -51,6 +54,11 @@ def load_filter(spec: str) -> None:
         else:
             allowed |= expand(item, set())
     rules = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+    if families and "socket" in allowed:
+        allowed.discard("socket")
+        for family in families.split():
+            number = getattr(socket, family)
+            rules.add_rule(seccomp.ALLOW, "socket", seccomp.Arg(0, seccomp.EQ, number))
     for call in sorted(allowed):
         try:
             rules.add_rule(seccomp.ALLOW, call)
@@ -62,6 +70,7 @@ def load_filter(spec: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--syscalls", default="", help="SystemCallFilter= lines, space-separated")
+    p.add_argument("--families", default="", help="RestrictAddressFamilies=, space-separated")
     p.add_argument("--mdwe", action="store_true", help="MemoryDenyWriteExecute=yes")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args()
@@ -71,7 +80,7 @@ def main() -> None:
         if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
             raise SystemExit(f"PR_SET_MDWE: {os.strerror(ctypes.get_errno())} (Linux 6.3+)")
     if args.syscalls:
-        load_filter(args.syscalls)
+        load_filter(args.syscalls, args.families)
     os.execvp(command[0], command)
 
 

@@ -37,8 +37,13 @@ def test_journal_lines_carry_priorities_and_the_stage_when_stderr_is_the_journal
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         done = subprocess.run(
             [sys.executable, "-m", "daemon", *RUN, "--set", f"paths.runtime_dir={tmp_path}/rt"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=f, text=True, timeout=120,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 0, err.read_text()
     lines = err.read_text().splitlines()
     assert lines and all(re.match(r"<[2-7]>[\w-]+\[\d+\]: ", line) for line in lines), lines
@@ -52,8 +57,12 @@ def test_journal_only_when_stderr_really_is_the_journal(tmp_path: Path) -> None:
     env = {**os.environ, "JOURNAL_STREAM": "1:1"}
     done = subprocess.run(
         [sys.executable, "-m", "daemon", *RUN, "--set", f"paths.runtime_dir={tmp_path}/rt"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert not any(line.startswith("<") for line in done.stderr.splitlines())
     assert " echod[" in done.stderr and " INFO " in done.stderr
@@ -61,10 +70,21 @@ def test_journal_only_when_stderr_really_is_the_journal(tmp_path: Path) -> None:
 
 def test_json_lines_for_other_collectors(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "daemon", *RUN, "--log-format", "json",
-         "--set", f"paths.runtime_dir={tmp_path}/rt"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            *RUN,
+            "--log-format",
+            "json",
+            "--set",
+            f"paths.runtime_dir={tmp_path}/rt",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stderr.splitlines()]
     assert records and all(
@@ -76,12 +96,14 @@ def test_json_lines_for_other_collectors(tmp_path: Path) -> None:
     assert any(r["stage"] == "infer" for r in records)
 
 
-def test_a_bad_log_format_is_one_line_naming_the_choices() -> None:
+def test_a_bad_log_format_names_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
     from daemon.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["run", "--log-format", "xml"])
     assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'xml'" in last and "'journal'" in last and "'json'" in last, last
 
 
 def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -108,8 +130,10 @@ def test_frame_job_and_traceback_stay_on_the_event_line(fmt: str) -> None:
 
 def test_repeats_are_let_through_five_times_a_window_then_counted() -> None:
     f = logs.RepeatFilter(window_s=3600)
-    passed = [f.filter(record("reconnecting in %.3g s (reconnect %s)", 0.1 * n, f"#{n}"))
-              for n in range(50)]  # fmt: skip
+    passed = [
+        f.filter(record("reconnecting in %.3g s (reconnect %s)", 0.1 * n, f"#{n}"))
+        for n in range(50)
+    ]
     assert passed == [True] * logs.BURST + [False] * (50 - logs.BURST)
     assert f.filter(record("another message"))  # others are not held back
     f.window_s = 0.0  # the window is over
@@ -144,10 +168,20 @@ def test_a_scanner_that_comes_and_goes_does_not_flood_the_log(
     run_echod: type[Echod], flapping_scanner: int, tmp_path: Path
 ) -> None:
     e = run_echod(
-        "run", "--headless", "--json", "--source", f"igtl://127.0.0.1:{flapping_scanner}/Image",
-        "--set", "source.igtl.reconnect_min_s=0.01", "--set", "source.igtl.reconnect_max_s=0.01",
-        "--set", "logging.repeat_s=1", "--set", f"paths.runtime_dir={tmp_path}/rt",
-    )  # fmt: skip
+        "run",
+        "--headless",
+        "--json",
+        "--source",
+        f"igtl://127.0.0.1:{flapping_scanner}/Image",
+        "--set",
+        "source.igtl.reconnect_min_s=0.01",
+        "--set",
+        "source.igtl.reconnect_max_s=0.01",
+        "--set",
+        "logging.repeat_s=1",
+        "--set",
+        f"paths.runtime_dir={tmp_path}/rt",
+    )
     e.wait_for("more like this in 1 s left out", timeout=120)
     e.proc.send_signal(signal.SIGTERM)
     code, out = e.finish(timeout=60)

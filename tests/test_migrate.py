@@ -26,9 +26,18 @@ def test_a_config_of_the_previous_schema_boots_with_a_warning_naming_the_new_key
     run_echod: type[Echod], old: Path, tmp_path: Path
 ) -> None:
     e = run_echod(
-        "run", "--config", str(old), "--frames", "5", "--pace", "none", "--mode", "all",
-        "--set", f"paths.runtime_dir={tmp_path}/rt",
-    )  # fmt: skip
+        "run",
+        "--config",
+        str(old),
+        "--frames",
+        "5",
+        "--pace",
+        "none",
+        "--mode",
+        "all",
+        "--set",
+        f"paths.runtime_dir={tmp_path}/rt",
+    )
     code, out = e.finish(timeout=120)
     assert code == 0, "".join(e.stderr)
     assert out.strip().splitlines()[-1].startswith("echod: 5 frames in = 5 out")

@@ -114,9 +114,18 @@ def test_an_engine_build_extends_the_start_timeout(
     env = {**env, "PYTHONPATH": str(tmp_path / "site"), plugin_engines.LOAD_S: "10"}
     rt = f"paths.runtime_dir={tmp_path}/rt"
     e = run_echod(
-        "run", "--headless", "--engine", "building", "--set", "pipeline.stage_timeout_s=5",
-        "--set", "offline.workers=0", "--set", rt, env=env,
-    )  # fmt: skip
+        "run",
+        "--headless",
+        "--engine",
+        "building",
+        "--set",
+        "pipeline.stage_timeout_s=5",
+        "--set",
+        "offline.workers=0",
+        "--set",
+        rt,
+        env=env,
+    )
     wait_for(lambda: "READY=1" in fields(sock) or e.proc.poll() is not None, 120, "READY")
     assert e.proc.poll() is None, "".join(e.stderr)
     e.proc.send_signal(signal.SIGTERM)
@@ -164,9 +173,18 @@ def test_a_notify_socket_nobody_listens_on_changes_nothing(
     stages."""
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "nobody.sock")}
     e = run_echod(
-        "run", "--headless", "--frames", "8", "--pace", "none", "--mode", "all",
-        "--set", f"paths.runtime_dir={tmp_path}/rt", env=env,
-    )  # fmt: skip
+        "run",
+        "--headless",
+        "--frames",
+        "8",
+        "--pace",
+        "none",
+        "--mode",
+        "all",
+        "--set",
+        f"paths.runtime_dir={tmp_path}/rt",
+        env=env,
+    )
     code, out = e.finish(timeout=120)
     assert code == 0, "".join(e.stderr)
     assert out.strip().splitlines()[-1].startswith("echod: 8 frames in = 8 out"), out

@@ -44,6 +44,11 @@ def test_settings_are_sorted_into_applied_and_not_reloaded() -> None:
     assert p.config.display.opacity == 0.5 and p.config.display.width == running.display.width
     assert p.config.source.fps == running.source.fps  # what runs is what the config says
     assert reload.plan(running, running).apply == {}
+    paused = running.model_copy(
+        update={"source": running.source.model_copy(update={"paused": True})}
+    )
+    kept = reload.plan(paused, running)  # paused over the control socket: not the file's to undo
+    assert kept.apply == {} and kept.not_reloaded == [] and kept.config.source.paused
 
 
 class Daemon:
