@@ -85,7 +85,7 @@ class PipelineConfig(Section):
         5.0,
         gt=0,
         description="a running stage silent this long is hung: killed (SIGABRT, then SIGKILL) and"
-        " restarted; keep it under the unit's WatchdogSec",
+        " restarted; under systemd's watchdog, half of the unit's WatchdogSec= instead",
     )
 
 
