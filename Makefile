@@ -9,8 +9,10 @@ EXTRAS ?= onnxruntime,openvino,opencl,display,dev
 # Debian packages the tests and the embedded default need (installed as root only);
 # PoCL from Debian knows CPUs that the PoCL inside the pyopencl wheel (LLVM 14) cannot build for.
 # dcmtk (storescu, storescp, echoscu) and prometheus (promtool) are the DICOM node's and the
-# exporter's independent peers in the tests.
-DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd dcmtk prometheus
+# exporter's independent peers in the tests; systemd (systemd-analyze only: it is not
+# booted) and python3-seccomp check the unit.
+DEBS   := xvfb libgl1-mesa-dri libglx-mesa0 libegl-mesa0 pocl-opencl-icd dcmtk prometheus \
+          systemd python3-seccomp
 
 .PHONY: run test test-full lint bench clean
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import __version__, config, ctl, human, jobs_cli
+from daemon import __version__, config, ctl, human, jobs_cli, logs, service
 from daemon.errors import EchodError
+from daemon.notify import notify
 
 log = logging.getLogger("echod")
 
@@ -30,6 +31,7 @@ RUN_FLAGS: dict[str, str] = {
     "engine": "model.engine",
     "device": "model.device",
     "control": "control.endpoint",
+    "log_format": "logging.format",
 }
 
 
@@ -107,6 +109,11 @@ def _parser() -> Parser:
     run.add_argument("--headless", action="store_true", help="no display: status lines only")
     run.add_argument("--control", help="control endpoint (default: ipc in the runtime directory)")
     run.add_argument(
+        "--log-format",
+        choices=["auto", "text", "journal", "json"],
+        help="log lines: journald priorities, one JSON object each, or text (default: auto)",
+    )
+    run.add_argument(
         "--set",
         action="append",
         default=[],
@@ -118,6 +125,7 @@ def _parser() -> Parser:
 
     ctl.add_parser(sub)
     jobs_cli.add_parsers(sub)
+    service.add_parser(sub)
 
     keys = sub.add_parser("keys", help="make CURVE key pairs for a tcp control endpoint")
     keys.add_argument(
@@ -133,6 +141,13 @@ def _parser() -> Parser:
     cfg.add_argument("--config", type=Path, help="configuration file to validate and print")
     cfg.add_argument("--defaults", action="store_true", help="print the documented defaults")
     cfg.set_defaults(func=cmd_config)
+    cfg_sub = cfg.add_subparsers(metavar="migrate")
+    mig = cfg_sub.add_parser(
+        "migrate", help="rewrite a configuration file of an earlier echod in this one's schema"
+    )
+    mig.add_argument("file", type=Path, help="the file (rewritten; the old one is kept as .bak)")
+    mig.add_argument("--output", type=Path, help="write the migrated file here instead")
+    mig.set_defaults(func=cmd_config_migrate, command_parser=mig)
 
     eng = sub.add_parser("engines", help="list the inference engines: available here, devices")
     eng.add_argument("--json", action="store_true", help="print the rows as a JSON list")
@@ -179,7 +194,7 @@ def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]
         value = getattr(args, flag)
         if value is not None:
             out[key] = value
-            origins[key] = f"--{flag} (command line)"
+            origins[key] = f"--{flag.replace('_', '-')} (command line)"
     engine = out.get("model.engine")
     if isinstance(engine, str) and ":" in engine:  # --engine NAME:DEVICE
         name, _, device = engine.partition(":")
@@ -195,20 +210,26 @@ def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]
     return out, origins
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s echod[%(process)d] %(levelname)s %(message)s",
-    )
+def _setup_logging(settings: config.LoggingConfig) -> None:
+    logs.setup(settings.level, settings.format, settings.repeat_s, stage="echod")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
-    cfg = config.load(args.config, *_overrides(args))
-    _setup_logging(cfg.logging.level)
-    summary = Supervisor(cfg).run()
+    overrides = _overrides(args)
+
+    def load() -> config.Config:  # at start and on SIGHUP
+        return config.load(args.config, *overrides)
+
+    _setup_logging(config.LoggingConfig())  # until the file says otherwise (its migration)
+    cfg = load()
+    _setup_logging(cfg.logging)
+    try:
+        summary = Supervisor(cfg, loader=load).run()
+    except EchodError as e:
+        notify(f"STATUS=failed: {e}")  # `systemctl status echod` shows why it stopped
+        raise
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
@@ -219,6 +240,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = config.Config() if args.defaults else config.load(args.config)
     print(config.to_toml(cfg), end="")
+    return 0
+
+
+def cmd_config_migrate(args: argparse.Namespace) -> int:
+    """Read FILE as ``echod run`` would (older schemas migrated), check that the result
+    loads, and write it: FILE itself (the old one kept as FILE.bak) or ``--output``."""
+    from daemon import migrate
+
+    data, was, notes = migrate.upgrade(config._read_toml(args.file), str(args.file))
+    config._validated(data, {}, args.file, {})  # a setting that never existed: nothing written
+    for note in notes:
+        print(note)
+    out = args.output or args.file
+    if was == migrate.SCHEMA and out == args.file:
+        print(f"{args.file} is schema {was} already: nothing to migrate")
+        return 0
+    if out == args.file:
+        backup = args.file.with_name(args.file.name + ".bak")
+        backup.write_bytes(args.file.read_bytes())
+        print(f"kept the old file as {backup}")
+    migrate.write(data, out, was)
+    print(f"wrote {out} (schema {migrate.SCHEMA}; comments are not carried over)")
     return 0
 
 

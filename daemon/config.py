@@ -8,6 +8,7 @@ the nearest valid one.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import tomllib
 import typing
@@ -17,12 +18,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from daemon import migrate
 from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
 from daemon.dicom.settings import DicomConfig
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -82,7 +86,7 @@ class PipelineConfig(Section):
         5.0,
         gt=0,
         description="a running stage silent this long is hung: killed (SIGABRT, then SIGKILL) and"
-        " restarted; keep it under the unit's WatchdogSec",
+        " restarted; under systemd's watchdog, half of the unit's WatchdogSec= instead",
     )
 
 
@@ -254,13 +258,30 @@ class DisplayConfig(Section):
     screenshot_dir: str = Field(
         "", description="where the s key saves PNGs; empty = <state dir>/screenshots"
     )
-    fallback: Literal["headless", "fail"] = Field(
-        "headless", description="no OpenGL window possible: status lines only, or fail"
+    fallback: Literal["auto", "headless", "fail"] = Field(
+        "auto",
+        description="the display cannot open or died: 'headless' runs on without it (status "
+        "lines), 'fail' stops echod (systemd restarts it); 'auto': fail under systemd (the "
+        "appliance), headless elsewhere (development). Status, telemetry and the unit's "
+        "STATUS say so either way",
     )
 
 
 class LoggingConfig(Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level (SIGHUP reloads it)"
+    )
+    format: Literal["auto", "text", "journal", "json"] = Field(
+        "auto",
+        description="'journal': <N> priority prefixes for journald; 'json': one object a line; "
+        "'text': for a terminal; 'auto': journal when stderr is the journal, else text",
+    )
+    repeat_s: float = Field(
+        10.0,
+        ge=0,
+        description="the same message (numbers aside) at most 5 times in this many seconds; "
+        "the next after that says how many were left out (0: no limit)",
+    )
 
 
 class OfflineConfig(Section):
@@ -308,6 +329,13 @@ class MetricsConfig(Section):
 
 
 class Config(Section):
+    schema_version: int = Field(
+        migrate.SCHEMA,
+        ge=migrate.SCHEMA,
+        le=migrate.SCHEMA,
+        description="the file's format; files of earlier versions are migrated when read "
+        "(`echod config migrate FILE` rewrites one)",
+    )
     source: SourceConfig = Field(default_factory=SourceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -344,7 +372,9 @@ def load(
     data: dict[str, Any] = {}
     source = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
-        data = _read_toml(Path(source))
+        data, _, notes = migrate.upgrade(_read_toml(Path(source)), str(source))
+        for note in notes:
+            log.warning("%s: `echod config migrate %s` rewrites the file", note, source)
     return _validated(data, overrides or {}, source, origins or {})
 
 

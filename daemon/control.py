@@ -161,6 +161,16 @@ class ControlServer:
             # handshakes that fail before ZAP (no key, another server's key) show only here
             self._monitors.append(sock.get_monitor_socket(audit.HANDSHAKE_EVENTS))
 
+    def reload(self, settings: ControlConfig) -> None:
+        """Take new settings (a SIGHUP reload: roles, limits, the telemetry interval; the
+        roots are read per request) and read the client keys again: a key added to or
+        removed from ``clients_dir`` counts from now on. Bound endpoints stay as they are."""
+        if self._auth is not None:
+            keys = load_client_keys(Path(settings.clients_dir))  # a bad folder changes nothing
+            self._keys, self._names = keys, {key: k.name for key, k in keys.items()}
+            log.info("control: %d client key(s) allowed", len(keys))
+        self.settings = settings
+
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: a CURVE client is let in only when its public key is on the allow-list."""
         allowed = key.decode() in self._keys

@@ -85,7 +85,10 @@ def open_configured(src: SourceConfig) -> FrameSource:
 
 
 def screen_available() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    """An X or Wayland session, or SDL told to drive the screen itself (kmsdrm: a bare
+    console, no window system)."""
+    kms = os.environ.get("SDL_VIDEODRIVER") == "kmsdrm"
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or kms)
 
 
 def _sink(config: Config, frames: str, results: str, consumers: ReaderMode) -> StageSpec:

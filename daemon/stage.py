@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from daemon import logs
 from daemon.config import Config
 from daemon.errors import EchodError, StageError
 from daemon.frame import FrameMeta
@@ -97,7 +99,11 @@ class Stage(ABC):
         """Finish work in flight (the stream ended, or a successor takes over)."""
 
     def command(self, name: str, args: dict[str, Any]) -> Any:
-        """A request from the supervisor (run-time setting, screenshot, handover...)."""
+        """A request from the supervisor (run-time setting, screenshot, handover...). Every
+        stage takes ``set`` ``logging.level`` (a SIGHUP reload)."""
+        if name == "set" and args.get("key") == "logging.level":
+            logs.set_level(str(args["value"]))
+            return {"level": args["value"]}
         raise StageError(f"stage '{self.spec.name}' has no command '{name}'")
 
 
@@ -181,6 +187,20 @@ class StageContext:
 
 RETIRE = "retire"  # the supervisor's command to hand this stage's place to a successor
 
+_running = threading.local()  # the StageContext of the stage this thread runs
+
+
+def progress(note: str) -> None:
+    """Say that a long start-up is getting on (an engine build: each phase, each tenth):
+    the supervisor restarts this stage's ``stage_timeout_s`` clock and asks systemd for
+    more time (EXTEND_TIMEOUT_USEC). At most one event per :data:`HEARTBEAT_S`; a no-op
+    outside a stage."""
+    ctx: StageContext | None = getattr(_running, "ctx", None)
+    now = time.monotonic()
+    if ctx is not None and now - ctx._beat >= HEARTBEAT_S:
+        ctx._beat = now
+        ctx.report("progress", note=note)
+
 
 def run_stage(
     stage_cls: type[Stage],
@@ -201,7 +221,12 @@ def run_stage(
     finished = False
     try:
         stage = stage_cls(spec, config, ctx)
-        ctx.report("ready", **stage.setup())
+        _running.ctx = ctx
+        try:
+            facts = stage.setup()
+        finally:
+            _running.ctx = None
+        ctx.report("ready", **facts)
         while not stop.is_set():
             if commands is not None and _serve_commands(stage, ctx, commands):
                 return 0  # retired: `finished` stays False

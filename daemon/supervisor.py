@@ -41,13 +41,20 @@ from typing import Any
 
 import psutil
 
-from daemon import __version__, pipeline
+from daemon import __version__, logs, pipeline, reload
 from daemon.config import NO_SOURCE, Config
 from daemon.errors import ConfigError, EchodError, StageError, from_dict
 from daemon.events import EventBus
 from daemon.instance import InstanceLock
 from daemon.lifeline import Lifeline
-from daemon.notify import notify, watchdog_interval
+from daemon.notify import (
+    MIN_WATCHDOG_S,
+    extend_timeout,
+    notify,
+    status_text,
+    under_systemd,
+    watchdog_s,
+)
 from daemon.ring import Ring, remove_segments, remove_stale_segments
 from daemon.stage import RETIRE, Stage, StageSpec, StopFlag, run_stage
 
@@ -58,6 +65,8 @@ JOIN_S = 5.0  # how long a stopping stage may take before it is killed
 KILL_GRACE_S = 2.0  # SIGABRT (a traceback) -> SIGKILL
 CALL_TIMEOUT_S = 10.0  # a stage must answer a command within this
 MAX_PENDING_CALLS = 32  # per stage: a stage that does not read its commands is not flooded
+STATUS_S = 1.0  # the unit's STATUS= is refreshed at most this often
+EXTEND_MARGIN_S = 10.0  # EXTEND_TIMEOUT_USEC asks for stage_timeout_s plus this
 
 
 @dataclass
@@ -70,7 +79,7 @@ class Worker:
     failure: dict[str, Any] | None = None
     restarts: int = 0
     restart_times: collections.deque[float] = field(default_factory=collections.deque)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # or its last start-up progress
     heartbeat: float = field(default_factory=time.monotonic)
     killing: float | None = None  # when it was found hung and sent SIGABRT
     retiring: bool = False  # a hot-swap predecessor on its way out
@@ -113,8 +122,9 @@ class Swap:
 class Supervisor:
     """Runs the live pipeline of ``config`` until its source ends or it is told to stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.loader = loader  # reads the configuration again (SIGHUP); None: nothing to read
         self.live = config.source.uri != NO_SOURCE
         self.threads = config.pipeline.workers == "threads"
         self._mp = mp.get_context("spawn")
@@ -138,9 +148,30 @@ class Supervisor:
             queue.SimpleQueue()
         )
         self._calls: dict[str, _Call] = {}
-        self._ping_every = watchdog_interval()
+        self._ping_every, self.stale_s = self._staleness()
         self._last_ping = 0.0
         self._last_line = 0.0
+        self._reload_asked = False
+        self._reload: reload.Reload | None = None
+        self._status_text = ""
+        self._last_status = self._last_extend = 0.0
+
+    def _staleness(self) -> tuple[float | None, float]:
+        """The one place that says when a stage is stale: under systemd's watchdog, half of
+        ``WatchdogSec=`` (which is also the ping period), else
+        ``pipeline.heartbeat_timeout_s``. A stale stage stops the pings and is killed."""
+        watchdog = watchdog_s()
+        if watchdog is None:
+            return None, self.config.pipeline.heartbeat_timeout_s
+        if watchdog < MIN_WATCHDOG_S:
+            raise ConfigError(
+                f"WatchdogSec={watchdog:g}s is too short: stages beat every 0.5 s; "
+                f"set WatchdogSec={MIN_WATCHDOG_S:g}s or more in the unit"
+            )
+        log.info(
+            "watchdog: WatchdogSec=%gs; a stage silent for %g s is stale", watchdog, watchdog / 2
+        )
+        return watchdog / 2, watchdog / 2
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -189,6 +220,10 @@ class Supervisor:
                 self._restore_signals(previous)
         finally:
             lock.release()
+
+    def request_reload(self) -> None:
+        """Read the configuration again at the loop's next tick (SIGHUP; any thread)."""
+        self._reload_asked = True
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -303,7 +338,10 @@ class Supervisor:
         log.info("stage %s started (pid %s)", w.spec.name, w.pid or "thread")
 
     def _await_ready(self, wave: list[Worker]) -> None:
-        deadline = time.monotonic() + self.config.pipeline.stage_timeout_s
+        """Until every stage of ``wave`` is ready; each has ``stage_timeout_s`` from its start
+        or its last progress (an engine build), and systemd is asked for as long."""
+        timeout = self.config.pipeline.stage_timeout_s
+        self._extend_start(force=True)
         while not all(w.ready for w in wave):
             if self.stop.is_set():
                 raise StageError(f"stopped while starting ({self.stop_reason})")
@@ -316,13 +354,22 @@ class Supervisor:
                         f"stage '{w.spec.name}' exited with code {_exitcode(w)} while starting;"
                         " see its log above"
                     )
-            if time.monotonic() > deadline:
-                late = ", ".join(w.spec.name for w in wave if not w.ready)
+            now = time.monotonic()
+            late = [w.spec.name for w in wave if not w.ready and now - w.started > timeout]
+            if late:
                 raise StageError(
-                    f"stage(s) {late} did not report ready within "
-                    f"{self.config.pipeline.stage_timeout_s:g} s: raise pipeline.stage_timeout_s"
-                    " or check the model and the engine"
+                    f"stage(s) {', '.join(late)} did not report ready (or progress) within "
+                    f"{timeout:g} s: raise pipeline.stage_timeout_s or check the model and the"
+                    " engine"
                 )
+
+    def _extend_start(self, force: bool = False) -> None:
+        """While starting, ask systemd for ``stage_timeout_s`` more (EXTEND_TIMEOUT_USEC):
+        at each wave, and as a stage reports progress (at most once a second)."""
+        now = time.monotonic()
+        if self.state == "starting" and (force or now - self._last_extend >= STATUS_S):
+            self._last_extend = now
+            extend_timeout(self.config.pipeline.stage_timeout_s + EXTEND_MARGIN_S)
 
     # -- watching ---------------------------------------------------------------
 
@@ -356,9 +403,15 @@ class Supervisor:
         now = time.monotonic()
         self._expire_calls(now)
         self._advance_swap(now)
+        if self._reload_asked:
+            self._reload_asked = False
+            self._reload = reload.Reload(self)
+        if self._reload is not None and self._reload.finished():
+            self._reload = None
         if self._ping_every and now - self._last_ping >= self._ping_every and self._healthy(now):
             notify("WATCHDOG=1")
             self._last_ping = now
+        self._refresh_status(now)
 
     def _check_hung(self, w: Worker, now: float) -> None:
         """A stage alive but silent (a driver stuck in a call) is killed, then restarted:
@@ -371,8 +424,9 @@ class Supervisor:
                     os.kill(w.pid, signal.SIGKILL)
             return
         cfg = self.config.pipeline
-        patience = w.spec.params.get("heartbeat_timeout_s", cfg.heartbeat_timeout_s)
-        since, limit = (w.heartbeat, patience) if w.ready else (w.started, cfg.stage_timeout_s)
+        since, limit = (
+            (w.heartbeat, self._patience(w)) if w.ready else (w.started, cfg.stage_timeout_s)
+        )
         if now - since <= limit:
             return
         what = "no heartbeat" if w.ready else "not ready"
@@ -383,6 +437,7 @@ class Supervisor:
             now - since,
         )
         self.publish("stage", {"stage": w.spec.name, "state": "hung", "silent_s": now - since})
+        self.say(f"stage {w.spec.name} hung ({what} for {now - since:.1f} s): killing it")
         w.failure = {"error": {"code": "stage", "message": f"hung ({what} for {limit:g} s)"}}
         w.killing = now
         with contextlib.suppress(ProcessLookupError):
@@ -405,6 +460,7 @@ class Supervisor:
         w.restart_times.append(now)
         self.publish("stage", {"stage": w.spec.name, "state": "died", "reason": reason})
         log.warning("stage %s died (%s): restart %d", w.spec.name, reason, w.restarts)
+        self.say(f"stage {w.spec.name} died ({reason}): restart {w.restarts}")
         self._spawn(w)
 
     def _skip_poison(self, w: Worker) -> None:
@@ -421,23 +477,31 @@ class Supervisor:
                 ring.skip_held(w.spec.name)
                 w.poisoned += 1
                 log.warning(
-                    "frame %d of ring %s skipped: stage %s died on it", held, port.ring, w.spec.name
+                    "frame %d of ring %s skipped: stage %s died on it",
+                    held,
+                    port.ring,
+                    w.spec.name,
+                    extra={"frame": held},
                 )
             else:
                 w.crash_held[port.ring] = held
 
+    def _patience(self, w: Worker) -> float:
+        """How long a running stage may be silent: :attr:`stale_s`, or its own (a job worker
+        beats once per unit of work)."""
+        patience: float = w.spec.params.get("heartbeat_timeout_s", self.stale_s)
+        return patience
+
     def _healthy(self, now: float) -> bool:
-        """The watchdog's question: is the supervisor in control of every stage? Yes while
-        each is done, starting within its time, fresh, or being killed within the grace."""
+        """The watchdog's question: is every stage done, starting within its time, or fresh?
+        A stale one (hung, or being killed) stops the pings until its restart is under way:
+        if the supervisor cannot replace it, systemd's watchdog takes over."""
         cfg = self.config.pipeline
         for w in self.workers.values():
             if w.done is not None or w.retiring:
                 continue
-            if w.killing is not None:
-                late = now - w.killing > 2 * KILL_GRACE_S  # it does not die: only systemd can help
-            elif w.ready:
-                patience = w.spec.params.get("heartbeat_timeout_s", cfg.heartbeat_timeout_s)
-                late = now - w.heartbeat > patience + TICK_S
+            if w.ready:
+                late = now - w.heartbeat > self._patience(w) + TICK_S
             else:
                 late = now - w.started > cfg.stage_timeout_s + TICK_S
             if late:
@@ -465,6 +529,12 @@ class Supervisor:
             log.info("stage %s ready%s", w.spec.name, _ready_text(data))
             log.debug("stage %s ready: %s", w.spec.name, data)
             self.publish("stage", {"stage": w.spec.name, "state": "ready"})
+        elif kind == "progress" and not w.ready:  # a long start-up getting on
+            w.started = w.heartbeat
+            if self.swap is not None and w is self.swap.worker:
+                self.swap.deadline = w.started + self.config.pipeline.stage_timeout_s
+            log.debug("stage %s starting: %s", w.spec.name, data.get("note"))
+            self._extend_start()
         elif kind == "stats":
             w.stats = data
             self._status_line(data)
@@ -757,6 +827,28 @@ class Supervisor:
                 part.close()
         self.exporter = self.dicom = None
 
+    # -- SIGHUP (daemon/reload.py) and the unit's STATUS= ----------------------------------
+
+    def live_workers(self) -> list[Worker]:
+        """The stages running now (a hot-swap's successor included)."""
+        workers = [*self.workers.values(), *([self.swap.worker] if self.swap else [])]
+        return [w for w in workers if w.alive]
+
+    def _refresh_status(self, now: float) -> None:
+        """Keep the unit's STATUS= current (fps, model, jobs queued, what is wrong)."""
+        if self.state != "running" or not under_systemd() or now - self._last_status < STATUS_S:
+            return
+        self._last_status = now
+        text = status_text(self.status())
+        if text != self._status_text:
+            self.say(text)
+
+    def say(self, text: str, ready: bool = False) -> None:
+        """The unit's STATUS= now (an event: a stage hung, restarted; a reload, with READY=1
+        in the same datagram)."""
+        self._status_text = text
+        notify(*(["READY=1"] if ready else []), f"STATUS={text}")
+
     # -- offline jobs ---------------------------------------------------------------
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -811,6 +903,7 @@ class Supervisor:
             "fps": sink.get("fps"),
             "latency_ms": sink.get("latency_ms"),
             "withheld": sink.get("withheld"),
+            "display": self.display_state(),
             **self.counts(),
             "engine": infer.get("engine"),
             "device": infer.get("device"),
@@ -822,11 +915,33 @@ class Supervisor:
             "versions": {"echod": __version__, "python": platform.python_version()},
         }
 
+    def display_state(self) -> dict[str, Any]:
+        """The bedside display: ``open``, ``starting``, ``headless`` (none asked for or no
+        screen), or ``failed`` with the error (it could not open, or it died)."""
+        w = self.workers.get("sink")
+        if w is None or w.spec.kind != "display":
+            return {"state": "headless"}
+        error = w.info.get("display_error") or (w.failure or {}).get("error", {}).get("message")
+        if error or (w.done is None and not w.alive and w.handle is not None):
+            return {"state": "failed", "error": error or f"exit code {_exitcode(w)}"}
+        if not w.ready:
+            return {"state": "starting"}
+        return {"state": "open", "screen": w.info.get("display")}
+
     def telemetry(self) -> dict[str, Any]:
         """Refresh resource use (control thread, once per telemetry interval) and report."""
         self.resources = _resources(self.workers.values())
         st = self.status()
-        keys = ("state", "source", "fps", "latency_ms", "withheld", "frames_in", "frames_out")
+        keys = (
+            "state",
+            "source",
+            "display",
+            "fps",
+            "latency_ms",
+            "withheld",
+            "frames_in",
+            "frames_out",
+        )
         return {k: st[k] for k in (*keys, "dropped", "skipped", "jobs", "resources")}
 
     # -- stopping ---------------------------------------------------------------
@@ -855,7 +970,14 @@ class Supervisor:
         def on_signal(signum: int, _frame: object) -> None:
             self.request_stop(signal.Signals(signum).name)
 
-        return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        def on_hangup(_signum: int, _frame: object) -> None:
+            self.request_reload()
+
+        previous: dict[int, Any] = {
+            s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+        return previous
 
     @staticmethod
     def _restore_signals(previous: dict[int, Any]) -> None:
@@ -981,11 +1103,7 @@ def _process_main(
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ...and no core file
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops us via `stop`
-    logging.basicConfig(
-        level=config.logging.level,
-        stream=sys.stderr,
-        format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s",
-    )
+    logs.setup(config.logging.level, config.logging.format, config.logging.repeat_s, spec.name)
     try:
         cls = _stage_class(spec)
     except EchodError as e:

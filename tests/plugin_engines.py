@@ -17,6 +17,7 @@ import numpy as np
 
 from daemon.engines import registry
 from daemon.engines.onnxruntime import OnnxRuntimeEngine
+from daemon.stage import progress
 
 LOAD_S = "ECHOD_TEST_LOAD_S"
 
@@ -28,6 +29,21 @@ class SlowEngine(OnnxRuntimeEngine):
 
     def load(self, model: Path, device: str = "cpu", **options: Any) -> None:
         time.sleep(float(os.environ.get(LOAD_S, "0")))
+        super().load(model, device, **options)
+
+
+class BuildingEngine(OnnxRuntimeEngine):
+    """Builds for ``$ECHOD_TEST_LOAD_S`` seconds and says how far it got, as a TensorRT first
+    build does through its progress monitor."""
+
+    name = "building"
+
+    def load(self, model: Path, device: str = "cpu", **options: Any) -> None:
+        total = float(os.environ.get(LOAD_S, "0"))
+        end = time.monotonic() + total
+        while (left := end - time.monotonic()) > 0:
+            progress(f"building {100 * (1 - left / total):.0f}%")
+            time.sleep(min(0.05, left))
         super().load(model, device, **options)
 
 
@@ -54,6 +70,7 @@ def install(folder: Path) -> None:
     (info / "entry_points.txt").write_text(
         "[echod.engines]\n"
         "slow = tests.plugin_engines:SlowEngine\n"
+        "building = tests.plugin_engines:BuildingEngine\n"
         "poison = tests.plugin_engines:PoisonEngine\n"
     )
     if str(folder) not in sys.path:

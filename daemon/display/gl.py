@@ -21,7 +21,8 @@ Three layers, each usable alone:
 
 If no window with either context can be opened (no display, no driver, the ``display``
 extra not installed), setup logs a :class:`DisplayError` and the stage behaves as the
-headless sink (``fallback = "headless"``), or fails with it (``fallback = "fail"``).
+headless sink (``fallback = "headless"``), or fails with it (``fallback = "fail"``; ``auto``:
+fail under systemd, headless elsewhere).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from daemon.engines.card import ClassCard, load_card
 from daemon.errors import ConfigError, EchodError, ModelError, StageError
 from daemon.frame import WITHHELD, FrameMeta
 from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
+from daemon.notify import under_systemd
 from daemon.paths import check_new_file
 from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
 from daemon.stage import POLL_S, Stage, StageContext, StageSpec
@@ -547,9 +549,9 @@ class DisplayStage(Stage):
                 fullscreen=s.fullscreen, size=(s.width, s.height), vsync=s.vsync, api=s.gl_api
             )
         except DisplayError as e:
-            if s.fallback == "fail":
+            if s.fallback == "fail" or (s.fallback == "auto" and under_systemd()):
                 raise
-            log.error("%s; running headless instead (display.fallback = 'headless')", e)
+            log.error("%s; running headless instead (display.fallback = %r)", e, s.fallback)
             self.headless = HeadlessSink(self.spec, self.config, self.ctx)
             return {"display": "headless", "display_error": str(e), **self.headless.setup()}
         params, m = self.spec.params, self.config.model

@@ -362,7 +362,10 @@ def _logger(trt: Any) -> Any:
 
 
 def _progress(trt: Any, model: str) -> Any:
-    """A build progress monitor that logs each top-level phase and every 10% of its steps."""
+    """A build progress monitor that logs each top-level phase and every 10% of its steps,
+    and tells the supervisor the build is getting on (it gives the stage more time, and
+    systemd too: EXTEND_TIMEOUT_USEC)."""
+    from daemon.stage import progress
 
     class Progress(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -376,6 +379,7 @@ def _progress(trt: Any, model: str) -> Any:
                 log.info("tensorrt build %s: %s (%d steps)", model, phase_name, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
+            progress(f"tensorrt build {model}: {phase_name} step {step + 1}")
             total = self.steps.get(phase_name, 0)
             tenth = (10 * (step + 1)) // total if total else 0
             if tenth > self.logged.get(phase_name, 0):

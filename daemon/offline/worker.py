@@ -172,6 +172,7 @@ class JobWorker(Stage):
             job.kind,
             job.input,
             f", resuming after {resumed} unit(s)" if resumed else "",
+            extra={"job": job.id},
         )
         self.ctx.report("job", job=job.id, state="started", attempt=job.attempts, resumed=resumed)
         t0 = time.perf_counter()
@@ -213,9 +214,9 @@ class JobWorker(Stage):
         event: dict[str, Any] = {"job": job.id, "state": state}
         if error:
             event["error"] = {"code": error[0], "message": error[1]}
-            log.error("job %s failed: %s", job.id, error[1])
+            log.error("job %s failed: %s", job.id, error[1], extra={"job": job.id})
         else:
-            log.info("job %s %s", job.id, state)
+            log.info("job %s %s", job.id, state, extra={"job": job.id})
         self.ctx.report("job", **event)
 
     @staticmethod
