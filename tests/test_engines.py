@@ -357,3 +357,17 @@ def test_card_must_match_the_model(tmp_path: Path) -> None:
     path.with_suffix(".toml").write_text("[input]\nsize = [64, 64]\n")
     with pytest.raises(ModelError, match=r"card's size \[64, 64\] does not match"):
         Segmenter.open(path)
+
+
+def test_a_job_worker_process_loads_engines_at_offline_priority() -> None:
+    """A job worker declares itself offline once; every engine option set parsed there
+    defaults to offline priority (PyTorch: a low-priority CUDA stream), and an explicit
+    choice still wins. Run in a fresh interpreter: the default is process-wide."""
+    code = (
+        "from daemon.engines import base\n"
+        "assert base.parse_options('x', {}).priority == 'live'\n"
+        "base.run_as_offline()\n"
+        "assert base.parse_options('x', {}).priority == 'offline'\n"
+        "assert base.parse_options('x', {'priority': 'live'}).priority == 'live'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -112,12 +112,22 @@ def device_index(device: str) -> int:
 Mode = Literal["newest", "all"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Fallback = Literal["error", "warn"]
+Priority = Literal["live", "offline"]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("newest", "all"),
     "precision": ("auto", "fp32", "fp16", "bf16"),
     "fallback": ("error", "warn"),
+    "priority": ("live", "offline"),
 }
-COMMON_OPTIONS = ("threads", "mode", "cache_dir", "precision", "fallback")
+COMMON_OPTIONS = ("threads", "mode", "cache_dir", "precision", "fallback", "priority")
+_process_priority: Priority = "live"
+
+
+def run_as_offline() -> None:
+    """This process runs offline jobs: its engines' default ``priority`` is ``"offline"``
+    (a job worker says so once, before loading any engine)."""
+    global _process_priority
+    _process_priority = "offline"
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,9 @@ class Options:
       ``"bf16"``; an engine refuses one it cannot honour.
     - ``fallback``: when the engine would run somewhere other than asked (e.g. an
       ONNX Runtime GPU provider that cannot load): ``"error"`` or ``"warn"`` (loudly).
+    - ``priority``: ``"live"`` or ``"offline"`` work on a shared GPU: an engine that can
+      (PyTorch: CUDA stream priorities) runs live frames ahead of offline jobs' kernels.
+      The default is the process's (:func:`run_as_offline`).
     """
 
     threads: int = 0
@@ -139,6 +152,7 @@ class Options:
     cache_dir: Path | None = None
     precision: Precision = "auto"
     fallback: Fallback = "error"
+    priority: Priority = "live"
     extra: dict[str, Any] = field(default_factory=dict)  # the engine's own options
 
 
@@ -170,6 +184,7 @@ def parse_options(engine: str, options: Mapping[str, Any], own: Iterable[str] = 
         cache_dir=Path(cache).expanduser() if cache else None,
         precision=cast(Precision, options.get("precision", "auto")),
         fallback=cast(Fallback, options.get("fallback", "error")),
+        priority=cast(Priority, options.get("priority", _process_priority)),
         extra={k: v for k, v in options.items() if k in own},
     )
 

@@ -256,7 +256,8 @@ class PyTorchEngine(Engine):
             tf32 = precision != "fp32"
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            self._stream = torch.cuda.Stream(dev)
+            # live frames ahead of offline jobs on a shared GPU (lower number: higher priority)
+            self._stream = torch.cuda.Stream(dev, priority=-1 if opts.priority == "live" else 0)
             self._depth = _DEPTH if opts.mode == "all" else 1
         self.inputs, self.outputs = inputs, outputs
         self.version = str(torch.__version__)

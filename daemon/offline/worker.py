@@ -101,7 +101,10 @@ class RunContext:
 
 class JobWorker(Stage):
     def setup(self) -> dict[str, Any]:
+        from daemon.engines.base import run_as_offline
+
         cfg = self.config.offline
+        run_as_offline()  # engines loaded here yield to the live stage on a shared GPU
         if cfg.nice:
             os.nice(cfg.nice)
         if cfg.threads:
