@@ -86,6 +86,11 @@ def test_pytorch_cuda_fp16_cuda_graphs(
     eng = PyTorchEngine()
     eng.load(path, "cuda", mode="all")
     assert eng.device == "cuda:0 float16 cuda-graphs" and eng.depth > 1
+    offline = PyTorchEngine()
+    offline.load(path, "cuda", priority="offline", cuda_graphs=False)
+    # live frames on a higher-priority stream than an offline job's (lower is higher)
+    assert eng._stream.priority < offline._stream.priority, "stream priorities"
+    offline.close()
     agree(eng.run({"image": batch})["probabilities"], cpu_out, FP16_ATOL, FP16_FLIPS)
     # one frame at a time through the asynchronous path: in order, same values
     frames = [{"image": batch[i : i + 1]} for i in range(4)] * 3
