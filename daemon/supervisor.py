@@ -569,21 +569,25 @@ class Supervisor:
         log.info("%s", line)
 
     def _waiting_line(self, now: float) -> None:
-        """Headless, a scanner that is not streaming is said once per status interval
-        (the sink reports nothing while no frame arrives)."""
-        state = self.source_state.get("state")
+        """Headless, a scanner that is not streaming is said once per status interval,
+        also while the sink reports nothing (no frame arrives)."""
         headless = self.live and self.workers["sink"].spec.kind == "headless"
-        if state in (None, "connected", "streaming") or not headless:
-            return
-        if now - self._last_line < self.config.sink.status_interval_s:
-            return
-        self._last_line = now
+        if headless and now - self._last_line >= self.config.sink.status_interval_s:
+            text = self._waiting_text()
+            if text:
+                self._last_line = now
+                print(text, flush=True)
+
+    def _waiting_text(self) -> str | None:
+        """"waiting for scanner at HOST:PORT ..." while the scanner is not connected."""
+        state = self.source_state.get("state")
+        if state in (None, "connected", "streaming"):
+            return None
         since = self.source_state.get("since")
         when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "?"
-        print(
+        return (
             f"echod: waiting for scanner at {self.source_state.get('endpoint', '?')} "
-            f"({state} since {when}, {self.source_state.get('reconnects', 0)} reconnects)",
-            flush=True,
+            f"({state} since {when}, {self.source_state.get('reconnects', 0)} reconnects)"
         )
 
     # -- counting -----------------------------------------------------------------
@@ -628,6 +632,10 @@ class Supervisor:
         if self.workers["sink"].spec.kind != "headless":
             return
         self._last_line = time.monotonic()
+        waiting = self._waiting_text()
+        if waiting:  # the fps of a scanner that is not there says nothing
+            print(waiting, flush=True)
+            return
         lat = live["latency_ms"]
         c = self.counts()
         print(

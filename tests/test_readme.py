@@ -45,6 +45,7 @@ SKIPPED = {  # the start of a command -> why it is not run here
     f"{ECHOD} ctl dicom": "needs the DICOM node (dicom.enabled); tests/test_dicom.py runs it",
     "echoscu": "a DICOM peer (dcmtk) for a running node: tests/test_dicom.py",
     "storescu": "a DICOM peer (dcmtk) for a running node: tests/test_dicom.py",
+    "dask ": "a Dask cluster's own commands; tests/test_dask.py starts a LocalCluster",
     "sudo ": "changes this machine (tests/test_service.py installs into a temporary root)",
 }
 
