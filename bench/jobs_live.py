@@ -119,7 +119,8 @@ def main() -> None:
     print(
         f"median p99 {med['alone']['p99_ms']:.2f} -> {med['with_job']['p99_ms']:.2f} ms "
         f"(x{ratio:.2f}, target <= 1.2); fps {med['alone']['fps']:.2f} -> "
-        f"{med['with_job']['fps']:.2f}; worker nice {offline.nice}, threads {offline.threads}"
+        f"{med['with_job']['fps']:.2f}; worker nice {offline.nice}, "
+        f"sched_idle {offline.sched_idle}, threads {offline.threads}"
     )
     write_result(
         "jobs_live",
@@ -127,7 +128,11 @@ def main() -> None:
             "runs": runs,
             "median": med,
             "p99_ratio": round(ratio, 3),
-            "worker": {"nice": offline.nice, "threads": offline.threads},
+            "worker": {
+                "nice": offline.nice,
+                "sched_idle": offline.sched_idle,
+                "threads": offline.threads,
+            },
         },
     )
 

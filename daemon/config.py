@@ -289,6 +289,11 @@ class OfflineConfig(Section):
         1, ge=0, le=64, description="worker processes for offline jobs (0: accept none)"
     )
     nice: int = Field(10, ge=0, le=19, description="CPU priority of the workers (live stays first)")
+    sched_idle: bool = Field(
+        True,
+        description="run the workers under SCHED_IDLE: they get a core only when the live "
+        "stages leave it (stronger than nice; Linux)",
+    )
     threads: int = Field(
         1,
         ge=0,

@@ -107,6 +107,8 @@ class JobWorker(Stage):
         run_as_offline()  # engines loaded here yield to the live stage on a shared GPU
         if cfg.nice:
             os.nice(cfg.nice)
+        if cfg.sched_idle and hasattr(os, "SCHED_IDLE"):  # threads started later inherit it
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         if cfg.threads:
             for name in THREAD_VARIABLES:
                 os.environ[name] = str(cfg.threads)
@@ -118,6 +120,7 @@ class JobWorker(Stage):
         return {
             "worker": self.spec.name,
             "nice": cfg.nice,
+            "sched_idle": cfg.sched_idle,
             "threads": cfg.threads,
             "executor": cfg.executor,
         }
