@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
+from daemon.compat import tomllib
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "echod.toml"
