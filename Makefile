@@ -19,7 +19,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests hil_tests
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check daemon tests hil_tests bench
+	$(BIN)/ruff check daemon tests hil_tests bench .ci
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed
