@@ -9,7 +9,7 @@
 # stronger model, so only a real ARM machine (a Jetson) tests that.
 #
 # Needs root (it adds dpkg's arm64 architecture to download, not install, arm64 packages),
-# Debian's archive and PyPI. About 15 minutes on 2 cores. ROOT=/path picks the folder.
+# Debian's archive and PyPI. About 5 minutes on 2 cores. ROOT=/path picks the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${ROOT:-/tmp/echod-aarch64}
