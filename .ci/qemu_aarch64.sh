@@ -23,7 +23,8 @@ command -v qemu-aarch64-static >/dev/null || {
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user-static
 }
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
-  dpkg --add-architecture arm64
+  dpkg --add-architecture arm64  # for apt-get download only; removed again at exit
+  trap 'dpkg --remove-architecture arm64 && apt-get update -q >/dev/null' EXIT
   apt-get update -q
 fi
 mkdir -p "$ROOT/debs" "$ROOT/sysroot" "$ROOT/site" "$ROOT/boot"
