@@ -26,7 +26,7 @@ test-full: $(VENV)/.installed  # the paper-size runs: a 50,000 x 40,000 slide, a
 	$(BIN)/python -m pytest tests -m full
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check daemon tests hil_tests bench
+	$(BIN)/ruff check daemon tests hil_tests bench .ci
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed

@@ -266,7 +266,8 @@ def cmd_config_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_engines(args: argparse.Namespace) -> int:
-    """One row per registered engine: name, version, available, devices, reason."""
+    """One row per registered engine: name, version, available, devices, reason; then what
+    each engine lacks for the devices it knows but cannot use here."""
     from daemon.engines import probe_all
 
     probes = probe_all()
@@ -278,6 +279,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
                 "available": p.available,
                 "devices": list(p.devices),
                 "reason": p.reason,
+                "missing": list(p.missing),
             }
             for p in probes
         ]
@@ -294,6 +296,9 @@ def cmd_engines(args: argparse.Namespace) -> int:
         for p in probes
     ]
     print("\n".join(human.table(table)))
+    for p in probes:
+        for note in p.missing:
+            print(f"{p.name}: no {note}")
     return 0
 
 

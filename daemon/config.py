@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from daemon import migrate
 from daemon.acquire.igtl import IgtlSettings
 from daemon.acquire.synthetic import SyntheticSettings
+from daemon.compat import tomllib
 from daemon.dicom.settings import DicomConfig
 from daemon.errors import ConfigError
 

@@ -134,6 +134,11 @@ def test_tensorrt(unet: Path, cache: Path, batch: np.ndarray, cpu_out: np.ndarra
     again.load(unet, "cuda", cache_dir=cache, max_batch=4)  # from the cache this time
     assert list((cache / "tensorrt").glob("unet2d-256-*.engine")) == engines
     agree(again.run({"image": batch[:1]})["probabilities"], cpu_out[:1], FP16_ATOL, FP16_FLIPS)
+    # fp32 of an fp32 model: a strongly typed network on TensorRT >= 10 (TF32 stays allowed)
+    fp32 = TensorRtEngine()
+    fp32.load(unet, "cuda", cache_dir=cache, max_batch=4, precision="fp32")
+    assert fp32.device.endswith(" fp32")
+    agree(fp32.run({"image": batch})["probabilities"], cpu_out, FP16_ATOL, FP16_FLIPS)
 
 
 OPENCL_CHECK = textwrap.dedent(

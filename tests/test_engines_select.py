@@ -111,7 +111,7 @@ def test_echod_engines_lists_every_engine_and_how_to_get_a_missing_one() -> None
     rows = {r["name"]: r for r in json.loads(out)}
     assert set(rows) >= set(INSTALL_HINTS)
     for r in rows.values():
-        assert set(r) == {"name", "version", "available", "devices", "reason"}
+        assert set(r) == {"name", "version", "available", "devices", "reason", "missing"}
         assert r["available"] == (r["reason"] == ""), r
     assert rows["onnxruntime"]["available"] and "cpu" in rows["onnxruntime"]["devices"]
     assert rows["openvino"]["available"] and "cpu" in rows["openvino"]["devices"]

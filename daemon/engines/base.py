@@ -75,6 +75,12 @@ class Probe:
     available: bool
     devices: tuple[str, ...]
     reason: str  # why unavailable; "" when available
+    missing: tuple[str, ...] = ()  # "device: what is missing" for devices it knows but lacks here
+
+    def why_missing(self, device: str) -> str:
+        """What is missing for ``device`` (by class), "" when nothing is known."""
+        kind = device_kind(device) + ": "
+        return next((m[len(kind) :] for m in self.missing if m.startswith(kind)), "")
 
 
 def detect_layout(shape: tuple[int | None, ...]) -> Layout | None:

@@ -41,13 +41,13 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from daemon.compat import tomllib
 from daemon.engines.base import Layout
 from daemon.errors import ModelError
 

@@ -74,6 +74,10 @@ _DTYPES = {
     "boolean": np.bool_,
 }
 _STATIC_ONLY = ("npu", "myriad")
+_ACCELERATORS = ("gpu", "npu", "myriad")  # explained by ``missing_devices`` when absent
+_MYRIAD_INSTALL = (
+    "OpenVINO 2022.3's archive install on Python 3.10 (numpy < 1.25): docs/platforms.md"
+)
 _PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 
 
@@ -135,7 +139,7 @@ class OpenVinoEngine(Engine):
         except Exception as exc:  # a broken plugin may fail here
             return Probe(cls.name, version, False, (), f"{type(exc).__name__}: {exc}")
         devices = tuple(dict.fromkeys([*(device_kind(d) for d in found), "auto"]))
-        return Probe(cls.name, version, True, devices, "")
+        return Probe(cls.name, version, True, devices, "", missing_devices(ov, ov.Core()))
 
     @classmethod
     def supports(cls, model: Path, device: str) -> str:
@@ -165,8 +169,10 @@ class OpenVinoEngine(Engine):
         core = ov.Core()
         kind = device_kind(device)
         if kind != "auto" and kind not in {device_kind(d) for d in core.available_devices}:
+            why = _why_missing(ov, core, kind)
             raise EngineError(
                 f"openvino: no device {target} here (has {', '.join(core.available_devices)})"
+                + (f": {why}" if why else "")
             )
         if opts.cache_dir is not None:
             cache = opts.cache_dir / "openvino"
@@ -267,6 +273,57 @@ class OpenVinoEngine(Engine):
         self._request = None
         self._compiled = None
         super().close()
+
+
+def missing_devices(ov: Any, core: Any) -> tuple[str, ...]:
+    """``"myriad: what is missing"`` for each Intel accelerator class OpenVINO does not see."""
+    found = {device_kind(d) for d in core.available_devices}
+    return tuple(f"{k}: {_why_missing(ov, core, k)}" for k in _ACCELERATORS if k not in found)
+
+
+def _why_missing(ov: Any, core: Any, kind: str) -> str:
+    """What is missing for device class ``kind`` (gpu, npu, myriad); "" for any other."""
+    version = _version(ov)
+    year = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    try:
+        plugin = "" if core.get_versions(kind.upper()) else "not in this OpenVINO"
+    except Exception as exc:  # 2022.3: an unknown or broken plugin raises
+        plugin = _first_line(exc)
+    if kind == "myriad":
+        if year >= (2023, 0):
+            return (
+                f"OpenVINO {version} has no MYRIAD plugin (2022.3 is the last with it): the "
+                f"Neural Compute Stick 2 needs {_MYRIAD_INSTALL}"
+            )
+        if plugin:
+            return (
+                f"this OpenVINO {version} has no MYRIAD plugin ({plugin}; pip's wheel never "
+                f"had it): the Neural Compute Stick 2 needs {_MYRIAD_INSTALL}"
+            )
+        return (
+            "the MYRIAD plugin sees no Neural Compute Stick 2: plug it in, install the "
+            "Movidius udev rules (97-myriad-usbboot.rules) and reload udev; see docs/platforms.md"
+        )
+    if kind == "npu":
+        if year < (2024, 0):
+            return f"OpenVINO {version} has no NPU plugin (NPU: OpenVINO >= 2024.0)"
+        if plugin:
+            return f"this OpenVINO {version} has no NPU plugin ({plugin})"
+        return (
+            "the NPU plugin finds no NPU: an Intel Core Ultra needs the intel-npu-driver "
+            "(/dev/accel/accel0) and the user in the render group; see docs/platforms.md"
+        )
+    if kind == "gpu":
+        fix = (
+            "an Intel iGPU needs its compute runtime (Debian: intel-opencl-icd) and the user "
+            "in the render group"
+        )
+        return (
+            f"the GPU plugin does not load ({plugin}): {fix}"
+            if plugin
+            else (f"the GPU plugin finds no Intel GPU: {fix}")
+        )
+    return ""
 
 
 def _version(ov: Any) -> str:

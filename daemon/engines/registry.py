@@ -118,7 +118,9 @@ def select(
         if not p.available:
             skipped.append(f"{name}: {p.reason}")
         elif kind not in p.devices:
-            skipped.append(f"{name}: no device {device!r} (has {', '.join(p.devices) or 'none'})")
+            has = f"has {', '.join(p.devices) or 'none'}"
+            why = p.why_missing(device)
+            skipped.append(f"{name}: no device {device!r} ({has}){': ' + why if why else ''}")
         elif model is not None and (why := _supports(name, model, device)):
             skipped.append(f"{name}: {why}")
         else:

@@ -1,20 +1,39 @@
-"""TensorRT engine (TensorRT 10 Python API, extra ``tensorrt``): ONNX models on NVIDIA GPUs.
+"""TensorRT engine (TensorRT 8.6 and 10.x, extra ``tensorrt``): ONNX models on NVIDIA GPUs.
 
 The first load of a model builds a TensorRT engine from the ONNX file (minutes
-for a large network; the builder's phases are logged as they go) and
-serializes it under ``cache_dir/tensorrt``. The file name carries a key of the
-model's SHA-256, the TensorRT version, the GPU's name and compute capability,
-the precision and the optimisation profile's shapes, so an engine copied to
-another GPU or TensorRT is rebuilt rather than loaded (FAST's key lacks the
-GPU); one that fails to deserialize is rebuilt too. Autotuning results are kept
-in a timing cache per GPU and TensorRT version beside it, which makes rebuilds
-(other shapes, other models) much faster.
+for a large network; on TensorRT >= 10 the builder's phases are logged as they
+go) and serializes it under ``cache_dir/tensorrt``. The file name carries a key
+of the model's SHA-256, the TensorRT version, the GPU's name and compute
+capability, the precision and the optimisation profile's shapes, so an engine
+copied to another GPU or TensorRT is rebuilt rather than loaded (FAST's key
+lacks the GPU); one that fails to deserialize is rebuilt too. Autotuning
+results are kept in a timing cache per GPU and TensorRT version beside it,
+which makes rebuilds (other shapes, other models) much faster.
+
+One module serves TensorRT 8.6 (JetPack 6.0) and 10.x; what differs is decided
+once, in :class:`Gates`, from what the module has:
+
+- network: 8.6 needs the ``EXPLICIT_BATCH`` flag (without it the network is
+  implicit-batch, which the ONNX parser refuses); 10.x is always explicit
+  batch, and ``STRONGLY_TYPED`` where no builder flag is needed.
+- precision below the model's own: ``BuilderFlag.FP16`` on 8.6 (no ``BF16``
+  before 9); ``FP16``/``BF16`` on 10.x, deprecated since 10.12 and gone in 11
+  (export the model in that precision instead).
+- build progress: none on 8.6 (no ``IProgressMonitor``); logged on 10.x, the
+  monitor held by the engine for as long as the builder lives, as the API requires.
+- tensor types: FLOAT, HALF, INT8, INT32, BOOL, UINT8, and INT64 on 10.x; BF16,
+  FP8, INT4 or FP4 inputs and outputs are refused (numpy has no such type).
+
+Precision: a network is strongly typed (10.x) when the precision asked for is
+the model's own float type (``fp32`` for an fp32 model, ``fp16``/``auto`` for
+an fp16 one); a lower one is reached with the builder flag while this
+TensorRT has it. ``"auto"`` is fp16 where the builder can lower an fp32
+model, else the model's own type.
 
 Dynamic dimensions get one optimisation profile: the batch (axis 0) from 1 to
 ``max_batch`` (optimum 1), any other dynamic dimension from 32 to 1024
 (optimum 256), unless the option ``shapes`` gives ``{input: [min, opt, max]}``
-shapes. ``precision``: ``"auto"``/``"fp16"`` allows fp16 kernels, ``"bf16"``
-bf16, ``"fp32"`` neither. Device memory and the stream are cuda-python's
+shapes. Device memory and the stream are cuda-python's
 (``cuda.bindings.runtime``, or ``cuda.cudart`` before cuda-python 12.6).
 
 Own options: ``max_batch`` (int, default 8), ``shapes``, ``workspace_mb``
@@ -27,8 +46,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +79,93 @@ INSTALL = (
 
 _OPTIONS = ("max_batch", "shapes", "workspace_mb")
 _DYNAMIC = (32, 256, 1024)  # min, opt, max of a dynamic non-batch dimension
+OLDEST = (8, 6)  # JetPack 6.0's TensorRT; 8.5 (JetPack 5) runs only on Python 3.8
+# TensorRT tensor types that numpy holds (by DataType member name; INT64 from 10.0)
+_NUMPY = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+# ONNX float element types -> echod precision names
+_ONNX_FLOAT = {1: "fp32", 10: "fp16", 16: "bf16"}
+
+
+def version_of(trt: Any) -> tuple[int, int]:
+    """``(10, 12)`` of ``"10.12.0.36"``."""
+    m = re.match(r"(\d+)\.(\d+)", str(trt.__version__))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What this TensorRT's Python API has, decided once from the module (8.6 or 10.x)."""
+
+    version: tuple[int, int]
+    explicit_batch_flag: bool  # < 10: networks are implicit-batch without EXPLICIT_BATCH
+    strongly_typed: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED (>= 9)
+    progress: bool  # IProgressMonitor and IBuilderConfig.progress_monitor (>= 10)
+    lowering: tuple[str, ...]  # precisions a builder flag can lower to: "fp16", "bf16"
+
+    @classmethod
+    def of(cls, trt: Any) -> Gates:
+        version = version_of(trt)
+        return cls(
+            version=version,
+            explicit_batch_flag=version < (10, 0),
+            strongly_typed=hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+            progress=hasattr(trt, "IProgressMonitor"),
+            lowering=tuple(p for p in ("fp16", "bf16") if hasattr(trt.BuilderFlag, p.upper())),
+        )
+
+    def network_flags(self, trt: Any, strongly_typed: bool) -> int:
+        """The ``create_network`` flags: explicit batch before 10, strongly typed if asked."""
+        flags = 0
+        if self.explicit_batch_flag:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return flags
+
+    def plan(self, asked: str, model: str) -> tuple[str, bool]:
+        """``(precision, strongly typed)`` for precision ``asked`` of a ``model``-typed network.
+
+        The model's own type needs no builder flag: strongly typed where this
+        TensorRT can. A lower one needs the flag; without it, an EngineError says how.
+        """
+        name = ".".join(map(str, self.version))
+        if asked == "auto":
+            asked = "fp16" if model == "fp32" and "fp16" in self.lowering else model
+        if asked == model:
+            return asked, self.strongly_typed
+        if asked == "fp32":
+            raise EngineError(
+                f"tensorrt {name}: the model is {model}; precision fp32 needs an fp32 model"
+            )
+        if asked not in self.lowering:
+            why = f"this TensorRT has no BuilderFlag.{asked.upper()}"
+            if self.version >= (11, 0):
+                why += " (TensorRT 11 builds strongly typed networks only)"
+            raise EngineError(
+                f"tensorrt {name}: cannot build {asked} from the {model} model: {why}; "
+                f"export the model in {asked}, or set precision to {model!r}"
+            )
+        return asked, False
+
+
+def numpy_dtype(trt: Any, dtype: Any, tensor: str) -> np.dtype[Any]:
+    """The numpy type of a TensorRT tensor type; a ModelError for one numpy cannot hold."""
+    for member, np_type in _NUMPY.items():
+        if getattr(trt.DataType, member, None) == dtype:
+            return np.dtype(np_type)
+    kind = getattr(dtype, "name", str(dtype))
+    raise ModelError(
+        f"tensorrt: tensor {tensor!r} is {kind}, which echod cannot feed or read as a numpy "
+        f"array: export the model with {', '.join(k.lower() for k in _NUMPY)} inputs and outputs"
+    )
 
 
 def _cudart() -> tuple[Any, str]:
@@ -107,6 +215,7 @@ class TensorRtEngine(Engine):
         self._context: Any = None
         self._stream: Any = None
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self._monitor: Any = None  # the build's progress monitor: must outlive the builder
 
     @classmethod
     def probe(cls) -> Probe:
@@ -114,6 +223,15 @@ class TensorRtEngine(Engine):
         if trt is None:
             return Probe(cls.name, None, False, (), f"{reason}; {INSTALL}")
         version = str(trt.__version__)
+        if version_of(trt) < OLDEST:
+            return Probe(
+                cls.name,
+                version,
+                False,
+                (),
+                f"tensorrt {version} is older than {'.'.join(map(str, OLDEST))}, the oldest "
+                "echod supports (JetPack 6)",
+            )
         try:
             count = _check(cudart.cudaGetDeviceCount())
         except Exception as exc:  # no driver
@@ -127,6 +245,8 @@ class TensorRtEngine(Engine):
         trt, cudart, reason = _library()
         if trt is None:
             raise EngineError(f"tensorrt is not usable here: {reason}; {INSTALL}")
+        if version_of(trt) < OLDEST:
+            raise EngineError(f"tensorrt: {self.probe().reason}")
         if device_kind(device) != "cuda":
             raise EngineError(f"tensorrt: no device {device!r} (cuda[:N])")
         model = Path(model)
@@ -138,8 +258,10 @@ class TensorRtEngine(Engine):
         logger = _logger(trt)
         gpu, cc = _gpu(cudart, index)
         data = model.read_bytes()
-        precision = "fp16" if opts.precision == "auto" else opts.precision
-        shapes = _profile(model, opts)
+        graph = _graph(model)
+        gates = Gates.of(trt)
+        precision, strongly_typed = gates.plan(opts.precision, _model_precision(graph))
+        shapes = _profile(graph, opts)
         key = {
             "model_sha256": hashlib.sha256(data).hexdigest(),
             "tensorrt": str(trt.__version__),
@@ -160,7 +282,8 @@ class TensorRtEngine(Engine):
             else:
                 log.info("tensorrt: loaded cached engine %s", path)
         if engine is None:
-            plan = self._build(trt, logger, data, model, precision, shapes, opts, cache, gpu, cc)
+            build = _Build(precision, strongly_typed, shapes, gpu, cc)
+            plan = self._build(trt, gates, logger, data, model, build, opts, cache)
             if path is not None:
                 _write(path, plan)
                 _write(path.with_suffix(".json"), json.dumps(key, indent=1).encode())
@@ -175,59 +298,67 @@ class TensorRtEngine(Engine):
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             shape = tuple(None if d < 0 else int(d) for d in engine.get_tensor_shape(name))
-            spec = TensorSpec(
-                name,
-                shape,
-                np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
-                detect_layout(shape),
-            )
+            dtype = numpy_dtype(trt, engine.get_tensor_dtype(name), name)
+            spec = TensorSpec(name, shape, dtype, detect_layout(shape))
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
         self.version = str(trt.__version__)
         self.device = f"cuda:{index} {gpu} (sm {cc}) {precision}"
         log.info("tensorrt %s: %s ready on %s", self.version, model, self.device)
 
-    @staticmethod
     def _build(
+        self,
         trt: Any,
+        gates: Gates,
         logger: Any,
         data: bytes,
         model: Path,
-        precision: str,
-        shapes: dict[str, list[list[int]]],
+        build: _Build,
         opts: Options,
         cache: Path | None,
-        gpu: str,
-        cc: str,
     ) -> bytes:
         log.info(
-            "tensorrt: building an engine for %s (%s, %s); this takes a while",
+            "tensorrt %s: building an engine for %s (%s, %s%s); this takes a while",
+            trt.__version__,
             model,
-            gpu,
-            precision,
+            build.gpu,
+            build.precision,
+            ", strongly typed" if build.strongly_typed else "",
         )
-        builder, network, _parser = _parse(trt, logger, data, model)
+        flags = gates.network_flags(trt, build.strongly_typed)
+        builder, network, _parser = _parse(trt, logger, data, model, flags)
         config = builder.create_builder_config()
         workspace = opts.extra.get("workspace_mb", 1024)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace) << 20)
-        if precision in ("fp16", "bf16"):
-            flag = getattr(trt.BuilderFlag, precision.upper(), None)
-            if flag is None:
-                raise EngineError(f"tensorrt {trt.__version__}: no {precision} builder flag")
-            config.set_flag(flag)
-        if shapes:
+        if not build.strongly_typed and build.precision in ("fp16", "bf16"):
+            flag = build.precision.upper()
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+            if gates.version >= (10, 12):
+                log.warning(
+                    "tensorrt %s: %s through BuilderFlag.%s, deprecated since 10.12 and gone "
+                    "in 11: export the model in %s to build a strongly typed engine",
+                    trt.__version__,
+                    build.precision,
+                    flag,
+                    build.precision,
+                )
+        if build.shapes:
             profile = builder.create_optimization_profile()
-            for name, (lo, opt, hi) in shapes.items():
+            for name, (lo, opt, hi) in build.shapes.items():
                 profile.set_shape(name, lo, opt, hi)
             config.add_optimization_profile(profile)
-        timing = (
-            cache / f"timing-{gpu.replace(' ', '_')}-sm{cc}-trt{trt.__version__}.cache"
-            if cache
-            else None
-        )
+        gpu, cc = build.gpu.replace(" ", "_"), build.cc
+        timing = cache / f"timing-{gpu}-sm{cc}-trt{trt.__version__}.cache" if cache else None
         blob = timing.read_bytes() if timing is not None and timing.is_file() else b""
         config.set_timing_cache(config.create_timing_cache(blob), False)
-        config.progress_monitor = _progress(trt, model.name)
+        if gates.progress:
+            # the config does not own the monitor: the engine holds it past the builder's life
+            self._monitor = _progress(trt, model.name)
+            config.progress_monitor = self._monitor
+        else:
+            log.info(
+                "tensorrt %s reports no build progress (from 10.0 on it does)", trt.__version__
+            )
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise EngineError(f"tensorrt could not build an engine for {model} (see the log above)")
@@ -286,14 +417,25 @@ class TensorRtEngine(Engine):
             if self._stream is not None:
                 self._cudart.cudaStreamDestroy(self._stream)
         self._buffers = {}
-        self._context = self._engine = self._stream = None
+        self._context = self._engine = self._stream = self._monitor = None
         super().close()
 
 
-def _parse(trt: Any, logger: Any, data: bytes, model: Path) -> tuple[Any, Any, Any]:
+@dataclass(frozen=True)
+class _Build:
+    """What one engine build is for (its cache key less the model and TensorRT)."""
+
+    precision: str
+    strongly_typed: bool
+    shapes: dict[str, list[list[int]]]
+    gpu: str
+    cc: str
+
+
+def _parse(trt: Any, logger: Any, data: bytes, model: Path, flags: int) -> tuple[Any, Any, Any]:
     """Builder, network and parser (kept: the network refers to the parser's weights)."""
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch always
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(data):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -301,18 +443,37 @@ def _parse(trt: Any, logger: Any, data: bytes, model: Path) -> tuple[Any, Any, A
     return builder, network, parser
 
 
-def _profile(model: Path, opts: Options) -> dict[str, list[list[int]]]:
-    """``{input: [min, opt, max]}`` for each ONNX input with a dynamic dimension."""
+def _graph(model: Path) -> Any:
+    """The ONNX graph of ``model`` (weights in external files are not read)."""
     import onnx
 
+    try:
+        return onnx.load(str(model), load_external_data=False).graph
+    except Exception as exc:
+        raise ModelError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
+
+
+def _model_precision(graph: Any) -> str:
+    """The model's own float type: that of most weight elements, else of its inputs."""
+    sizes: dict[str, int] = {}
+    for t in graph.initializer:
+        if t.data_type in _ONNX_FLOAT:
+            count = int(np.prod(t.dims)) if len(t.dims) else 1
+            sizes[_ONNX_FLOAT[t.data_type]] = sizes.get(_ONNX_FLOAT[t.data_type], 0) + count
+    if sizes:
+        return max(sizes, key=lambda k: sizes[k])
+    for t in graph.input:
+        if t.type.tensor_type.elem_type in _ONNX_FLOAT:
+            return _ONNX_FLOAT[t.type.tensor_type.elem_type]
+    return "fp32"
+
+
+def _profile(graph: Any, opts: Options) -> dict[str, list[list[int]]]:
+    """``{input: [min, opt, max]}`` for each ONNX input with a dynamic dimension."""
     given = opts.extra.get("shapes") or {}
     max_batch = opts.extra.get("max_batch", 8)
     if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise EngineError(f"tensorrt: option max_batch must be an int >= 1, got {max_batch!r}")
-    try:
-        graph = onnx.load(str(model), load_external_data=False).graph
-    except Exception as exc:
-        raise ModelError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
     weights = {t.name for t in graph.initializer}
     shapes: dict[str, list[list[int]]] = {}
     for t in graph.input:
@@ -364,7 +525,11 @@ def _logger(trt: Any) -> Any:
 def _progress(trt: Any, model: str) -> Any:
     """A build progress monitor that logs each top-level phase and every 10% of its steps,
     and tells the supervisor the build is getting on (it gives the stage more time, and
-    systemd too: EXTEND_TIMEOUT_USEC)."""
+    systemd too: EXTEND_TIMEOUT_USEC).
+
+    TensorRT calls it from its own threads and does not own it: whoever sets it
+    on a builder config keeps a reference for as long as the builder lives.
+    """
     from daemon.stage import progress
 
     class Progress(trt.IProgressMonitor):

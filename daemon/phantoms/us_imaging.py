@@ -313,7 +313,7 @@ class Imager:
 
     def _lateral(self, iq: np.ndarray) -> np.ndarray:
         """The depth-dependent lateral PSF: each row blurred with its own sigma."""
-        pair = np.ascontiguousarray(iq.view(np.float32).reshape(iq.shape[0], iq.shape[1], 2))
+        pair = np.ascontiguousarray(iq).view(np.float32).reshape(iq.shape[0], iq.shape[1], 2)
         blurred = []
         for sigma in self.sigmas:
             k = 2 * math.ceil(3 * sigma) + 1
