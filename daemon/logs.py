@@ -170,7 +170,7 @@ class JournalFormatter(TextFormatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
         out: dict[str, Any] = {
             "time": when.isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),

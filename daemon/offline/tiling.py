@@ -245,13 +245,15 @@ class Stitcher:
             slice(lo[0] - self._base, hi[0] - self._base),
             *(slice(a, b) for a, b in zip(lo[1:], hi[1:], strict=True)),
         )
-        out = output[(slice(None), *src)]
+        src_all: tuple[slice, ...] = (slice(None), *src)  # every channel
+        dst_all: tuple[slice, ...] = (slice(None), *dst)
+        out = output[src_all]
         if self._constant:
-            self._acc[(slice(None), *dst)] += out
+            self._acc[dst_all] += out
             self._sum[dst] += 1.0
         else:
             w = self._w[src]
-            self._acc[(slice(None), *dst)] += out * w
+            self._acc[dst_all] += out * w
             self._sum[dst] += w
         return done
 
