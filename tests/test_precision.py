@@ -208,3 +208,36 @@ def test_cli_calibrate_refuses_a_missing_model(tmp_path: Path) -> None:
     assert cal.stderr.strip().splitlines() == [
         f"echod: error: model file not found: {tmp_path}/none.onnx"
     ]
+
+
+def test_the_bundled_model_ships_calibrated() -> None:
+    from daemon.models import BUNDLED, ULTRASOUND
+
+    model = BUNDLED / ULTRASOUND
+    card = load_card(model)
+    assert card.precision is not None and card.precision.tolerance == 0.01
+    for m in card.precision.measured:
+        assert m.precision == "fp32" or m.agreement, m
+        assert not m.file or (BUNDLED / m.file).is_file(), f"{m.file} is not shipped"
+    c = choose(card, model, "openvino", "cpu", "auto")
+    best = max(
+        (m for m in card.precision.measured if m.engine == "openvino" and m.drop <= 0.01),
+        key=lambda m: m.fps,
+    )
+    assert c.precision == best.precision
+
+
+@pytest.mark.skipif(not registry.probe("openvino").available, reason="openvino is not installed")
+def test_auto_on_openvino_runs_the_chosen_file_and_agrees_with_f32() -> None:
+    from daemon.models import default_model
+    from daemon.phantoms.ultrasound import example
+
+    images = [example(s).image for s in (500_003, 500_004, 500_007)]
+    with Segmenter.open(default_model(), engine="openvino", precision="fp32") as f32:
+        ref = [f32.segment(im) for im in images]
+    with Segmenter.open(default_model(), engine="openvino") as seg:
+        info = seg.describe()
+        got = [seg.segment(im) for im in images]
+    assert info["precision"] != "auto" and info["precision_reason"].startswith("fastest")
+    agree = np.mean([(a == b).mean() for a, b in zip(got, ref, strict=True)])
+    assert agree > 0.98  # pixels labelled alike (Dice per class is on the card)
