@@ -5,7 +5,7 @@ microseconds) makes everything but inference visible. In one run:
 
 - engine rate: the engine alone on the prepared frames (ONNX Runtime, CPU, mode "all");
 - pipeline: ``echod run --mode all --pace none`` on 64 pre-rendered phantom frames
-  (an image folder, looped: the simulator would be the limit), stages as processes;
+  (a PLUS recording, looped: the simulator would be the limit), stages as processes;
 - ratio = pipeline frames/s / engine rate;
 - ``--profile``: the same run with the stages as threads of this process
   (``pipeline.workers = "threads"``: they share one GIL, so its rate is lower), the
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import onnx
 from _common import write_result
@@ -36,6 +35,8 @@ from daemon import config as config_mod
 from daemon import supervisor
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource
 from daemon.engines.segmenter import Segmenter
+from daemon.frame import FrameMeta
+from daemon.record import SequenceWriter
 
 CARD = """task = "segmentation"
 [[classes]]
@@ -67,13 +68,17 @@ def probe_network(path: Path) -> Path:
     return path
 
 
-def phantom_folder(folder: Path) -> list[np.ndarray]:
-    """64 frames of the default phantom as PNGs in ``folder`` (and as arrays)."""
+def phantom_recording(path: Path) -> list[np.ndarray]:
+    """64 frames of the default phantom as a PLUS recording at ``path`` (and as arrays):
+    a recording is memory-mapped, so the source costs little next to the infer stage."""
     src = SyntheticSource(SyntheticSettings(width=256, height=256))
     frames = [f.image.copy() for _, f in zip(range(64), src.frames(), strict=False)]
-    folder.mkdir()
+    meta = FrameMeta(shape=frames[0].shape, dtype="u1")
+    writer = SequenceWriter(path, frames[0].shape, frames[0].dtype, meta)
     for i, f in enumerate(frames):
-        cv2.imwrite(str(folder / f"frame{i:03d}.png"), f)
+        writer.append(f, FrameMeta(index=i, t_source=i / 30, shape=f.shape, dtype="u1"))
+        writer.commit()
+    writer.close()
     return frames
 
 
@@ -96,11 +101,12 @@ def pipeline(
     original = supervisor._thread_main
 
     def profiled(spec: Any, config: Any, events: Any, stop: Any, commands: Any) -> None:
-        if spec.kind != "infer":
-            return original(spec, config, events, stop, commands)
         prof = cProfile.Profile(time.thread_time)  # CPU time: not the GIL waits of threads
         prof.runcall(original, spec, config, events, stop, commands)
-        pstats.Stats(prof, stream=stats).sort_stats("tottime").print_stats(20)
+        st = pstats.Stats(prof, stream=stats)
+        stats.write(f"stage {spec.name}: {st.total_tt:.3f} s CPU\n")  # type: ignore[attr-defined]
+        if spec.kind == "infer":
+            st.sort_stats("tottime").print_stats(20)
         return None
 
     cfg = config_mod.load(
@@ -136,8 +142,8 @@ def main() -> None:
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         model = probe_network(Path(tmp) / "probe.onnx")
-        folder = Path(tmp) / "frames"
-        frames = phantom_folder(folder)
+        folder = Path(tmp) / "frames.igs.mha"
+        frames = phantom_recording(folder)
         os.chmod(tmp, 0o700)
         for i in range(a.repeat):
             rate = engine_rate(model, frames, a.frames)
