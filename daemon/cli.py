@@ -165,6 +165,31 @@ def _parser() -> Parser:
         "unet2d-256, unet3d-32x256x256, inception-v3-512",
     )
     mod.set_defaults(func=cmd_models)
+    mod_sub = mod.add_subparsers(metavar="ACTION")
+    cal = mod_sub.add_parser(
+        "calibrate",
+        help="measure the model at f32, bf16/f16 and int8 (accuracy against f32, speed) and "
+        "write the figures to its card; precision = 'auto' then runs the fastest within "
+        "tolerance",
+    )
+    cal.add_argument("model", type=Path, help="the model file (its card is beside it)")
+    cal.add_argument(
+        "--data",
+        default="phantom",
+        help="'phantom' (held-out simulator frames with ground truth, the default) or a "
+        "recording (no ground truth: agreement with f32 only)",
+    )
+    cal.add_argument("--frames", type=int, default=300, help="validation frames (default 300)")
+    cal.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        help="engine to calibrate (repeatable; default: openvino and onnxruntime)",
+    )
+    cal.add_argument("--device", default="cpu", help="device (default cpu)")
+    cal.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (best of)")
+    cal.add_argument("--tolerance", type=float, help="largest Dice drop auto accepts (0.01)")
+    cal.set_defaults(func=cmd_calibrate, command_parser=cal)
 
     wrk = sub.add_parser(
         "workers", help="show the Dask cluster offline jobs run on: workers, models, tasks"
@@ -318,6 +343,37 @@ def cmd_keys(args: argparse.Namespace) -> int:
         allowed.mkdir(parents=True, exist_ok=True)
         public = Path(shutil.move(public, allowed / public.name))
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """The precision ladder of one model, written to its card (daemon/models/calibrate.py)."""
+    from daemon.errors import ConfigError, ModelError
+    from daemon.models import calibrate
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.model.is_file():
+        raise ModelError(f"model file not found: {args.model}")
+    if args.frames < 1 or args.rounds < 1:
+        raise ConfigError("--frames and --rounds must be at least 1")
+    if args.data == "phantom":
+        frames = calibrate.phantom_frames(args.frames, min(args.frames, 300))
+    else:
+        frames = calibrate.recording_frames(Path(args.data), args.frames)
+    result = calibrate.calibrate(
+        args.model,
+        frames,
+        engines=args.engine or calibrate.ENGINES,
+        device=args.device,
+        rounds=args.rounds,
+        tolerance=args.tolerance,
+    )
+    rows = [("ENGINE", "PRECISION", "DROP", "FRAMES/S", "AGREEMENT", "FILE")]
+    for m in result.measured:
+        agree = " ".join(f"{k}={v:.4f}" for k, v in m.agreement.items())
+        rows.append((m.engine, m.precision, f"{m.drop:.4f}", f"{m.fps:.1f}", agree, m.file))
+    print("\n".join(human.table(rows)))
+    print(f"tolerance {result.tolerance}; {result.data}; {result.machine}")
     return 0
 
 

@@ -1010,6 +1010,8 @@ class Supervisor:
             "engine": infer.info.get("engine"),
             "device": infer.info.get("device"),
             "model": infer.info.get("model"),
+            "precision": infer.info.get("precision"),
+            "precision_reason": infer.info.get("precision_reason"),
             "mode": self.config.pipeline.mode,
             "source": source["description"],
             "restarts": {w.spec.name: w.restarts for w in self.workers.values() if w.restarts},
@@ -1053,6 +1055,8 @@ def _ready_text(info: dict[str, Any]) -> str:
         parts.append(f"{info['engine']} on {info.get('device')}")
     if info.get("model"):
         parts.append(f"model {info['model']}")
+    if info.get("precision"):
+        parts.append(f"precision {info['precision']} ({info.get('precision_reason')})")
     if info.get("warmup_ms") is not None:
         parts.append(f"warm-up {info['warmup_ms']:.0f} ms")
     for key in ("source", "display"):

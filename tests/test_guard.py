@@ -212,3 +212,18 @@ def test_echod_run_without_the_bundled_model_fails_clearly(
     errors = [line for line in e.stderr if "ultrasound-seg.onnx is missing" in line]
     assert code == 65 and errors, "".join(e.stderr)
     assert "--model" in errors[0]
+
+
+def test_finding_confidence_is_the_argmax_definition_ties_included() -> None:
+    """Pixels whose most probable class (the first on a tie, as argmax) is not 0."""
+    from daemon.engines.guard import finding_confidence
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = rng.random((3, 32, 32)).astype(np.float32)
+        p[:, rng.random((32, 32)) < 0.3] = 0.5  # three-way ties: class 0 wins them
+        p[1:, rng.random((32, 32)) < 0.2] = 0.9  # ties between 1 and 2: a finding
+        found = p.argmax(axis=0) != 0
+        expected = (float(p.max(axis=0)[found].mean()), int(found.sum()))
+        assert finding_confidence(p) == expected
+    assert finding_confidence(np.full((3, 4, 4), 1 / 3, np.float32)) == (1.0, 0)

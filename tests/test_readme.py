@@ -37,6 +37,8 @@ SKIPPED = {  # the start of a command -> why it is not run here
     ".venv/bin/python -m pytest": "the test suite itself",
     ".venv/bin/python bench/": "a benchmark: minutes, and it writes bench/results/",
     f"{ECHOD} run --source ~/": "plays a folder of your own images",
+    f"{ECHOD} models calibrate": "rewrites a model's card and int8 files (the bundled ones "
+    "are tracked); tests/test_precision.py calibrates models of its own through the CLI",
     f"{ECHOD} ctl screenshot": "needs the display (a screen); tests/test_display.py takes "
     "screenshots under Xvfb",
     f"{ECHOD} run --source none": "runs until stopped; tests/test_jobs.py runs it",

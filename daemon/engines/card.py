@@ -34,6 +34,21 @@
 
 ``intended_use``, ``training_data``, ``limits`` (text) and ``[evaluation]`` (measured
 figures) document the model; echod shows them, it does not act on them.
+
+``[precision]`` is written by ``echod models calibrate`` (daemon/models/calibrate.py):
+each precision measured per engine and device, its Dice drop against f32 and its speed;
+``precision = "auto"`` runs the fastest one within ``tolerance``
+(daemon/engines/precision.py)::
+
+    [precision]
+    tolerance = 0.01                   # largest Dice drop (or top-1 drop) auto accepts
+    [[precision.measured]]
+    engine = "openvino"
+    device = "cpu"
+    precision = "int8"                 # fp32, fp16, bf16, int8
+    file = "unet.int8/openvino.xml"    # int8: the quantized model, relative to the card
+    drop = 0.004                       # accuracy drop against f32 (max over classes)
+    fps = 180.0                        # frames/s in mode "all" where it was calibrated
 """
 
 from __future__ import annotations
@@ -137,6 +152,30 @@ class GuardCard(_Strict):
         return v
 
 
+Quantity = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class MeasuredPrecision(_Strict):
+    """One precision of one engine and device class, as calibration measured it."""
+
+    engine: Annotated[str, Field(min_length=1)]
+    device: Annotated[str, Field(min_length=1)]  # device class: cpu, cuda, gpu, ...
+    precision: Quantity
+    file: str = ""  # a quantized model beside the card ("" = the model itself)
+    drop: Annotated[float, Field(ge=0)]  # accuracy lost against f32 (0 for f32 itself)
+    fps: Annotated[float, Field(ge=0)]
+    agreement: dict[str, float] = {}  # per class: Dice against f32's labels (top-1 for cls)
+
+
+class PrecisionCard(_Strict):
+    """Calibration results (``echod models calibrate``) and the tolerance auto keeps to."""
+
+    tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
+    data: str = ""  # what the frames were
+    machine: str = ""  # where speed was measured
+    measured: tuple[MeasuredPrecision, ...] = ()
+
+
 class ModelCard(_Strict):
     """Everything about a model that its file does not say."""
 
@@ -151,6 +190,7 @@ class ModelCard(_Strict):
     limits: str = ""
     guard: GuardCard | None = None  # None: every frame's overlay is shown
     evaluation: dict[str, Any] = {}  # measured figures, as the training scripts wrote them
+    precision: PrecisionCard | None = None  # None: not calibrated, auto = the engine's default
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelCard:

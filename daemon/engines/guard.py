@@ -120,12 +120,14 @@ def probabilities(planes: np.ndarray | Sequence[np.ndarray], activation: str) ->
 def finding_confidence(probs: np.ndarray) -> tuple[float, int]:
     """(mean max-probability over the pixels whose most probable class is not 0, their
     count) for class probabilities (C, h, w); (1.0, 0) when there is no such pixel."""
-    label = probs.argmax(axis=0)
-    found = label != 0
+    best = probs.max(axis=0)
+    # a pixel's most probable class is not 0 (ties go to the first, as argmax) exactly
+    # where class 0 is below the best: one compare instead of an argmax over the classes
+    found = probs[0] < best
     n = int(found.sum())
     if n == 0:
         return 1.0, 0
-    return float(probs.max(axis=0)[found].mean()), n
+    return float(best[found].mean()), n
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ precision. The OpenCL twin must keep this signature and meaning.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
 from daemon.engines.base import Layout, TensorSpec
-from daemon.engines.card import ModelCard
+from daemon.engines.card import ModelCard, Normalisation
 from daemon.errors import ModelError
 
 # dtypes cv2.resize handles; anything else is converted to float32 first.
@@ -71,7 +73,11 @@ def network_channels(spec: TensorSpec, card: ModelCard, image_channels: int) -> 
 
 def affine(card: ModelCard, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(a, b)`` with ``x = v * a + b`` = ``(v * scale - mean) / std``."""
-    norm = card.input.normalisation
+    return _affine(card.input.normalisation, channels)
+
+
+@lru_cache(maxsize=64)
+def _affine(norm: Normalisation, channels: int) -> tuple[np.ndarray, np.ndarray]:
     std = np.asarray(norm.std or (1.0,), np.float64)
     mean = np.asarray(norm.mean or (0.0,), np.float64)
     for what, v in (("mean", mean), ("std", std)):
@@ -109,20 +115,32 @@ def prepare(image: np.ndarray, spec: TensorSpec, card: ModelCard) -> np.ndarray:
     # One strided pass converts, scales, broadcasts gray -> C and changes layout.
     hwc = src[:, :, None] if src.ndim == 2 else src
     view = hwc.transpose(2, 0, 1) if layout == "NCHW" else hwc
-    norm = card.input.normalisation
-    alpha, beta = affine(card, c)
+    alpha, beta, bounds = _coefficients(card.input.normalisation, c, layout)
+    np.multiply(view, alpha, out=out[0], casting="unsafe")
+    if beta is not None:
+        np.add(out[0], beta, out=out[0], casting="unsafe")
+    if bounds is not None:
+        np.clip(out[0], *bounds, out=out[0], casting="unsafe")
+    return out
+
+
+_Coefficients = tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]
+
+
+@lru_cache(maxsize=64)
+def _coefficients(norm: Normalisation, c: int, layout: Layout) -> _Coefficients:
+    """float32 ``a``, ``b`` (None without a mean) and clip bounds (None without a clip),
+    shaped to broadcast over one frame: computed once per card, not per frame."""
+    alpha, beta = _affine(norm, c)
     per = (c, 1, 1) if layout == "NCHW" else (c,)
-    np.multiply(view, alpha.astype(np.float32).reshape(per), out=out[0], casting="unsafe")
-    if norm.mean is not None:
-        np.add(out[0], beta.astype(np.float32).reshape(per), out=out[0], casting="unsafe")
+    a = alpha.astype(np.float32).reshape(per)
+    b = beta.astype(np.float32).reshape(per) if norm.mean is not None else None
+    bounds = None
     if norm.clip is not None:
         # clip(v) * a + b == clip(v * a + b, lo * a + b, hi * a + b) as a > 0
         lo, hi = (np.float32(v) * alpha + beta for v in norm.clip)
-        np.clip(
-            out[0],
-            lo.astype(np.float32).reshape(per),
-            hi.astype(np.float32).reshape(per),
-            out=out[0],
-            casting="unsafe",
-        )
-    return out
+        bounds = (lo.astype(np.float32).reshape(per), hi.astype(np.float32).reshape(per))
+    for arr in (a, b, *(bounds or ())):
+        if arr is not None:
+            arr.flags.writeable = False  # shared by every frame of this card
+    return a, b, bounds

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from daemon.engines import opencl, postprocess, preprocess, registry
+from daemon.engines import opencl, postprocess, precision, preprocess, registry
 from daemon.engines.base import Engine, Pending, TensorSpec
 from daemon.engines.card import ClassCard, ModelCard, card_path, load_card
 from daemon.engines.guard import Guard, Verdict, as_plane, probabilities
@@ -71,6 +71,7 @@ class Segmenter:
         self.skipped = skipped or []  # why engines before this one were not chosen
         self._prepare = prepare
         self.prepare_info = prepare_info  # (what runs, why not OpenCL or "")
+        self.precision = precision.Choice("auto", "auto", self.model, "as the engine was loaded")
         if card.task != "segmentation":
             raise ModelError(
                 f"model card {card_path(model)}: task is {card.task!r}, not segmentation"
@@ -125,11 +126,19 @@ class Segmenter:
             if not probe.available:
                 raise EngineError(f"engine {engine!r} is not usable here: {probe.reason}")
         preprocess = str(options.pop("preprocess", "cpu"))
+        choice = precision.choose(
+            card, model, engine_cls.name, device, str(options.get("precision", "auto"))
+        )
+        if choice.option != "auto":
+            options["precision"] = choice.option
+        log.info("precision %s for %s: %s", choice.precision, model.name, choice.reason)
         eng = engine_cls()
-        eng.load(model, device, **options)
+        eng.load(choice.file, device, **options)
         try:
             prepare, what, why = opencl.choose(preprocess, device)
-            return cls(eng, card, model, skipped, prepare, (what, why))
+            seg = cls(eng, card, model, skipped, prepare, (what, why))
+            seg.precision = choice
+            return seg
         except BaseException:
             eng.close()
             raise
@@ -332,6 +341,8 @@ class Segmenter:
             "engine_skipped": list(self.skipped),
             "device": self.engine.device,
             "in_flight": self.depth,
+            "precision": self.precision.precision,
+            "precision_reason": self.precision.reason,
             "preprocess": self.prepare_info[0],
             "preprocess_fallback": self.prepare_info[1],
             "model": self.model.name,

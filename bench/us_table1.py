@@ -1,0 +1,133 @@
+"""Case 1 side by side: echod and pyFAST, the same frames, the same model, OpenVINO on the CPU.
+
+171 held-out simulator frames (256x256, the paper's count) are written once as a PLUS
+recording (echod) and as numbered MetaImages (FAST's ImageFileStreamer); both run the
+bundled ultrasound U-Net with OpenVINO on the CPU and process every frame as fast as they
+can (echod: ``--mode all --pace none``). Rounds alternate pyFAST and echod at each
+precision, so a shared machine's load hits them alike; the best round of each counts.
+Writes ``bench/results/us_table1.json`` and ``.md``.
+
+Setup (once): pyFAST in a folder of its own, with Debian's PoCL and libusb::
+
+    apt-get install pocl-opencl-icd libusb-1.0-0
+    python -m pip install --target /tmp/pyfast-target pyfast
+    python bench/us_table1.py --pyfast /tmp/pyfast-target
+
+Cases 2 and 3 have their own benchmarks: ``bench/ct_table3.py`` and ``bench/wsi_table4.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, machine, write_result
+
+from daemon.frame import FrameMeta
+from daemon.models import BUNDLED, ULTRASOUND
+from daemon.phantoms.ultrasound import example
+from daemon.record import SequenceWriter
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SEED0 = 500_000  # held-out seeds (the card's validation set)
+
+
+def write_frames(folder: Path, n: int) -> tuple[Path, str]:
+    """``n`` held-out frames as ``us.igs.mha`` and as ``frame_#.mhd``; (recording, pattern)."""
+    images = [example(s).image for s in range(SEED0, SEED0 + n)]
+    rec = folder / "us.igs.mha"
+    writer = SequenceWriter(rec, images[0].shape, images[0].dtype, FrameMeta(shape=(256, 256)))
+    for i, im in enumerate(images):
+        writer.append(im, FrameMeta(index=i, t_source=i / 30, shape=im.shape, dtype="u1"))
+        writer.commit()
+        (folder / f"frame_{i}.raw").write_bytes(im.tobytes())
+        (folder / f"frame_{i}.mhd").write_text(
+            "ObjectType = Image\nNDims = 2\nDimSize = 256 256\nElementSpacing = 1 1\n"
+            f"ElementType = MET_UCHAR\nElementDataFile = frame_{i}.raw\n"
+        )
+    writer.close()
+    return rec, str(folder / "frame_#.mhd")
+
+
+def echod(rec: Path, precision: str, runtime: Path) -> dict[str, Any]:
+    args = [sys.executable, "-m", "daemon", "run", "--source", str(rec), "--mode", "all",
+            "--pace", "none", "--engine", "openvino", "--device", "cpu", "--headless", "--json",
+            "--set", f"paths.runtime_dir={runtime}",
+            "--set", f"paths.state_dir={runtime}/state"]  # fmt: skip
+    if precision != "auto":
+        args += ["--set", f'model.options={{ precision = "{precision}" }}']
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise SystemExit(f"echod failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    return {k: s.get(k) for k in ("fps", "frames_out", "precision", "precision_reason", "stages")}
+
+
+def pyfast(pattern: str, target: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    p = subprocess.run(
+        [sys.executable, str(HERE / "_pyfast_us.py"), pattern, str(BUNDLED / ULTRASOUND),
+         "OpenVINO"], capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    if p.returncode != 0:
+        raise SystemExit(f"pyFAST failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def table(best: dict[str, dict[str, Any]], load: list[float]) -> str:
+    ref = best["pyfast"]["fps"]
+    lines = [
+        "| run | precision | frames/s | x pyFAST |",
+        "| --- | --- | --- | --- |",
+        f"| pyFAST {best['pyfast'].get('fast', '')} (OpenVINO, FAST's default) | FAST's default "
+        f"| {ref:.1f} | 1.00 |",
+    ]
+    for name, r in best.items():
+        if name != "pyfast":
+            lines.append(
+                f"| echod `{name}` | {r['precision']} | {r['fps']:.1f} | {r['fps'] / ref:.2f} |"
+            )
+    m = machine()
+    return (
+        "\n".join(lines)
+        + f"\n\n{m['cpu']}, {m['cores']} cores, {m['when']}; load average during the "
+        f"rounds {min(load):.1f}-{max(load):.1f}. Best of each; rounds alternate.\n"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pyfast", type=Path, default=Path("/tmp/pyfast-target"))
+    p.add_argument("--frames", type=int, default=171)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--precisions", default="auto,fp32,bf16")
+    a = p.parse_args()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    load: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o700)
+        rec, pattern = write_frames(Path(tmp), a.frames)
+        for r in range(a.rounds):
+            print(f"round {r}: pyFAST", flush=True)
+            runs.setdefault("pyfast", []).append(pyfast(pattern, a.pyfast))
+            for prec in a.precisions.split(","):
+                print(f"round {r}: echod {prec}", flush=True)
+                runs.setdefault(prec, []).append(echod(rec, prec, Path(tmp) / f"rt{r}{prec}"))
+            load.append(os.getloadavg()[0])
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]['fps']:.1f}" for k, v in runs.items()))
+    best = {k: max(v, key=lambda x: x["fps"]) for k, v in runs.items()}
+    write_result("us_table1", {"frames": a.frames, "runs": runs, "best": best, "load": load})
+    md = RESULTS / "us_table1.md"
+    md.write_text("# Case 1: echod and pyFAST, OpenVINO CPU, mode all\n\n" + table(best, load))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""``echod models calibrate MODEL``: the precision ladder of a segmentation model.
+
+For each CPU-side engine here (OpenVINO, ONNX Runtime) the model runs at f32, at the
+reduced float precisions the device has (OpenVINO: bf16 / f16 where the CPU reports
+them) and at int8 (OpenVINO: NNCF post-training quantization, when ``nncf`` is
+installed; ONNX Runtime: ``onnxruntime.quantization`` static QDQ quantization). The
+int8 files go beside the model, in ``STEM.int8/``. Every variant segments the same
+validation frames: simulator frames with ground truth (``--data phantom``, held-out
+seeds :data:`VAL_SEED0`..; the quantizers calibrate on other seeds) or a recording's
+frames (no ground truth). Written to the card's ``[precision]``:
+
+- ``drop``: with ground truth, the largest per-class loss in mean Dice against f32's;
+  without, the largest per-class ``1 - Dice(variant labels, f32 labels)``.
+- ``agreement``: per class, the mean Dice of the variant's labels against f32's.
+- ``fps``: frames/s in mode "all" (every request in flight), the best of ``rounds``
+  rounds with the variants interleaved (a shared machine's load hits them alike).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.compat import tomllib
+from daemon.engines import registry
+from daemon.engines.card import MeasuredPrecision, ModelCard, PrecisionCard, card_path, load_card
+from daemon.engines.segmenter import Segmenter
+from daemon.errors import EngineError, ModelError
+
+log = logging.getLogger(__name__)
+
+VAL_SEED0 = 500_000  # held-out simulator seeds (as the training script's calibrate)
+QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
+ENGINES = ("openvino", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Validation images, their ground truth (None for a recording) and what they are;
+    ``calibration``: images the quantizers may look at."""
+
+    images: list[np.ndarray]
+    truth: list[np.ndarray] | None
+    calibration: list[np.ndarray]
+    text: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    engine: str
+    precision: str  # fp32, bf16, fp16, int8
+    file: Path
+
+
+def phantom_frames(n: int, n_calibration: int) -> Frames:
+    """``n`` held-out simulator frames with labels, ``n_calibration`` others to quantize on."""
+    from daemon.phantoms.ultrasound import example
+
+    val = [example(s) for s in range(VAL_SEED0, VAL_SEED0 + n)]
+    cal = [example(s).image for s in range(QUANT_SEED0, QUANT_SEED0 + n_calibration)]
+    text = f"{n} simulated frames, seeds {VAL_SEED0}-{VAL_SEED0 + n - 1} (ultrasound phantom)"
+    return Frames([e.image for e in val], [e.labels for e in val], cal, text)
+
+
+def recording_frames(path: Path, n: int) -> Frames:
+    """Up to ``n`` frames of a recording (every other one validates, the rest calibrate)."""
+    from daemon.acquire import open_source
+
+    source = open_source(str(path))
+    try:
+        images = [f.image.copy() for _, f in zip(range(2 * n), source.frames(), strict=False)]
+    finally:
+        source.close()
+    val, cal = images[::2], images[1::2] or images[:1]
+    return Frames(val, None, cal, f"{len(val)} frames of {path.name} (no ground truth)")
+
+
+def _quantize_openvino(model: Path, inputs: list[np.ndarray], out: Path) -> Path | None:
+    try:
+        import nncf
+    except ImportError as exc:
+        log.warning("openvino int8 skipped: nncf is not installed (pip install nncf): %s", exc)
+        return None
+    import openvino as ov
+
+    net = ov.Core().read_model(str(model))
+    quantized = nncf.quantize(net, nncf.Dataset(inputs), subset_size=len(inputs))
+    target = out / "openvino.xml"
+    ov.save_model(quantized, str(target), compress_to_fp16=False)
+    return target
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over prepared inputs."""
+
+    def __init__(self, name: str, inputs: list[np.ndarray]):
+        self._it: Iterator[np.ndarray] = iter(inputs)
+        self._name = name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {self._name: x}
+
+
+def _quantize_onnxruntime(model: Path, name: str, inputs: list[np.ndarray], out: Path) -> Path:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    target = out / "onnxruntime.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(target),
+            _Reader(name, inputs),  # duck-typed CalibrationDataReader
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return target
+
+
+def _reduced(engine: str, device: str) -> list[str]:
+    """Float precisions below f32 the engine offers on ``device`` here."""
+    if engine != "openvino":
+        return []
+    import openvino as ov
+
+    caps = set(ov.Core().get_property(device.upper(), "OPTIMIZATION_CAPABILITIES"))
+    return [p for p, cap in (("bf16", "BF16"), ("fp16", "FP16")) if cap in caps]
+
+
+def variants(
+    model: Path, engines: Iterable[str], device: str, inputs: list[np.ndarray], input_name: str
+) -> list[Variant]:
+    """Every (engine, precision, file) to measure; int8 files are made here."""
+    out = card_path(model).parent / f"{model.stem}.int8"
+    found: list[Variant] = []
+    for engine in engines:
+        found += [Variant(engine, p, model) for p in ("fp32", *_reduced(engine, device))]
+        out.mkdir(exist_ok=True)
+        if engine == "openvino":
+            q = _quantize_openvino(model, inputs, out)
+        else:
+            q = _quantize_onnxruntime(model, input_name, inputs, out)
+        if q is not None:
+            found.append(Variant(engine, "int8", q))
+    return found
+
+
+def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Segmenter:
+    eng = registry.engine_class(v.engine)()
+    option = "fp32" if v.precision == "int8" else v.precision
+    eng.load(v.file, device, precision=option, mode="all")
+    return Segmenter(eng, card, model)
+
+
+def _labels(seg: Segmenter, xs: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[Any]:
+    feeds = ({seg.input.name: x} for x in xs)
+    outs = seg.engine.run_many(feeds)
+    return [seg.finish(y[seg.output.name], s) for y, s in zip(outs, shapes, strict=True)]
+
+
+def _fps(seg: Segmenter, xs: list[np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    for _ in seg.engine.run_many({seg.input.name: x} for x in xs):
+        pass
+    return len(xs) / (time.perf_counter() - t0)
+
+
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+    p, t = a == label, b == label
+    return 2.0 * float((p & t).sum()) / max(1, int(p.sum() + t.sum()))
+
+
+def _mean_dice(pred: list[Any], ref: list[Any], label: int, by: list[Any]) -> float:
+    """Mean Dice of ``pred`` against ``ref`` over the frames where ``by`` has the class."""
+    frames = [i for i in range(len(ref)) if (by[i] == label).any()]
+    return float(np.mean([dice(pred[i], ref[i], label) for i in frames])) if frames else 1.0
+
+
+def compare(
+    names: list[str], pred: list[Any], f32: list[Any], truth: list[Any] | None
+) -> tuple[float, dict[str, float]]:
+    """(drop, agreement per class name) of ``pred`` against the f32 labels ``f32``."""
+    agreement, drops = {}, []
+    for label, name in enumerate(names[1:], start=1):
+        either = [(p == label) | (f == label) for p, f in zip(pred, f32, strict=True)]
+        agreement[name] = round(_mean_dice(pred, f32, label, [e * label for e in either]), 5)
+        if truth is None:
+            drops.append(1.0 - agreement[name])
+        else:
+            drops.append(
+                _mean_dice(f32, truth, label, truth) - _mean_dice(pred, truth, label, truth)
+            )
+    return round(max(0.0, *drops), 5), agreement
+
+
+def machine() -> str:
+    """The CPU model and core count (where speed was measured)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def calibrate(
+    model: Path,
+    frames: Frames,
+    engines: Iterable[str] = ENGINES,
+    device: str = "cpu",
+    rounds: int = 3,
+    tolerance: float | None = None,
+) -> PrecisionCard:
+    """Measure every variant on ``frames`` and write the card's ``[precision]``."""
+    model = Path(model)
+    card = load_card(model)
+    if card.task != "segmentation":
+        raise ModelError(f"model {model.name}: calibrate measures segmentation models only")
+    usable = [e for e in engines if registry.probe(e).available]
+    if not usable:
+        raise EngineError(f"none of {', '.join(engines)} is usable here: echod engines says why")
+    ref = Segmenter.open(model, engine=usable[0], device=device, precision="fp32")
+    try:
+        xs = [ref.prepare(im) for im in frames.images]
+        cal = [ref.prepare(im) for im in frames.calibration]
+        name, names = ref.input.name, [c.name for c in ref.classes]
+    finally:
+        ref.close()
+    shapes = [im.shape for im in frames.images]
+    todo = variants(model, usable, device, cal, name)
+    segs = {v: _open(v, card, model, device) for v in todo}
+    try:
+        labels = {v: _labels(s, xs, shapes) for v, s in segs.items()}
+        fps = dict.fromkeys(todo, 0.0)
+        for _ in range(rounds):  # interleaved: load on a shared machine hits all alike
+            for v, s in segs.items():
+                fps[v] = max(fps[v], _fps(s, xs))
+    finally:
+        for s in segs.values():
+            s.close()
+    rows = []
+    for v in todo:
+        f32 = labels[Variant(v.engine, "fp32", model)]
+        drop, agreement = compare(names, labels[v], f32, frames.truth)
+        rel = v.file.relative_to(card_path(model).parent).as_posix() if v.file != model else ""
+        rows.append(
+            MeasuredPrecision(
+                engine=v.engine,
+                device=device.split(":")[0].split(".")[0].lower(),
+                precision=v.precision,
+                file=rel,
+                drop=drop,
+                fps=round(fps[v], 1),
+                agreement=agreement,
+            )
+        )
+        log.info(
+            "%s %s: drop %.4f, %.1f frames/s, agreement %s",
+            v.engine, v.precision, drop, fps[v], agreement,
+        )  # fmt: skip
+    old = card.precision.tolerance if card.precision else 0.01
+    result = PrecisionCard(
+        tolerance=old if tolerance is None else tolerance,
+        data=frames.text,
+        machine=machine(),
+        measured=tuple(rows),
+    )
+    write_precision(model, result)
+    return result
+
+
+# -- the card's [precision] section, rewritten in place -------------------------------------
+
+_SECTION = re.compile(r"^\[\[?precision[.\]]")
+_TABLE = re.compile(r"^\[")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def render(p: PrecisionCard) -> str:
+    lines = [
+        "[precision]",
+        '# written by echod models calibrate: precision = "auto" runs the fastest within tolerance',
+        f"tolerance = {p.tolerance!r}",
+        f"data = {_value(p.data)}",
+        f"machine = {_value(p.machine)}",
+    ]
+    for m in p.measured:
+        lines += ["", "[[precision.measured]]"]
+        lines += [f"{k} = {_value(v)}" for k, v in m.model_dump(mode="json").items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_precision(model: Path, p: PrecisionCard) -> None:
+    """Replace the card's ``[precision]`` tables (kept elsewhere as they are) and check it."""
+    path = card_path(model)
+    text = path.read_text() if path.is_file() else ""
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if _TABLE.match(line):
+            skipping = bool(_SECTION.match(line))
+        if not skipping:
+            kept.append(line)
+    body = "\n".join(kept).rstrip("\n")
+    new = (body + "\n\n" if body else "") + render(p)
+    ModelCard.model_validate(tomllib.loads(new))  # never write a card echod cannot read
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(new)
+    tmp.replace(path)
+    log.info("wrote [precision] of %s", path)

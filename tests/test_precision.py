@@ -1,0 +1,243 @@
+"""The precision ladder: calibration into the card, and ``precision = "auto"`` choosing from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from daemon.compat import tomllib
+from daemon.engines import registry
+from daemon.engines.card import MeasuredPrecision, PrecisionCard, load_card
+from daemon.engines.precision import choose
+from daemon.engines.segmenter import Segmenter
+from daemon.errors import ModelError
+from daemon.models import calibrate
+
+ROOT = Path(__file__).resolve().parent.parent
+ORT = pytest.mark.skipif(
+    not registry.probe("onnxruntime").available, reason="onnxruntime is not installed"
+)
+
+CARD = """\
+    # a hand-written comment that calibration keeps
+    task = "segmentation"
+
+    [input]
+    size = [64, 64]
+
+    [[classes]]
+    name = "background"
+    colour = [0, 0, 0]
+
+    [[classes]]
+    name = "dark"
+    colour = [0, 0, 255]
+
+    [[classes]]
+    name = "bright"
+    colour = [255, 0, 0]
+"""
+
+
+def tiny_model(path: Path) -> Path:
+    """64x64 gray in, 3 classes out: background mid-grey, 'dark' below, 'bright' above."""
+    w = np.array([[[[0.0]]], [[[-8.0]]], [[[8.0]]]], np.float32)
+    b = np.array([0.0, 2.4, -5.6], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[1, 1])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, path)
+    path.with_suffix(".toml").write_text(textwrap.dedent(CARD))
+    return path
+
+
+def row(precision: str, drop: float, fps: float, file: str = "", engine: str = "openvino"):
+    return MeasuredPrecision(
+        engine=engine, device="cpu", precision=precision, file=file, drop=drop, fps=fps
+    )
+
+
+def card_with(tmp_path: Path, *rows: MeasuredPrecision):
+    model = tiny_model(tmp_path / "m.onnx")
+    calibrate.write_precision(model, PrecisionCard(tolerance=0.01, measured=rows))
+    return model, load_card(model)
+
+
+def test_auto_picks_the_fastest_within_tolerance(tmp_path: Path) -> None:
+    (tmp_path / "m.int8").mkdir()
+    (tmp_path / "m.int8" / "openvino.xml").write_text("")
+    model, card = card_with(
+        tmp_path,
+        row("fp32", 0.0, 60.0),
+        row("bf16", 0.002, 110.0),
+        row("fp16", 0.05, 300.0),  # fastest, but loses too much
+        row("int8", 0.004, 150.0, "m.int8/openvino.xml"),
+        row("int8", 0.0, 500.0, "m.int8/onnxruntime.onnx", "onnxruntime"),  # other engine
+    )
+    c = choose(card, model, "openvino", "CPU", "auto")
+    assert (c.precision, c.option, c.file) == ("int8", "fp32", tmp_path / "m.int8/openvino.xml")
+    assert "fastest within Dice drop <= 0.01" in c.reason
+    assert "fp16 drop 0.0500 > 0.01" in c.reason
+
+
+def test_auto_skips_a_missing_int8_file(tmp_path: Path) -> None:
+    model, card = card_with(
+        tmp_path, row("fp32", 0.0, 60.0), row("int8", 0.0, 150.0, "m.int8/openvino.xml")
+    )
+    c = choose(card, model, "openvino", "cpu", "auto")
+    assert (c.precision, c.file) == ("fp32", model)
+    assert "int8 file m.int8/openvino.xml missing" in c.reason
+
+
+def test_named_precision_and_uncalibrated_models(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    card = load_card(model)
+    c = choose(card, model, "openvino", "cpu", "auto")
+    assert (c.precision, c.option) == ("auto", "auto")
+    assert "not calibrated" in c.reason
+    assert choose(card, model, "openvino", "cpu", "bf16").option == "bf16"
+    with pytest.raises(ModelError, match="no int8 file for openvino on cpu"):
+        choose(card, model, "openvino", "cpu", "int8")
+
+
+def test_write_precision_replaces_its_section_only(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    for fps in (10.0, 20.0):
+        calibrate.write_precision(
+            model, PrecisionCard(data="x", measured=(row("fp32", 0.0, fps), row("bf16", 0.0, 9)))
+        )
+    text = model.with_suffix(".toml").read_text()
+    assert text.startswith("# a hand-written comment that calibration keeps")
+    assert text.count("[precision]") == 1 and text.count("[[precision.measured]]") == 2
+    card = load_card(model)
+    assert [m.fps for m in card.precision.measured] == [20.0, 9.0]
+    assert [c.name for c in card.classes] == ["background", "dark", "bright"]
+    assert tomllib.loads(text)["precision"]["data"] == "x"
+
+
+def test_compare_drop_against_truth_and_against_f32() -> None:
+    truth = [np.array([[1, 1, 0, 0]]), np.array([[0, 0, 2, 2]])]
+    f32 = [t.copy() for t in truth]
+    worse = [np.array([[1, 0, 0, 0]]), truth[1].copy()]  # artery Dice 1 -> 2/3
+    drop, agreement = calibrate.compare(["bg", "a", "v"], worse, f32, truth)
+    assert drop == pytest.approx(1 / 3, abs=1e-4)
+    assert agreement == {"a": pytest.approx(2 / 3, abs=1e-4), "v": 1.0}
+    drop_no_truth, _ = calibrate.compare(["bg", "a", "v"], worse, f32, None)
+    assert drop_no_truth == pytest.approx(1 / 3, abs=1e-4)
+
+
+@ORT
+def test_calibrate_writes_the_card_and_auto_runs_what_it_chose(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "tiny.onnx")
+    result = calibrate.calibrate(
+        model, calibrate.phantom_frames(4, 4), engines=("onnxruntime",), rounds=1
+    )
+    got = {m.precision: m for m in result.measured}
+    assert set(got) == {"fp32", "int8"}
+    assert got["fp32"].drop == 0.0 and got["fp32"].agreement == {"dark": 1.0, "bright": 1.0}
+    assert (tmp_path / "tiny.int8" / "onnxruntime.onnx").is_file()
+    assert got["int8"].file == "tiny.int8/onnxruntime.onnx"
+    assert load_card(model).precision == result
+    with Segmenter.open(model, engine="onnxruntime") as seg:
+        info = seg.describe()
+    allowed = [m for m in result.measured if m.drop <= result.tolerance]
+    assert info["precision"] == max(allowed, key=lambda m: m.fps).precision
+    assert "fastest within Dice drop <= 0.01" in info["precision_reason"]
+
+
+@ORT
+def test_cli_calibrate_then_the_run_summary_says_which_and_why(tmp_path: Path, run_echod) -> None:
+    model = tiny_model(tmp_path / "tiny.onnx")
+    cal = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "models",
+            "calibrate",
+            str(model),
+            "--frames",
+            "3",
+            "--rounds",
+            "1",
+            "--engine",
+            "onnxruntime",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cal.returncode == 0, cal.stderr
+    assert "ENGINE" in cal.stdout and "int8" in cal.stdout
+    e = run_echod(
+        "run", "--model", str(model), "--engine", "onnxruntime", "--source", "synthetic",
+        "--frames", "5", "--pace", "none", "--mode", "all", "--headless", "--json",
+    )  # fmt: skip
+    code, out = e.finish()
+    assert code == 0, "".join(e.stderr)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["precision"] in ("fp32", "int8")
+    assert "fastest within Dice drop" in summary["precision_reason"]
+    assert any("stage infer ready" in line and "precision" in line for line in e.stderr)
+
+
+def test_cli_calibrate_refuses_a_missing_model(tmp_path: Path) -> None:
+    cal = subprocess.run(
+        [sys.executable, "-m", "daemon", "models", "calibrate", str(tmp_path / "none.onnx")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cal.returncode == 65
+    assert cal.stderr.strip().splitlines() == [
+        f"echod: error: model file not found: {tmp_path}/none.onnx"
+    ]
+
+
+def test_the_bundled_model_ships_calibrated() -> None:
+    from daemon.models import BUNDLED, ULTRASOUND
+
+    model = BUNDLED / ULTRASOUND
+    card = load_card(model)
+    assert card.precision is not None and card.precision.tolerance == 0.01
+    for m in card.precision.measured:
+        assert m.precision == "fp32" or m.agreement, m
+        assert not m.file or (BUNDLED / m.file).is_file(), f"{m.file} is not shipped"
+    c = choose(card, model, "openvino", "cpu", "auto")
+    best = max(
+        (m for m in card.precision.measured if m.engine == "openvino" and m.drop <= 0.01),
+        key=lambda m: m.fps,
+    )
+    assert c.precision == best.precision
+
+
+@pytest.mark.skipif(not registry.probe("openvino").available, reason="openvino is not installed")
+def test_auto_on_openvino_runs_the_chosen_file_and_agrees_with_f32() -> None:
+    from daemon.models import default_model
+    from daemon.phantoms.ultrasound import example
+
+    images = [example(s).image for s in (500_003, 500_004, 500_007)]
+    with Segmenter.open(default_model(), engine="openvino", precision="fp32") as f32:
+        ref = [f32.segment(im) for im in images]
+    with Segmenter.open(default_model(), engine="openvino") as seg:
+        info = seg.describe()
+        got = [seg.segment(im) for im in images]
+    assert info["precision"] != "auto" and info["precision_reason"].startswith("fastest")
+    agree = np.mean([(a == b).mean() for a, b in zip(got, ref, strict=True)])
+    assert agree > 0.98  # pixels labelled alike (Dice per class is on the card)
