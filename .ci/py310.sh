@@ -9,7 +9,12 @@
 # The interpreter: $PY310, else python3.10 on PATH (pyenv's here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY310=${PY310:-$(command -v python3.10 || true)}
+PY310=${PY310:-}
+if [ -z "$PY310" ]; then  # python3.10 on PATH, else pyenv's (its shim fails unless selected)
+  for candidate in python3.10 "$(pyenv root 2>/dev/null)"/versions/3.10*/bin/python3.10; do
+    if "$candidate" -c 'import sys' >/dev/null 2>&1; then PY310=$candidate; break; fi
+  done
+fi
 if [ -z "$PY310" ]; then  # a machine without it: say so, do not fail the suite's result
   echo "py310: SKIPPED: no python3.10 on PATH (pyenv install 3.10, or set PY310)" >&2
   exit 0
