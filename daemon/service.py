@@ -63,7 +63,7 @@ Wants=network-online.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={python} -P -m daemon run --config /etc/echod/echod.toml
+ExecStart={python} {safe_path}-m daemon run --config /etc/echod/echod.toml
 # SIGHUP: the log level, display settings, control roots and keys, job limits; the log says
 # what else changed and waits for a restart
 ExecReload=/bin/kill -HUP $MAINPID
@@ -179,9 +179,13 @@ class ServiceError(EchodError):
     exit_code = 71  # EX_OSERR
 
 
-def unit_text(python: Path, user: str, home_binds: list[Path]) -> str:
+def unit_text(
+    python: Path, user: str, home_binds: list[Path], safe_path: bool = True
+) -> str:
     """The unit for ``python`` (a venv's interpreter) run as ``user``. An interpreter or
-    package under /home, /root or /run/user is bound in read-only (ProtectHome=tmpfs)."""
+    package under /home, /root or /run/user is bound in read-only (ProtectHome=tmpfs).
+    ``safe_path``: the interpreter takes ``-P`` (Python 3.11+: the working directory is
+    not put on sys.path); 3.10 runs from WorkingDirectory=/ instead."""
     binds = ""
     if home_binds:
         paths = " ".join(str(p) for p in home_binds)
@@ -191,6 +195,7 @@ def unit_text(python: Path, user: str, home_binds: list[Path]) -> str:
         )
     return UNIT_TEXT.format(
         python=python,
+        safe_path="-P " if safe_path else "",
         user=user,
         protect_home="tmpfs" if home_binds else "yes",
         binds=binds,
@@ -208,6 +213,7 @@ class Installer:
     dry_run: bool = False
     make_user: bool = True
     out: Callable[[str], None] = print
+    safe_path: bool = True  # the interpreter takes -P (3.11+): learnt by _check_python
 
     @property
     def python(self) -> Path:
@@ -235,11 +241,12 @@ class Installer:
                 f"{'user':<8} not made (--no-user): make {self.user}, in {' and '.join(GROUPS)}"
             )
         unit = self.root / UNIT_DIR / UNIT
-        text = unit_text(self.python, self.user, binds)
+        text = unit_text(self.python, self.user, binds, self.safe_path)
+        flag = "-P " if self.safe_path else ""
         self.step(
             "unit",
-            f"write {unit} (ExecStart={self.python} -P -m daemon run)",
-            f"wrote {unit} (ExecStart={self.python} -P -m daemon run)",
+            f"write {unit} (ExecStart={self.python} {flag}-m daemon run)",
+            f"wrote {unit} (ExecStart={self.python} {flag}-m daemon run)",
             lambda: _write(unit, text, 0o644),
         )
         self._drop_in()
@@ -259,21 +266,24 @@ class Installer:
         """The interpreter must import echod; what of it lies under a home folder."""
         probe = (
             "import sys, daemon; print(sys.base_prefix); print(sys.prefix); print(daemon.__file__)"
+            "; print(sys.version_info >= (3, 11))"
         )
         try:
             found = subprocess.run(
-                [str(self.python), "-P", "-c", probe],
+                [str(self.python), "-c", probe],
+                cwd="/",  # import the installed echod, not a checkout in the working directory
                 capture_output=True,
                 text=True,
                 timeout=60,
                 check=True,
-            ).stdout.split("\n")[:3]
+            ).stdout.split("\n")[:4]
         except (OSError, subprocess.SubprocessError) as e:
             raise ConfigError(
                 f"--prefix {self.prefix}: {self.python} cannot run echod ({_why(e)}): install "
                 f"echod there (python3 -m venv {self.prefix} && "
                 f"{self.prefix}/bin/pip install echod)"
             ) from None
+        self.safe_path = found.pop() == "True"
         base, prefix, package = (Path(p) for p in found)
         paths = {base, prefix, Path(package).parent.parent, self.python.resolve().parent.parent}
         binds = sorted(p for p in paths if any(p.is_relative_to(h) for h in HOMES))
