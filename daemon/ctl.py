@@ -36,6 +36,7 @@ EXIT = {
     protocol.INTERNAL: 70,
     "config": 78,
     "model": 65,
+    "bad_input": 65,
     "source": 66,
     "engine": 69,
     "stage": 70,
