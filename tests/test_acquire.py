@@ -443,6 +443,7 @@ def test_synthetic_settings_validation() -> None:
     assert SyntheticSettings.model_fields["seed"].description
 
 
+@needs_data
 def test_recording_frames_outlive_their_source() -> None:
     """Frames are views of memory they keep alive, not of the decoder's (use after free)."""
     frames = list(open_source(str(WATER_TANK)).frames())  # the source is gone after this
