@@ -120,12 +120,7 @@ class WsiJob(UnitKind):
         t_start = time.perf_counter()
         opts: WsiOptions = ctx.options
         with ExitStack() as stack:
-            slide = stack.enter_context(slides.open_slide(ctx.input))
-            sampling = slides.resolve(slide, opts.mpp, opts.magnification, opts.slide_mpp)
-            clf = stack.enter_context(load_classifier(_model(ctx), *_engine(ctx)))
-            readers = opts.readers or os.cpu_count() or 1
-            pool = stack.enter_context(ThreadPoolExecutor(readers, thread_name_prefix="wsi-read"))
-            prep = _prepare(ctx, slide, sampling, clf, pool, opts)
+            slide, sampling, clf, pool, readers, prep = _open(ctx, stack)
             with ctx.phase("classify"):
                 probs, timing = _classify(ctx, slide, sampling, clf, pool, prep, opts, t_start)
         return _finish(ctx, prep, probs, timing | {"readers": readers}, t_start)
@@ -135,12 +130,7 @@ class WsiJob(UnitKind):
         t_start = time.perf_counter()
         opts: WsiOptions = ctx.options
         with ExitStack() as stack:
-            slide = stack.enter_context(slides.open_slide(ctx.input))
-            sampling = slides.resolve(slide, opts.mpp, opts.magnification, opts.slide_mpp)
-            clf = stack.enter_context(load_classifier(_model(ctx), *_engine(ctx)))
-            readers = opts.readers or os.cpu_count() or 1
-            pool = stack.enter_context(ThreadPoolExecutor(readers, thread_name_prefix="wsi-read"))
-            prep = _prepare(ctx, slide, sampling, clf, pool, opts)
+            _, sampling, _, _, _, prep = _open(ctx, stack)
         units = [
             Unit(
                 _unit(prep, i),
@@ -317,6 +307,19 @@ def _finish(
         )
         log.warning("%s", manifest["message"])
     return manifest
+
+
+def _open(ctx: JobContext, stack: ExitStack) -> tuple[Any, Any, Any, Any, int, Any]:
+    """The slide, its sampling, the classifier, the reading pool and the prepared grid
+    (tissue mask, cells), shared by the local run and the Dask plan; closed by ``stack``."""
+    opts: WsiOptions = ctx.options
+    slide = stack.enter_context(slides.open_slide(ctx.input))
+    sampling = slides.resolve(slide, opts.mpp, opts.magnification, opts.slide_mpp)
+    clf = stack.enter_context(load_classifier(_model(ctx), *_engine(ctx)))
+    readers = opts.readers or os.cpu_count() or 1
+    pool = stack.enter_context(ThreadPoolExecutor(readers, thread_name_prefix="wsi-read"))
+    prep = _prepare(ctx, slide, sampling, clf, pool, opts)
+    return slide, sampling, clf, pool, readers, prep
 
 
 def _fingerprint(*parts: Any) -> str:
