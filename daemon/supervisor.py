@@ -879,9 +879,9 @@ class Supervisor:
         return {"job": job_id, "state": "cancelled", "cancelled": True, "was": job.state}
 
     def _kill(self, w: Worker) -> None:
+        """SIGKILL, without waiting: the loop sees it gone (and reaps it) on a later tick."""
         if isinstance(w.handle, mp.process.BaseProcess) and w.handle.is_alive():
             w.handle.kill()
-            w.handle.join(1.0)
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started, 3)
