@@ -32,6 +32,26 @@
     [guard.domain]                     # network-input statistics (daemon/engines/guard.py)
     fov_fraction = [0.15, 1.0]         # [min, max]
 
+A model with several outputs (or one that is not a segmentation) lists each output's role
+instead of ``[output]``; the roles and what each becomes are in daemon/results.py::
+
+    [[outputs]]
+    tensor = "view"                    # the model's output name ("" = by position)
+    role = "classification"            # segmentation, confidence, classification,
+    activation = "none"                # detection, keypoints, regression
+    classes = [{ name = "no vessels", colour = [128, 128, 128] },
+               { name = "vessels in view", colour = [0, 200, 0] }]
+
+    [[outputs]]
+    tensor = "tip"
+    role = "keypoints"
+    format = "heatmaps"                # or "coordinates"; detection: "boxes", "anchor-free"
+    names = ["needle tip"]
+    threshold = 0.5                    # points (boxes) scoring less are not shown
+
+``[input] sequence = S`` feeds the last S frames (oldest first) to a model whose input is
+(1, S, C, H, W) or (1, S, H, W, C); ``aspect = "keep"`` pads instead of stretching.
+
 ``intended_use``, ``training_data``, ``limits`` (text) and ``[evaluation]`` (measured
 figures) document the model; echod shows them, it does not act on them.
 
@@ -107,7 +127,7 @@ class Normalisation(_Strict):
 
 class InputCard(_Strict):
     size: tuple[PositiveInt, PositiveInt] | None = None  # (h, w); None = from the model
-    layout: Layout | None = None  # None = detected from the model
+    layout: Layout | Literal["NSCHW", "NSHWC"] | None = None  # None = detected from the model
     channels: Literal[1, 3] | None = None  # None = from the model
     normalisation: Normalisation = Normalisation()
     # a model with free height/width whose strides need sides in multiples of this
@@ -115,6 +135,12 @@ class InputCard(_Strict):
     # (bottom/right) and crops the labels back, "resize" resizes to the nearest multiple
     multiple: PositiveInt | None = None
     fit: Literal["pad", "resize"] = "pad"
+    # "keep": scale the frame by one factor to fit the network size and pad the rest with
+    # zeros (bottom/right); "stretch": resize each side to the network's
+    aspect: Literal["stretch", "keep"] = "stretch"
+    # frames per input: 1 is one frame; S > 1 feeds the last S frames, oldest first, as
+    # (1, S, C, H, W) ("NSCHW") or (1, S, H, W, C) ("NSHWC")
+    sequence: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class OutputCard(_Strict):
@@ -127,6 +153,45 @@ class ClassCard(_Strict):
     name: Annotated[str, Field(min_length=1)]
     colour: tuple[Byte, Byte, Byte]
     opacity: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+Role = Literal[
+    "segmentation", "confidence", "classification", "detection", "keypoints", "regression"
+]
+ROLES: tuple[Role, ...] = typing.get_args(Role)
+
+
+class RoleCard(_Strict):
+    """One model output and what it means (``[[outputs]]``, in the model's output order
+    unless ``tensor`` names it). What each role becomes in a result record is in
+    daemon/results.py."""
+
+    role: Role
+    tensor: str = ""  # the model's output name; "" = the output at this entry's position
+    layout: Literal["NCHW", "NHWC"] | None = None  # maps; None = the input's layout
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"  # what the model applied
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # foreground / min score shown
+    classes: tuple[ClassCard, ...] = ()  # () = the card's [[classes]] (segmentation) or defaults
+    # detection: "boxes" = (1, N, 6) x1 y1 x2 y2 score class after NMS; "anchor-free" =
+    # (1, 4 + C, A) cx cy w h + C class scores per anchor (YOLOv8), NMS in echod.
+    # keypoints: "coordinates" = (1, K, 2|3) x y [score]; "heatmaps" = (1, K, h, w)
+    format: Literal["boxes", "anchor-free", "coordinates", "heatmaps"] | None = None
+    coordinates: Literal["pixels", "normalised"] = "pixels"  # of the network input
+    iou: Annotated[float, Field(gt=0, le=1)] = 0.45  # NMS overlap above which boxes merge
+    max_detections: PositiveInt = 100
+    names: tuple[str, ...] = ()  # keypoint or regression value names
+    units: tuple[str, ...] = ()  # regression: one unit per value ("mm", "%", "")
+
+    @model_validator(mode="after")
+    def _fits_role(self) -> RoleCard:
+        formats = {"detection": ("boxes", "anchor-free"), "keypoints": ("coordinates", "heatmaps")}
+        allowed = formats.get(self.role, ())
+        if self.format is not None and self.format not in allowed:
+            which = f"one of {', '.join(allowed)}" if allowed else "not set"
+            raise ValueError(f"format {self.format!r} for role {self.role}: must be {which}")
+        if self.units and self.names and len(self.units) != len(self.names):
+            raise ValueError(f"{len(self.names)} names but {len(self.units)} units")
+        return self
 
 
 class GuardCard(_Strict):
@@ -183,6 +248,7 @@ class ModelCard(_Strict):
     input: InputCard = InputCard()
     output: OutputCard = OutputCard()
     classes: tuple[ClassCard, ...] = ()
+    outputs: tuple[RoleCard, ...] = ()  # () = one output whose role is ``task``
     engines: tuple[str, ...] = ()  # preferred engines, in order; () = the device's default
     provenance: str = ""
     intended_use: str = ""
@@ -199,6 +265,22 @@ class ModelCard(_Strict):
         if dup is not None:
             raise ValueError(f"class name {dup!r} appears more than once")
         return self
+
+    def roles(self) -> tuple[RoleCard, ...]:
+        """Every output's role: ``[[outputs]]``, else the first output as ``task`` with
+        ``[output]`` and ``[[classes]]``."""
+        if self.outputs:
+            return self.outputs
+        o = self.output
+        return (
+            RoleCard(
+                role=self.task,
+                layout=o.layout,
+                activation=o.activation,
+                threshold=o.threshold,
+                classes=self.classes,
+            ),
+        )
 
     def class_list(self, n: int) -> tuple[ClassCard, ...]:
         """The card's classes, or ``n`` default ones (class 0 is transparent background)."""
