@@ -131,13 +131,14 @@ def pack_into(buffer: np.ndarray, outputs: Sequence[Output]) -> int:
         )
     if buffer.dtype != np.uint8 or buffer.ndim != 1:
         raise RecordError(f"a record is written to a 1-D uint8 buffer, not {buffer.dtype}")
-    _HEAD.pack_into(buffer, 0, MAGIC, len(outputs))
+    raw = memoryview(buffer)
+    _HEAD.pack_into(raw, 0, MAGIC, len(outputs))
     at = HEADER_BYTES
     for i, o in enumerate(outputs):
         a = o.array
         shape = (*a.shape, *(0,) * (4 - a.ndim))
         _ENTRY.pack_into(
-            buffer,
+            raw,
             _HEAD.size + i * _ENTRY.size,
             ROLES.index(o.role),
             a.ndim,
@@ -187,14 +188,15 @@ def unpack(payload: np.ndarray) -> Record:
     size = payload.nbytes
     if size < HEADER_BYTES:
         raise RecordError(f"a record has at least {HEADER_BYTES} bytes, this one {size}")
-    magic, count = _HEAD.unpack_from(payload, 0)
+    raw = memoryview(payload)
+    magic, count = _HEAD.unpack_from(raw, 0)
     if magic != MAGIC:
         raise RecordError(f"not a result record (magic {magic!r}, expected {MAGIC!r})")
     if count > MAX_OUTPUTS:
         raise RecordError(f"record claims {count} outputs; at most {MAX_OUTPUTS}")
     outputs = []
     for i in range(count):
-        code, ndim, *rest = _ENTRY.unpack_from(payload, _HEAD.size + i * _ENTRY.size)
+        code, ndim, *rest = _ENTRY.unpack_from(raw, _HEAD.size + i * _ENTRY.size)
         dims, (offset, length, raw_name) = rest[:4], rest[4:]
         if code >= len(ROLES):
             raise RecordError(f"output {i}: unknown role code {code}")
