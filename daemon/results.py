@@ -131,7 +131,7 @@ def pack_into(buffer: np.ndarray, outputs: Sequence[Output]) -> int:
         )
     if buffer.dtype != np.uint8 or buffer.ndim != 1:
         raise RecordError(f"a record is written to a 1-D uint8 buffer, not {buffer.dtype}")
-    raw = memoryview(buffer)
+    raw = buffer.data
     _HEAD.pack_into(raw, 0, MAGIC, len(outputs))
     at = HEADER_BYTES
     for i, o in enumerate(outputs):
@@ -188,7 +188,7 @@ def unpack(payload: np.ndarray) -> Record:
     size = payload.nbytes
     if size < HEADER_BYTES:
         raise RecordError(f"a record has at least {HEADER_BYTES} bytes, this one {size}")
-    raw = memoryview(payload)
+    raw = payload.data
     magic, count = _HEAD.unpack_from(raw, 0)
     if magic != MAGIC:
         raise RecordError(f"not a result record (magic {magic!r}, expected {MAGIC!r})")
