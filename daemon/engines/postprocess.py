@@ -4,9 +4,9 @@
 ``(1, h, w, C)``. With C > 1 the label is the index of the largest channel
 (first one on ties); with C == 1 it is 1 where the foreground probability
 exceeds the card's threshold (a logit output is compared with the threshold's
-logit). The map is resized to the frame with exact nearest-neighbour
-(half-pixel centres, the inverse of the input's bilinear resize). The OpenCL
-twin must keep these signatures and meanings.
+logit). The frame's part of the map (padding cut off) is resized to the frame
+with exact nearest-neighbour (half-pixel centres, the inverse of the input's
+bilinear resize). The OpenCL twin must keep these signatures and meanings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from daemon.engines.card import ModelCard
-from daemon.engines.preprocess import pads
+from daemon.engines.preprocess import Geometry
 
 MAX_CLASSES = 255
 
@@ -34,9 +34,15 @@ def planes(output: np.ndarray, layout: str) -> np.ndarray | list[np.ndarray]:
 
 
 def labels(
-    output: np.ndarray, card: ModelCard, frame_shape: tuple[int, ...], layout: str = "NCHW"
+    output: np.ndarray,
+    card: ModelCard,
+    frame_shape: tuple[int, ...],
+    layout: str = "NCHW",
+    geometry: Geometry | None = None,
 ) -> np.ndarray:
-    """uint8 label map of ``frame_shape[:2]`` for one segmentation output."""
+    """uint8 label map of ``frame_shape[:2]`` for one segmentation output; ``geometry``
+    (None: the output covers the frame, nothing padded) says which part of the output
+    is the frame's (:func:`daemon.engines.preprocess.geometry`)."""
     p = planes(output, layout)
     if len(p) > MAX_CLASSES:
         raise ValueError(f"{len(p)} classes do not fit a uint8 label map")
@@ -48,8 +54,9 @@ def labels(
     else:
         lab = _argmax(p)
     h, w = frame_shape[0], frame_shape[1]
-    if pads(card) and lab.shape[0] >= h and lab.shape[1] >= w:
-        lab = lab[:h, :w]  # the frame's part of a padded input
+    if geometry is not None:
+        ch, cw = geometry.crop((lab.shape[0], lab.shape[1]))
+        lab = lab[:ch, :cw]  # the frame's part of a padded input
     if lab.shape != (h, w):
         lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
     return lab

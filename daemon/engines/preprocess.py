@@ -7,7 +7,10 @@
 
 with gray replicated when the model wants 3 channels, RGB -> gray (ITU-R 601
 weights) when it wants 1, the model's layout (NCHW or NHWC) and a batch
-dimension of 1. Integer frames are resized in their own type (OpenCV rounds
+dimension of 1. Where the frame goes in the network input is its :class:`Geometry`:
+stretched over the whole input (the default), scaled by one factor and padded with
+zeros at the bottom/right (the card's ``aspect = "keep"``: a letterbox), or padded to
+a multiple of the model's stride (``multiple`` with ``fit = "pad"``). Integer frames are resized in their own type (OpenCV rounds
 to the nearest level), so results agree with an exact float implementation to
 within one input level times ``scale / std``; float frames agree to float32
 precision. The OpenCL twin must keep this signature and meaning.
@@ -15,6 +18,7 @@ precision. The OpenCL twin must keep this signature and meaning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import cv2
@@ -65,6 +69,45 @@ def pads(card: ModelCard) -> bool:
     return card.input.size is None and card.input.multiple is not None and card.input.fit == "pad"
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a frame of ``frame`` (h, w) lies in a network input of ``network`` (h, w):
+    in its top-left ``content`` (h, w), resized; the rest is zero padding."""
+
+    frame: tuple[int, int]
+    network: tuple[int, int]
+    content: tuple[int, int]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Frame pixels per network-input pixel, (x, y)."""
+        return (self.frame[1] / self.content[1], self.frame[0] / self.content[0])
+
+    def crop(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Rows and columns of a map of ``shape`` (h, w) over the whole network input that
+        cover the frame (all of them without padding)."""
+        if self.content == self.network:
+            return shape
+        return (
+            max(1, min(shape[0], round(self.content[0] * shape[0] / self.network[0]))),
+            max(1, min(shape[1], round(self.content[1] * shape[1] / self.network[1]))),
+        )
+
+
+def geometry(spec: TensorSpec, card: ModelCard, frame_hw: tuple[int, int]) -> Geometry:
+    """The :class:`Geometry` of frames of ``frame_hw`` for this input and card."""
+    h, w = network_size(spec, card, frame_hw)
+    fh, fw = frame_hw
+    if (h, w) == (fh, fw) or (pads(card) and h >= fh and w >= fw):
+        content = (min(fh, h), min(fw, w))
+    elif card.input.aspect == "keep":
+        f = min(h / fh, w / fw)
+        content = (max(1, min(h, round(fh * f))), max(1, min(w, round(fw * f))))
+    else:
+        content = (h, w)
+    return Geometry((fh, fw), (h, w), content)
+
+
 def network_channels(spec: TensorSpec, card: ModelCard, image_channels: int) -> int:
     """Channels the network gets: the model's, else the card's, else the frame's."""
     dim = spec.shape[1] if layout_of(spec, card) == "NCHW" else spec.shape[3]
@@ -93,16 +136,16 @@ def prepare(image: np.ndarray, spec: TensorSpec, card: ModelCard) -> np.ndarray:
     """Network input for one frame (HxW or HxWxC, C in 1 or 3); see the module doc."""
     layout = layout_of(spec, card)
     src = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-    h, w = network_size(spec, card, (src.shape[0], src.shape[1]))
+    g = geometry(spec, card, (src.shape[0], src.shape[1]))
+    (h, w), (ch, cw) = g.network, g.content
     c = network_channels(spec, card, 1 if src.ndim == 2 else src.shape[2])
 
     if src.dtype not in _CV_DTYPES:
         src = src.astype(np.float32)
-    if src.shape[:2] != (h, w) and pads(card) and h >= src.shape[0] and w >= src.shape[1]:
-        bottom, right = h - src.shape[0], w - src.shape[1]
-        src = cv2.copyMakeBorder(src, 0, bottom, 0, right, cv2.BORDER_CONSTANT, value=0)
-    elif src.shape[:2] != (h, w):
-        src = cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
+    if src.shape[:2] != (ch, cw):
+        src = cv2.resize(src, (cw, ch), interpolation=cv2.INTER_LINEAR)
+    if (ch, cw) != (h, w):
+        src = cv2.copyMakeBorder(src, 0, h - ch, 0, w - cw, cv2.BORDER_CONSTANT, value=0)
     if c == 1 and src.ndim == 3:
         if src.dtype not in _GRAY_DTYPES:
             src = src.astype(np.float32)

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from daemon.engines import opencl, postprocess, precision, preprocess, registry
+from daemon.engines import loading, opencl, postprocess, precision, preprocess
 from daemon.engines.base import Engine, Pending, TensorSpec
-from daemon.engines.card import ClassCard, ModelCard, card_path, load_card
+from daemon.engines.card import ClassCard, ModelCard, card_path
 from daemon.engines.guard import Guard, Verdict, as_plane, probabilities
 from daemon.errors import EngineError, ModelError
 
@@ -104,44 +104,21 @@ class Segmenter:
         """Load ``model`` with its card on ``engine`` (None: the best available on ``device``);
         the option ``preprocess`` is "cpu" (default), "opencl" or "auto" (see
         ``opencl.choose``); the other ``options`` go to the engine's ``load``."""
-        model = Path(model)
-        if not model.is_file():
-            raise ModelError(f"model file not found: {model}")
-        card = load_card(model)
-        skipped: list[str] = []
-        if engine is None:
-            default = registry.preference(device)
-            order = [*card.engines, *(n for n in default if n not in card.engines)]
-            engine_cls, skipped = registry.select(order, device, model)
-            log.info(
-                "engine %s chosen for %s on %s%s",
-                engine_cls.name,
-                model.name,
-                device,
-                "".join(f"; skipped {s}" for s in skipped),
-            )
-        else:
-            engine_cls = registry.engine_class(engine)
-            probe = engine_cls.probe()
-            if not probe.available:
-                raise EngineError(f"engine {engine!r} is not usable here: {probe.reason}")
-        preprocess = str(options.pop("preprocess", "cpu"))
-        choice = precision.choose(
-            card, model, engine_cls.name, device, str(options.get("precision", "auto"))
-        )
-        if choice.option != "auto":
-            options["precision"] = choice.option
-        log.info("precision %s for %s: %s", choice.precision, model.name, choice.reason)
-        eng = engine_cls()
-        eng.load(choice.file, device, **options)
+        opened = loading.open_model(model, engine, device, **options)
         try:
-            prepare, what, why = opencl.choose(preprocess, device)
-            seg = cls(eng, card, model, skipped, prepare, (what, why))
-            seg.precision = choice
-            return seg
+            seg = cls(
+                opened.engine,
+                opened.card,
+                opened.model,
+                opened.skipped,
+                opened.prepare,
+                opened.prepare_info,
+            )
         except BaseException:
-            eng.close()
+            opened.engine.close()
             raise
+        seg.precision = opened.precision
+        return seg
 
     def _validate(self) -> None:
         """Card against model, for a 4-D image input with a known layout."""
@@ -230,7 +207,10 @@ class Segmenter:
 
     def finish(self, output: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
         """uint8 label map of the frame's height and width."""
-        return postprocess.labels(output, self.card, frame_shape, self.output.layout or "NCHW")
+        g = preprocess.geometry(self.input, self.card, (frame_shape[0], frame_shape[1]))
+        return postprocess.labels(
+            output, self.card, frame_shape, self.output.layout or "NCHW", geometry=g
+        )
 
     def judge(self, x: np.ndarray, output: np.ndarray) -> Verdict:
         """The guard's verdict on one frame from its network input ``x`` (from

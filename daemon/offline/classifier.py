@@ -24,10 +24,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from daemon.engines import preprocess, registry
+from daemon.engines import loading, preprocess
 from daemon.engines.base import Engine, TensorSpec
-from daemon.engines.card import ClassCard, ModelCard, card_path, load_card
-from daemon.errors import EngineError, ModelError
+from daemon.engines.card import ClassCard, ModelCard, card_path
+from daemon.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +91,11 @@ class PatchClassifier:
     ) -> PatchClassifier:
         """Load ``model`` with its card on ``engine`` (None: the best available on
         ``device``, the card's preference first), tuned for throughput."""
-        model = Path(model)
-        if not model.is_file():
-            raise ModelError(f"model file not found: {model}")
-        card = load_card(model)
-        if engine is None:
-            order = [
-                *card.engines,
-                *(n for n in registry.preference(device) if n not in card.engines),
-            ]
-            engine_cls, _ = registry.select(order, device, model)
-        else:
-            engine_cls = registry.engine_class(engine)
-            probe = engine_cls.probe()
-            if not probe.available:
-                raise EngineError(f"engine {engine!r} is not usable here: {probe.reason}")
-        eng = engine_cls()
-        eng.load(model, device, threads=threads, mode="all")
+        opened = loading.open_model(model, engine, device, threads=threads, mode="all")
         try:
-            return cls(eng, card, model)
+            return cls(opened.engine, opened.card, opened.model)
         except BaseException:
-            eng.close()
+            opened.engine.close()
             raise
 
     def prepare(self, patches: Sequence[np.ndarray]) -> np.ndarray:
