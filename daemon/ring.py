@@ -18,7 +18,8 @@ Layout (all offsets fixed at creation; :data:`LAYOUT_VERSION` changes with it):
   pair each): state (free / reading all / reading newest / closed), mode,
   ``release`` (every frame before it is released), ``delivered`` (every frame
   before it was delivered once), frames read, dropped, age of the last frame,
-  the name;
+  ``keep`` (how many frames before ``release`` it still reads: a sequence window,
+  :meth:`RingReader.window`), the name;
 - the slots, ``slot_bytes`` each: the sequence word, the frame header
   (``daemon.frame.META_DTYPE``), the payload at a 64-byte boundary.
 
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 PREFIX = "echod-"
 MAGIC = b"ECHORING"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 ReaderMode = Literal["all", "newest"]
 WriterPolicy = Literal["overwrite", "block"]
@@ -127,15 +128,16 @@ _ENTRY = _padded(
         ("read", "<u8"),
         ("dropped", "<u8"),
         ("last_age_ns", "<u8"),  # 0: nothing read yet
+        ("keep", "<u8"),  # frames before ``release`` the writer must not overwrite yet
         ("name", f"S{_NAME_BYTES}"),
     ],
     128,
 )
 
 # u64 indices of the entry's plain counters (the hot path uses a memoryview cast to "Q").
-_DELIVERED, _READ, _DROPPED, _AGE = (
+_DELIVERED, _READ, _DROPPED, _AGE, _KEEP = (
     _ENTRY.fields[f][1] // 8  # type: ignore[index]
-    for f in ("delivered", "read", "dropped", "last_age_ns")
+    for f in ("delivered", "read", "dropped", "last_age_ns", "keep")
 )
 
 _SEQ_BYTES = 8
@@ -359,8 +361,13 @@ class Ring:
             raise RingError(f"writer policy {policy!r}: use 'overwrite' or 'block'")
         return RingWriter(self, policy)
 
-    def reader(self, name: str, mode: ReaderMode = "all") -> RingReader:
+    def reader(self, name: str, mode: ReaderMode = "all", keep: int = 0) -> RingReader:
         """Register (or resume) the reader entry ``name``.
+
+        ``keep``: the reader also reads the ``keep`` frames before the one it holds
+        (:meth:`RingReader.window`); a ``block`` writer leaves them in place (an
+        "overwrite" writer does not wait: the window may be torn). The ring needs more
+        than ``keep + 1`` slots for the writer to stay ahead.
 
         A new "all" reader starts with the oldest frame certainly still in the
         ring, a new "newest" reader with the latest one. An entry of that name
@@ -371,6 +378,11 @@ class Ring:
         """
         if mode not in _MODE_STATE:
             raise RingError(f"reader mode {mode!r}: use 'all' or 'newest'")
+        if not 0 <= keep < self.slots - 1:
+            raise RingError(
+                f"ring {self.name!r}: a reader keeping {keep} earlier frames needs more than "
+                f"{keep + 1} slots, the ring has {self.slots}"
+            )
         key = name.encode()
         if not key or len(key) > _NAME_BYTES or b"\0" in key:
             raise RingError(f"reader name {name!r}: 1 to {_NAME_BYTES} bytes, no NUL")
@@ -386,7 +398,8 @@ class Ring:
                 None,
             )
             if i is not None and states[i] in (_ALL, _NEWEST):
-                if states[i] != new_state:
+                if states[i] != new_state or self._entries[i][_KEEP] != keep:
+                    self._entries[i][_KEEP] = keep
                     self._table[i]["mode"] = new_state
                     self._state[i].store(new_state)
                     self._gen.fetch_add(1)
@@ -401,10 +414,10 @@ class Ring:
                         f"ring {self.name!r}: all {self.max_readers} reader entries "
                         "are in use; create it with a larger max_readers"
                     )
-                self._activate(i, key, new_state, resume)
+                self._activate(i, key, new_state, resume, keep)
         return RingReader(self, i, name, mode)
 
-    def _activate(self, i: int, key: bytes, state: int, resume: bool) -> None:
+    def _activate(self, i: int, key: bytes, state: int, resume: bool, keep: int) -> None:
         """(Re)start entry ``i`` without a window where a block writer could lap it."""
         entry, release = self._entries[i], self._release[i]
         floor = release.load() if resume else 0
@@ -412,6 +425,7 @@ class Ring:
             self._table[i] = np.zeros((), _ENTRY)
             self._table[i]["name"] = key
         self._table[i]["mode"] = state
+        entry[_KEEP] = keep
         release.store(floor)  # holds a block writer back until the start is known
         self._state[i].store(state)
         self._gen.fetch_add(1)  # the writer rescans the table before its next frame
@@ -525,18 +539,20 @@ class Ring:
         return image
 
     def _min_release(self) -> int:
-        """The lowest ``release`` of the "all" readers (the writer may overwrite below it)."""
+        """The lowest ``release - keep`` of the "all" readers (the writer may overwrite
+        below it)."""
         low = 2**63
-        for state, release in zip(self._state, self._release, strict=True):
+        for state, release, entry in zip(self._state, self._release, self._entries, strict=True):
             if state.load() == _ALL:
-                low = min(low, release.load())
+                low = min(low, release.load() - entry[_KEEP])
         return low
 
     def _laggards(self, need: int) -> list[str]:
         return [
             bytes(self._table[i]["name"]).decode(errors="replace")
             for i in range(self.max_readers)
-            if self._state[i].load() == _ALL and self._release[i].load() < need
+            if self._state[i].load() == _ALL
+            and self._release[i].load() - self._entries[i][_KEEP] < need
         ]
 
     # -- closing -------------------------------------------------------------------
@@ -749,6 +765,17 @@ class RingReader:
                 )
             if not ring._data.wait(self._more, deadline):
                 return None
+
+    def window(self, n: int, start: int = 0) -> list[RingFrame | None]:
+        """The frames ``max(start, held - n + 1, 0)`` .. ``held`` (the one :meth:`read`
+        returned last), oldest first, each ``None`` if it is no longer in the ring. A
+        reader registered with ``keep >= n - 1`` under a ``block`` writer always has them;
+        check each frame's :meth:`RingFrame.valid` after using it, as for :meth:`read`'s."""
+        held = self._held
+        if held < 0:
+            raise RingError(f"reader {self.name!r}: window() before a frame was read")
+        ring = self._ring
+        return [ring._frame(seq) for seq in range(max(start, held - n + 1, 0), held + 1)]
 
     def _more(self) -> bool:
         """Something to do: a frame after ``_pos``, or the end of the stream."""

@@ -6,15 +6,21 @@ The engine is the one named, or the first in the card's ``engines`` then the dev
 fixed preference whose probe says it can run the model here (the choice and why the
 others were skipped are logged). ``precision = "auto"`` takes the card's calibrated
 choice (daemon/engines/precision.py); the option ``preprocess`` ("cpu", "opencl",
-"auto") picks the pre-processing path (daemon/engines/opencl.py).
+"auto") picks the pre-processing path (daemon/engines/opencl.py). :func:`fit` checks,
+at start, that frames of the source's size go through every step (probing the multiple
+a model with free height/width needs).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
 
 from daemon.engines import opencl, precision, preprocess, registry
 from daemon.engines.base import Engine
@@ -87,3 +93,67 @@ def open_model(
         prepare, what = preprocess.prepare, "cpu"
         why = "the OpenCL kernel stretches; this card pads (aspect keep or fit pad)"
     return Opened(eng, card, model, skipped, choice, prepare, (what, why))
+
+
+PROBE_MULTIPLES = (8, 16, 32, 64, 128)
+_FITTING = (ModelError, EngineError, RuntimeError, ValueError)
+
+
+def frame_text(shape: tuple[int, ...]) -> str:
+    """``480x640 gray`` / ``480x640 with 3 channels``: frames in messages."""
+    text = "x".join(str(d) for d in shape[:2])
+    if len(shape) == 3:
+        text += " gray" if shape[2] == 1 else f" with {shape[2]} channels"
+    return text
+
+
+def check_frame(shape: tuple[int, ...], dtype: DTypeLike | None = None) -> None:
+    """One-line ModelError unless frames of ``shape`` (and ``dtype``) are images a model
+    can take: gray (HxW) or RGB (HxWx3), numeric."""
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or 0 in shape:
+        text = "x".join(map(str, shape))
+        raise ModelError(f"frames of shape {text} are not gray (HxW) or RGB (HxWx3) images")
+    if dtype is not None and np.dtype(dtype).kind not in "uif":
+        raise ModelError(f"frames of type {np.dtype(dtype)} are not numeric images")
+
+
+def fit(
+    model: Path,
+    card: ModelCard,
+    free: bool,
+    frame_shape: tuple[int, ...],
+    run: Callable[[ModelCard], None],
+) -> ModelCard:
+    """The card with which frames of ``frame_shape`` go through every step (``run``
+    puts one blank frame through prepare, inference and decoding with a card): ``card``
+    itself, or, for a model with ``free`` height/width that rejects the frame's sides
+    (strides that need multiples of 32, say), ``card`` with the ``multiple`` it needs,
+    probed (frames are padded to it). One-line ModelError when none works."""
+    try:
+        run(card)
+        return card
+    except _FITTING as e:
+        first = e
+    probe = free and card.input.multiple is None
+    if probe:
+        for m in PROBE_MULTIPLES:
+            padded = card.model_copy(
+                update={"input": card.input.model_copy(update={"multiple": m, "fit": "pad"})}
+            )
+            try:
+                run(padded)
+            except _FITTING:
+                continue
+            log.info(
+                "model %s needs sides in multiples of %d (probed): frames of %s are padded",
+                model.name,
+                m,
+                frame_text(frame_shape),
+            )
+            return padded
+    reason = str(first).splitlines()[0] if str(first).strip() else type(first).__name__
+    tried = f" (padding to multiples of {', '.join(map(str, PROBE_MULTIPLES))} did not help)"
+    raise ModelError(
+        f"model {model.name} cannot take frames of {frame_text(frame_shape)}: {reason}"
+        + (tried if probe else "")
+    ) from None

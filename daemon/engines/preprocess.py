@@ -10,10 +10,10 @@ weights) when it wants 1, the model's layout (NCHW or NHWC) and a batch
 dimension of 1. Where the frame goes in the network input is its :class:`Geometry`:
 stretched over the whole input (the default), scaled by one factor and padded with
 zeros at the bottom/right (the card's ``aspect = "keep"``: a letterbox), or padded to
-a multiple of the model's stride (``multiple`` with ``fit = "pad"``). Integer frames are resized in their own type (OpenCV rounds
-to the nearest level), so results agree with an exact float implementation to
-within one input level times ``scale / std``; float frames agree to float32
-precision. The OpenCL twin must keep this signature and meaning.
+a multiple of the model's stride (``multiple`` with ``fit = "pad"``). Integer frames
+are resized in their own type (OpenCV rounds to the nearest level), so results agree
+with an exact float implementation to within one input level times ``scale / std``;
+float frames agree to float32 precision. The OpenCL twin must keep this signature and meaning.
 """
 
 from __future__ import annotations

@@ -37,20 +37,12 @@ from daemon.engines import loading, opencl, postprocess, precision, preprocess
 from daemon.engines.base import Engine, Pending, TensorSpec
 from daemon.engines.card import ClassCard, ModelCard, card_path
 from daemon.engines.guard import Guard, Verdict, as_plane, probabilities
-from daemon.errors import EngineError, ModelError
+from daemon.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 _IMAGE_LAYOUTS = ("NCHW", "NHWC")
-PROBE_MULTIPLES = (8, 16, 32, 64, 128)
 _TRUSTED = Verdict(True, "", 1.0)
-
-
-def _frame_text(shape: tuple[int, ...]) -> str:
-    text = "x".join(str(d) for d in shape[:2])
-    if len(shape) == 3:
-        text += " gray" if shape[2] == 1 else f" with {shape[2]} channels"
-    return text
 
 
 class Segmenter:
@@ -82,8 +74,14 @@ class Segmenter:
                 f"{len(engine.outputs)} outputs; a segmentation model takes one image "
                 "and gives at least one output"
             )
+        layout = card.input.layout
+        if card.input.sequence > 1 or layout == "NSCHW" or layout == "NSHWC":
+            raise ModelError(
+                f"model {self.model.name} takes sequences of frames ([input] sequence in "
+                f"{card_path(model)}): only the live infer stage feeds them"
+            )
         spec = engine.inputs[0]
-        self.input: TensorSpec = replace(spec, layout=card.input.layout or spec.layout)
+        self.input: TensorSpec = replace(spec, layout=layout or spec.layout)
         self.output: TensorSpec = engine.outputs[0]
         self.classes: tuple[ClassCard, ...] = card.classes
         self.guard: Guard | None = (
@@ -162,15 +160,11 @@ class Segmenter:
         go into this model."""
         shape = tuple(shape)
         name, spec = self.model.name, self.input
-        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or 0 in shape:
-            text = "x".join(map(str, shape))
-            raise ModelError(f"frames of shape {text} are not gray (HxW) or RGB (HxWx3) images")
-        if dtype is not None and np.dtype(dtype).kind not in "uif":
-            raise ModelError(f"frames of type {np.dtype(dtype)} are not numeric images")
+        loading.check_frame(shape, dtype)
         if len(spec.shape) != 4:
             raise ModelError(
                 f"model {name} expects {len(spec.shape)}-D input {spec.describe()}; frames are 2-D "
-                f"{_frame_text(shape)}: use a 2-D segmentation model"
+                f"{loading.frame_text(shape)}: use a 2-D segmentation model"
             )
         if spec.layout not in _IMAGE_LAYOUTS:
             raise ModelError(
@@ -258,42 +252,19 @@ class Segmenter:
         needs, and frames are padded to it from then on (the card's ``multiple`` says it
         without probing)."""
         shape = tuple(frame_shape)
-        try:
-            self._run_blank(shape)
-            return
-        except (ModelError, EngineError, RuntimeError, ValueError) as e:
-            first = e
-        free = self.card.input.size is None and None in self.input.spatial
-        if free and self.card.input.multiple is None:
-            card = self.card
-            for m in PROBE_MULTIPLES:
-                self.card = card.model_copy(
-                    update={"input": card.input.model_copy(update={"multiple": m, "fit": "pad"})}
-                )
-                try:
-                    self._run_blank(shape)
-                except (ModelError, EngineError, RuntimeError, ValueError):
-                    continue
-                log.info(
-                    "model %s needs sides in multiples of %d (probed): frames of %s are padded",
-                    self.model.name,
-                    m,
-                    _frame_text(shape),
-                )
-                self._prepare = preprocess.prepare
-                self.prepare_info = ("cpu", f"frames padded to multiples of {m} on the CPU")
-                return
-            self.card = card
-        reason = str(first).splitlines()[0] if str(first).strip() else type(first).__name__
-        tried = f" (padding to multiples of {', '.join(map(str, PROBE_MULTIPLES))} did not help)"
-        raise ModelError(
-            f"model {self.model.name} cannot take frames of {_frame_text(shape)}: {reason}"
-            + (tried if free and self.card.input.multiple is None else "")
-        ) from None
+        card = self.card
+        free = card.input.size is None and None in self.input.spatial
+        fitted = loading.fit(self.model, card, free, shape, lambda c: self._run_blank(shape, c))
+        self.card = fitted
+        if fitted is not card:
+            self._prepare = preprocess.prepare
+            m = fitted.input.multiple
+            self.prepare_info = ("cpu", f"frames padded to multiples of {m} on the CPU")
 
-    def _run_blank(self, frame_shape: tuple[int, ...]) -> None:
+    def _run_blank(self, frame_shape: tuple[int, ...], card: ModelCard) -> None:
+        self.card = card
         blank = np.zeros(frame_shape, np.uint8)
-        self.finish(self.infer(self._prepare(blank, self.input, self.card)), frame_shape)
+        self.finish(self.infer(self._prepare(blank, self.input, card)), frame_shape)
 
     def warmup(self, n: int = 3, frame_shape: tuple[int, ...] | None = None) -> float:
         """Run ``n`` blank frames through all steps; returns the last inference in ms.
