@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from daemon import results
 from daemon.acquire import FrameSource, open_source, paced
 from daemon.config import Config, SourceConfig
 from daemon.engines.base import Pending
-from daemon.errors import ModelError
+from daemon.errors import ConfigError, ModelError
 from daemon.frame import WITHHELD, Frame, FrameMeta, Timing
-from daemon.ring import ReaderMode
+from daemon.ring import ReaderMode, RingFrame
 from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ def job_workers(config: Config) -> list[StageSpec]:
     the patience of one unit of work (``offline.heartbeat_timeout_s``)."""
     patience = {"heartbeat_timeout_s": config.offline.heartbeat_timeout_s}
     return [
-        StageSpec(f"jobs-{i}", "job_worker", params=patience)
-        for i in range(config.offline.workers)
+        StageSpec(f"jobs-{i}", "job_worker", params=patience) for i in range(config.offline.workers)
     ]
 
 
@@ -187,16 +187,25 @@ class AcquireStage(Stage):
 
 
 class InferStage(Stage):
-    """Pre-process, run the network, post-process; label maps go to the results ring.
+    """Pre-process, run the network, decode its outputs; each frame's result record
+    (daemon/results.py) goes to the results ring.
 
     Started with ``params["standby"]`` (a hot-swap successor), it loads and warms
     up its model but reads no frame until the supervisor says ``go``; its reader
     entry has the same name as its predecessor's, so it resumes at the first
     frame the predecessor did not take.
+
+    A sequence model (``[input] sequence = S``) gets the last S frames: its reader
+    keeps the S - 1 frames before the one it reads (a ``block`` writer leaves them in
+    the ring), each frame is prepared once and kept by the network
+    (:meth:`~daemon.engines.network.Network.window`). In mode "newest" a window
+    whose frames were overwritten while prepared is counted as torn. Frames from
+    before this stage's first frame that the ring no longer has are stood in for by
+    the oldest it has.
     """
 
     def setup(self) -> dict[str, Any]:
-        from daemon.engines.segmenter import Segmenter
+        from daemon.engines.network import Network
         from daemon.models import default_model
 
         cfg, m, p = self.config, self.config.model, self.spec.params
@@ -210,16 +219,17 @@ class InferStage(Stage):
         }
         if m.threads:
             options["threads"] = m.threads
-        self.seg = Segmenter.open(
+        self.net = Network.open(
             path,
             engine=p.get("engine") or m.engine or None,
             device=p.get("device") or m.device,
             **options,
         )
         shape = tuple(p["frame_shape"])
-        self.seg.check_frame(shape)
-        self.seg.fit_frames(shape)  # the real frame size: a misfit fails here, exit 65
-        warmup_ms = self.seg.warmup(m.warmup, frame_shape=shape) if m.warmup else None
+        self.net.check_frame(shape)
+        self.net.fit_frames(shape)  # the real frame size: a misfit fails here, exit 65
+        self._check_rings(shape)
+        warmup_ms = self.net.warmup(m.warmup, frame_shape=shape) if m.warmup else None
         self.count = 0
         self.torn = 0
         self.rejected = 0
@@ -227,13 +237,33 @@ class InferStage(Stage):
         self.inflight: deque[tuple[Pending, FrameMeta, float, float, np.ndarray]] = deque()
         self.withheld = 0
         self.doubt = ""  # why the last frame was withheld ("" when it was not)
+        self.first = self.last = -1  # sequence numbers of the first and last frame read
         self.active = False
         if not p.get("standby"):
             self._activate()
-        return {**self.seg.describe(), "warmup_ms": warmup_ms}
+        channels = 1 if len(shape) == 2 else shape[2]
+        return {**self.net.describe(channels), "warmup_ms": warmup_ms}
+
+    def _check_rings(self, shape: tuple[int, ...]) -> None:
+        """At start, in one line: the frames ring holds a sequence's frames with room for
+        the writer, the results ring a record of this model's outputs."""
+        s, name = self.net.sequence, self.net.model.name
+        slots = self.ctx.ring("frames").slots
+        if s > 1 and slots <= s + 1:
+            raise ConfigError(
+                f"model {name} takes the last {s} frames: the frames ring needs more than "
+                f"{s + 1} slots and has pipeline.ring_slots = {slots}; set it to {s + 2} or more"
+            )
+        need, have = self.net.record_bytes(shape), self.ctx.ring("results").payload_bytes
+        if need > have:
+            frames = "x".join(map(str, shape))
+            raise ModelError(
+                f"model {name}'s outputs take up to {need} bytes per frame of {frames}; the "
+                f"results ring holds {have}: fewer or smaller outputs (or smaller frames)"
+            )
 
     def _activate(self) -> None:
-        self.reader = self.ctx.input("frames")
+        self.reader = self.ctx.input("frames", keep=self.net.sequence - 1)
         self.ctx.output("results")
         self.active = True
 
@@ -255,27 +285,52 @@ class InferStage(Stage):
             return True
         t0 = time.perf_counter()
         try:
-            x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
+            x = self._input(f)  # reads the slot(s) in place (zero-copy)
         except ModelError as e:  # this frame does not fit the model: refuse it, go on
             self._refuse(f.image, e)
             return True
-        if not f.valid():  # overwritten while we read it: "newest" mode under load
+        if x is None:  # overwritten while we read it: "newest" mode under load
             self.torn += 1
             return True
         t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
-        self.inflight.append((self.seg.submit(x), f.meta, t0, t1, x))
+        self.inflight.append((self.net.submit(x), f.meta, t0, t1, x))
         # in order; at most `depth` in flight; a finished one goes out at once (latency)
         while self.inflight and (
-            len(self.inflight) >= self.seg.depth or self.inflight[0][0].done()
+            len(self.inflight) >= self.net.depth or self.inflight[0][0].done()
         ):
             self._finish_oldest()
         return True
 
+    def _input(self, f: RingFrame) -> np.ndarray | None:
+        """The network input for frame ``f`` (None: torn): the frame prepared, or the
+        window of the last S frames, each prepared once."""
+        net, k = self.net, f.seq
+        if self.first < 0:
+            self.first = k
+        if net.sequence == 1:
+            x = net.prepare(f.image)
+            return x if f.valid() else None
+        if k != self.last + 1:  # a jump ("newest"): windows in flight keep their frames
+            self.flush()
+        self.last = k
+        s = net.sequence
+        start = next((q for q in range(max(k - s + 1, 0), k + 1) if not net.kept(q)), k + 1)
+        for q, frame in zip(range(start, k + 1), self.reader.window(s, start), strict=True):
+            if frame is None:
+                if q < self.first:
+                    continue  # before this stage began and gone: the oldest there stands in
+                return None
+            net.keep(q, net.prepare(frame.image))
+            if not frame.valid():
+                net.forget(q)
+                return None
+        return net.window(k)
+
     def _finish_oldest(self) -> None:
         pending, meta, t0, t1, x = self.inflight.popleft()
-        out = self.seg.result(pending)
+        out = self.net.result(pending)
         t2 = time.perf_counter()  # with several in flight, inference includes queueing
-        labels, verdict = self.seg.finish_guarded(out, meta.shape, x)
+        outputs, verdict = self.net.finish(out, meta.shape, x)
         t3 = time.perf_counter()
         meta.confidence, meta.flags = verdict.confidence, 0 if verdict.confident else WITHHELD
         self.withheld += not verdict.confident
@@ -286,7 +341,11 @@ class InferStage(Stage):
         meta.timings_ms[Timing.NN_INFERENCE] = (t2 - t1) * 1e3
         meta.timings_ms[Timing.NN_OUTPUT] = (t3 - t2) * 1e3
         meta.generation = self.spec.generation
-        self.ctx.send("results", labels, meta)
+        slot = self.ctx.claim("results", (results.nbytes(outputs),), np.uint8)
+        if slot is None:  # stopped while a slow reader held the ring
+            return
+        results.pack_into(slot, outputs)
+        self.ctx.output("results").publish(meta)
         self.count += 1
 
     def _refuse(self, image: Any, error: ModelError) -> None:
@@ -301,8 +360,8 @@ class InferStage(Stage):
             self._finish_oldest()
 
     def teardown(self) -> None:
-        if hasattr(self, "seg"):
-            self.seg.close()
+        if hasattr(self, "net"):
+            self.net.close()
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -127,11 +127,20 @@ class StageContext:
             self._rings[name] = Ring.attach(name)
         return self._rings[name]
 
-    def input(self, port: str) -> RingReader:
+    def input(self, port: str, keep: int = 0) -> RingReader:
+        """The reader of an input port (``keep``: earlier frames it also reads, a sequence
+        window: :meth:`daemon.ring.Ring.reader`)."""
         if port not in self._readers:
             p = self.spec.inputs[port]
-            self._readers[port] = self._ring(p.ring).reader(self.spec.name, p.mode)
+            self._readers[port] = self._ring(p.ring).reader(self.spec.name, p.mode, keep)
         return self._readers[port]
+
+    def ring(self, port: str) -> Ring:
+        """The ring behind an input or output port (its size: slots, payload bytes)."""
+        p = self.spec.inputs.get(port) or self.spec.outputs.get(port)
+        if p is None:
+            raise StageError(f"stage '{self.spec.name}' has no port '{port}'")
+        return self._ring(p.ring)
 
     def readers(self) -> list[RingReader]:
         return list(self._readers.values())
@@ -153,6 +162,17 @@ class StageContext:
             except TimeoutError:
                 self.beat()  # waiting for a slow reader is not hanging
         return False
+
+    def claim(self, port: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+        """The next slot of an output port to fill in place (then ``output(port).publish``),
+        waiting for slow "all" readers as :meth:`send` does; None if stopped first."""
+        writer = self.output(port)
+        while not self.stop.is_set():
+            try:
+                return writer.claim(shape, dtype, timeout=POLL_S)
+            except TimeoutError:
+                self.beat()
+        return None
 
     def beat(self) -> None:
         """A heartbeat, at most every :data:`HEARTBEAT_S` (call it freely)."""
