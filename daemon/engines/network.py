@@ -45,12 +45,12 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import DTypeLike
 
+from daemon import results
 from daemon.engines import decoders, loading, opencl, postprocess, precision, preprocess
 from daemon.engines.base import Engine, Layout, Pending, TensorSpec, detect_layout
 from daemon.engines.card import ClassCard, ModelCard, OutputCard, RoleCard, card_path
 from daemon.engines.guard import Guard, Verdict, as_plane, probabilities
 from daemon.errors import ModelError
-from daemon import results
 from daemon.results import NAME_BYTES, Output
 
 log = logging.getLogger(__name__)
