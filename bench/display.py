@@ -4,8 +4,9 @@
   frame, for 256x256 and 820x616 phantom frames in a 1280x800 window, in OpenGL 3.3 core
   and OpenGL ES 3.0;
 - live: a producer process writes phantom frames at ``--fps`` into a real "frames" ring
-  and their ground-truth labels into a "results" ring (inference taking no time); the
-  display stage reads both (newest) and reports acquisition -> buffer swap latency.
+  and their ground-truth labels (as result records) into a "results" ring (inference
+  taking no time); the display stage reads both (newest) and reports acquisition ->
+  buffer swap latency.
 
 Without a ``DISPLAY`` it starts its own Xvfb (Mesa llvmpipe renders then).
 """
@@ -32,6 +33,7 @@ from daemon.config import Config
 from daemon.display.gl import DisplayConfig, DisplayStage, Renderer, Window
 from daemon.frame import FrameMeta
 from daemon.metrics import Percentiles
+from daemon.results import Output, capacity, pack
 from daemon.ring import Ring
 from daemon.stage import InputPort, StageContext, StageSpec
 
@@ -129,7 +131,7 @@ def produce(frames: str, results: str, shape: tuple[int, int], fps: float, n: in
         image, labels = data[i % len(data)]
         meta = FrameMeta(index=i, t_acquired_ns=time.monotonic_ns())
         f_out.write(image, meta)
-        r_out.write(labels, meta)
+        r_out.write(pack([Output("segmentation", "labels", labels)]), meta)
     f_out.close_stream()
     r_out.close_stream()
     f_ring.close()
@@ -138,10 +140,8 @@ def produce(frames: str, results: str, shape: tuple[int, int], fps: float, n: in
 
 def live(shape: tuple[int, int], fps: float, seconds: float) -> dict[str, Any]:
     tag = f"{os.getpid()}-bench-display"
-    size = shape[0] * shape[1]
-    rings = [
-        Ring.create(f"{tag}-{name}", slots=8, payload_bytes=size) for name in ("frames", "results")
-    ]
+    sizes = {"frames": shape[0] * shape[1], "results": capacity(shape)}
+    rings = [Ring.create(f"{tag}-{name}", slots=8, payload_bytes=n) for name, n in sizes.items()]
     spec = StageSpec(
         "sink",
         "display",

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyigtl
 
+from daemon import results
 from daemon.frame import FrameMeta
 from daemon.stage import POLL_S, Stage
 
@@ -157,7 +158,8 @@ class LabelServer:
 
 
 class IgtlOutStage(Stage):
-    """Reads the results ring ("newest") and serves each label map; config ``[igtl_out]``."""
+    """Reads the results ring ("newest") and serves each result's label map (its first
+    segmentation output); config ``[igtl_out]``."""
 
     def setup(self) -> dict[str, Any]:
         cfg = self.config.igtl_out
@@ -173,7 +175,14 @@ class IgtlOutStage(Stage):
         f = self.reader.read(timeout=BUSY_POLL_S if server.busy else POLL_S)
         if f is None or not server.clients:
             return True
-        message = label_message(f.image, f.meta, self.device)
+        try:
+            labels = results.unpack(f.image).labels
+        except results.RecordError:  # torn while read (checked below) or not a record
+            labels = None
+        if labels is None:  # no label map in this result: nothing to send
+            self.torn += not f.valid()
+            return True
+        message = label_message(labels, f.meta, self.device)
         if not f.valid():  # overwritten while packed
             self.torn += 1
             return True

@@ -246,8 +246,10 @@ class Supervisor:
     def _create_rings(self, shape: tuple[int, ...], dtype: Any) -> None:
         import numpy as np
 
+        from daemon import results
+
         frame_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        label_bytes = int(np.prod(shape[:2]))
+        label_bytes = results.capacity(tuple(shape))
         limit = self.config.pipeline.max_frame_bytes
         if frame_bytes > limit:
             raise StageError(
@@ -579,7 +581,7 @@ class Supervisor:
                 print(text, flush=True)
 
     def _waiting_text(self) -> str | None:
-        """"waiting for scanner at HOST:PORT ..." while the scanner is not connected."""
+        """ "waiting for scanner at HOST:PORT ..." while the scanner is not connected."""
         state = self.source_state.get("state")
         if state in (None, "connected", "streaming"):
             return None
@@ -1012,6 +1014,7 @@ class Supervisor:
             "model": infer.info.get("model"),
             "precision": infer.info.get("precision"),
             "precision_reason": infer.info.get("precision_reason"),
+            "input_conversion": infer.info.get("input_conversion"),
             "mode": self.config.pipeline.mode,
             "source": source["description"],
             "restarts": {w.spec.name: w.restarts for w in self.workers.values() if w.restarts},
@@ -1057,6 +1060,8 @@ def _ready_text(info: dict[str, Any]) -> str:
         parts.append(f"model {info['model']}")
     if info.get("precision"):
         parts.append(f"precision {info['precision']} ({info.get('precision_reason')})")
+    if info.get("input_conversion"):
+        parts.append(str(info["input_conversion"]))
     if info.get("warmup_ms") is not None:
         parts.append(f"warm-up {info['warmup_ms']:.0f} ms")
     for key in ("source", "display"):

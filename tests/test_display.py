@@ -28,7 +28,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 pygame = pytest.importorskip("pygame")
 pytest.importorskip("OpenGL.GL")
 
-from daemon import config, pipeline  # noqa: E402
+from daemon import config, pipeline, results  # noqa: E402
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa: E402
 from daemon.cli import main as cli_main  # noqa: E402
 from daemon.config import Config  # noqa: E402
@@ -315,14 +315,19 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
 # -- the stage, through real rings ----------------------------------------------------
 
 
+def record(labels: np.ndarray) -> np.ndarray:
+    """A result record holding one label map (what the infer stage writes)."""
+    return results.pack([results.Output("segmentation", "labels", labels)])
+
+
 class Rig:
     """Rings "frames" and "results", writers for both, and a DisplayStage reading them."""
 
     def __init__(self, settings: DisplayConfig, shape: tuple[int, int] = (128, 160)) -> None:
         tag = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}"
-        n = shape[0] * shape[1]
+        sizes = {"frames": shape[0] * shape[1], "results": results.capacity(shape)}
         self.rings = [
-            Ring.create(f"{tag}-{name}", slots=8, payload_bytes=n) for name in ("frames", "results")
+            Ring.create(f"{tag}-{name}", slots=8, payload_bytes=n) for name, n in sizes.items()
         ]
         self.frames: RingWriter = self.rings[0].writer()
         self.results: RingWriter = self.rings[1].writer()
@@ -361,7 +366,7 @@ class Rig:
 
     def result(self, index: int, labels: np.ndarray, flags: int = 0) -> None:
         meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), flags=flags)
-        self.results.write(labels, meta)
+        self.results.write(record(labels), meta)
 
     def step_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -525,7 +530,7 @@ def test_after_a_hot_swap_each_overlay_has_the_colours_of_the_model_that_made_it
             lambda index=index: len(r.stage.history) and r.stage.history[-1][1].index == index
         )
         meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), generation=generation)
-        r.results.write(square(r.shape), meta)
+        r.results.write(record(square(r.shape)), meta)
         r.step_until(lambda index=index: r.stage.shown is not None and r.stage.shown.index == index)
         want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(classes))[0, 0]
         assert np.abs(r.centre() - want).max() <= 2, f"generation {generation}"

@@ -38,6 +38,7 @@ from daemon.config import Config
 from daemon.errors import SourceError
 from daemon.frame import Frame, FrameMeta
 from daemon.igtl_out import IgtlOutStage
+from daemon.results import Output, capacity, pack
 from daemon.ring import Ring
 from daemon.stage import InputPort, StageContext, StageSpec
 from daemon.supervisor import Supervisor
@@ -560,7 +561,7 @@ def test_no_server_backs_off_exponentially(
 
 
 @contextmanager
-def out_stage(payload_bytes: int = SHAPE[0] * SHAPE[1]) -> Iterator[tuple[IgtlOutStage, Any]]:
+def out_stage(payload_bytes: int = capacity(SHAPE)) -> Iterator[tuple[IgtlOutStage, Any]]:
     """An IgtlOutStage (on a free port) reading a fresh results ring, and the ring's writer."""
     name = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}-results"
     ring = Ring.create(name, slots=4, payload_bytes=payload_bytes)
@@ -599,7 +600,7 @@ def test_segmentation_is_received_by_a_pyigtl_client_with_the_frame_geometry() -
                     spacing=(0.3, 0.2, 1.0),
                     transform=MATRIX.copy(),
                 )
-                results.write(labels, meta)
+                results.write(pack([Output("segmentation", "labels", labels)]), meta)
 
                 def received(i: int = i) -> bool:
                     got.extend(client.get_latest_messages())
@@ -619,13 +620,14 @@ def test_segmentation_is_received_by_a_pyigtl_client_with_the_frame_geometry() -
 
 def test_output_skips_frames_for_a_client_that_is_behind() -> None:
     big, n = (616, 820), 30  # 15 MB unread: more than the socket buffers hold
-    with out_stage(payload_bytes=big[0] * big[1]) as (stage, results):
+    with out_stage(payload_bytes=capacity(big)) as (stage, results):
         client = socket.create_connection(("127.0.0.1", stage.server.port))
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
             step_until(stage, lambda: stage.server.clients == 1)
             for i in range(n):  # never read by the client
-                results.write(image(i, big), FrameMeta(index=i, transform=MATRIX.copy()))
+                labels = pack([Output("segmentation", "labels", image(i, big))])
+                results.write(labels, FrameMeta(index=i, transform=MATRIX.copy()))
                 read = i + 1
                 step_until(stage, lambda: stage.reader.read_count >= read)  # noqa: B023
             s = stage.server

@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
+from daemon import results
 from daemon.config import DISPLAY_RUNTIME, Config, DisplayConfig
 from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
@@ -112,6 +113,7 @@ def as_u8(image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+_NO_LABELS = np.zeros((1, 1), np.uint8)  # a result without a label map: nothing drawn
 _NO_SCREEN = ("offscreen", "dummy", "evdev")  # SDL's last resorts: nothing is shown
 
 
@@ -733,12 +735,15 @@ class DisplayStage(Stage):
         return None
 
     def _upload_overlay(self, result: RingFrame) -> bool:
-        self.renderer.upload_overlay(result.image)
+        try:  # the result record's first label map (daemon/results.py)
+            labels = results.unpack(result.image).labels
+        except results.RecordError:  # torn while read (checked below) or not a record
+            labels = None
+        self.renderer.upload_overlay(_NO_LABELS if labels is None else labels)
         if not result.valid():  # overwritten while uploading: no overlay until the next one
             self.torn += 1
             self.overlay_index = self.shown_result = None
             return False
-        self.heatmap = result.image.dtype.kind == "f"
         self.overlay_index = result.meta.index
         self.overlay_withheld = bool(result.meta.flags & WITHHELD)
         generation = result.meta.generation

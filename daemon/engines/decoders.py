@@ -21,8 +21,8 @@ fractions of the network input's width and height.
   ``"heatmaps"``: (1, K, h, w) (or (1, h, w, K)): the peak of each map, refined to
   sub-pixel by a parabola through the peak and its neighbours on each axis, on the
   logarithm of the values when they are positive (exact for a Gaussian blob), else on
-  the values; the score is the peak value. Points scoring below the threshold get
-  NaN coordinates (not found).
+  the values (probabilities: logits go through a sigmoid first); the score is the
+  peak value. Points scoring below the threshold get NaN coordinates (not found).
 - Scores of an output whose card says ``activation = "none"`` (logits) go through a
   sigmoid (detection, keypoints) or a softmax (classification, confidence) first.
 
@@ -253,14 +253,13 @@ def keypoints_heatmaps(
     output: np.ndarray, role: RoleCard, layout: str, geometry: Geometry
 ) -> np.ndarray:
     """(K, 3) x y score in frame pixels, from (1, K, h, w) heatmaps (one per point)."""
-    maps = np.asarray(planes(output, layout), np.float32)
+    maps = _scores(np.asarray(planes(output, layout), np.float32), role.activation)
     k, hh, hw = maps.shape
     points = np.empty((k, 3), np.float32)
     for i in range(k):
         x, y, v = peak(maps[i])
         points[i] = (x * geometry.network[1] / hw, y * geometry.network[0] / hh, v)
     points[:, :2] = to_frame(points[:, :2], geometry)
-    points[:, 2] = _scores(points[:, 2], role.activation)
     return _not_found(points, role.threshold)
 
 
@@ -335,16 +334,18 @@ def count(role: RoleCard, shape: tuple[int | None, ...], layout: str | None) -> 
     return max(n, 2) if role.role == "classification" else n
 
 
-def guess(spec: TensorSpec) -> RoleCard | None:
-    """The role an output of this shape most likely has (see the module doc), or None."""
+def guess(spec: TensorSpec, layout: str | None = None) -> RoleCard | None:
+    """The role an output of this shape most likely has (see the module doc), or None;
+    ``layout``: a map's when its own cannot be detected (the input's)."""
     shape = spec.shape
     rank = len(shape)
     if rank == 4:
-        layout = spec.layout if spec.layout in ("NCHW", "NHWC") else detect_layout(shape)
-        spatial = shape[2:] if layout != "NHWC" else shape[1:3]
-        if spatial == (1, 1):
+        if shape[2:] == (1, 1) or shape[1:3] == (1, 1):  # (1, C, 1, 1) or (1, 1, 1, C)
             return RoleCard(role="classification")
-        if layout in ("NCHW", "NHWC"):
+        if spec.layout in ("NCHW", "NHWC"):
+            layout = spec.layout
+        layout = detect_layout(shape) or layout
+        if layout == "NCHW" or layout == "NHWC":
             return RoleCard(role="segmentation", layout=layout)
         return None
     if rank == 3 and shape[-1] == 6:

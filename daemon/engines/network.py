@@ -116,8 +116,7 @@ class Network:
         spec = engine.inputs[0]
         self.input, self.frame_input = self._input_specs(spec)
         self._frame_card = self._for_frames(card)
-        if len(self.frame_input.shape) == 4 and self.frame_input.layout in _IMAGE_LAYOUTS:
-            self._validate_input()
+        self._validate_input()
         self.heads: tuple[Head, ...] = self._heads()
         self.guard: Guard | None = (
             Guard(card.guard.min_confidence, card.guard.domain) if card.guard else None
@@ -193,9 +192,20 @@ class Network:
         return card.model_copy(update={"input": card.input.model_copy(update={"layout": layout})})
 
     def _validate_input(self) -> None:
-        """Card against model, for an image input of a known layout."""
-        spec, card = self.frame_input, self.card
-        where = f"model {self.model.name} input {spec.describe()}"
+        """An image input of a known layout (frames are 2-D), and the card against it."""
+        spec, card, name = self.frame_input, self.card, self.model.name
+        if len(spec.shape) != 4:
+            raise ModelError(
+                f"model {name} expects {len(spec.shape)}-D input {spec.describe()}; frames are "
+                "2-D images: use a 2-D model (a model fed the last S frames says [input] "
+                "sequence = S in its card)"
+            )
+        if spec.layout not in _IMAGE_LAYOUTS:
+            raise ModelError(
+                f"model {name} input {spec.describe()}: its layout cannot be detected; set "
+                f'layout = "NCHW" or "NHWC" under [input] in {card_path(self.model)}'
+            )
+        where = f"model {name} input {spec.describe()}"
         if spec.dtype.kind != "f":
             raise ModelError(f"{where}: echod feeds floating-point inputs")
         size, fixed = card.input.size, spec.spatial
@@ -249,7 +259,7 @@ class Network:
         outputs, name = self.engine.outputs, self.model.name
         found, lines, texts, unknown = [], [], [], []
         for spec in outputs:
-            role = decoders.guess(spec)
+            role = decoders.guess(spec, self.frame_input.layout)
             if role is None:
                 unknown.append(f"{spec.name!r} ({', '.join(map(_dim, spec.shape))})")
                 continue
@@ -373,30 +383,15 @@ class Network:
         """One-line ModelError when frames of ``shape`` (and ``dtype``, if given) cannot
         go into this model."""
         shape = tuple(shape)
-        name, spec = self.model.name, self.frame_input
         loading.check_frame(shape, dtype)
-        if len(spec.shape) != 4:
-            raise ModelError(
-                f"model {name} expects {len(spec.shape)}-D input {spec.describe()}; frames are "
-                f"2-D {loading.frame_text(shape)}: use a 2-D model (a model fed the last S "
-                "frames says [input] sequence = S in its card)"
-            )
-        if spec.layout not in _IMAGE_LAYOUTS:
-            raise ModelError(
-                f"model {name} input {spec.describe()}: its layout cannot be detected; set "
-                f'layout = "NCHW" or "NHWC" under [input] in {card_path(self.model)}'
-            )
-        c = preprocess.network_channels(spec, self._frame_card, _channels(shape))
+        c = preprocess.network_channels(self.frame_input, self._frame_card, _channels(shape))
         preprocess.affine(self.card, c)
         if dtype is not None:
             self._checked = (shape, np.dtype(dtype))
 
     def conversion(self, frame_channels: int) -> str:
         """What happens to frames of ``frame_channels`` on the way in (run summary)."""
-        spec = self.frame_input
-        if spec.layout not in _IMAGE_LAYOUTS:
-            return ""
-        c = preprocess.network_channels(spec, self._frame_card, frame_channels)
+        c = preprocess.network_channels(self.frame_input, self._frame_card, frame_channels)
         if frame_channels == 1 and c == 3:
             return "gray frames replicated to the model's 3 channels"
         if frame_channels == 3 and c == 1:
