@@ -41,7 +41,7 @@ def classifier(path: Path, card: str | None = None) -> Path:
         _w("k", rng.normal(0, 0.5, (8, 3, 3, 3))),
         _w("kb", rng.normal(0, 0.1, 8)),
         _w("fc", rng.normal(0, 2.0, (8, 4))),
-        _w("fcb", np.array([0.5, -0.5, 0.2, -0.2])),
+        _w("fcb", np.array([-2.0, 1.0, 1.5, 0.5])),
     ]
     nodes = [
         helper.make_node("Transpose", ["image"], ["chw"], perm=[0, 3, 1, 2]),
@@ -63,12 +63,12 @@ def segmenter(path: Path, card: str | None = None) -> Path:
     rng = np.random.default_rng(18)
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"])
     y = helper.make_tensor_value_info("seg", TensorProto.FLOAT, [1, 2, "H", "W"])
-    weights = [
-        _w("k", rng.normal(0, 0.4, (4, 3, 3, 3))),
-        _w("kb", rng.normal(0, 0.1, 4)),
-        _w("k2", rng.normal(0, 1.0, (2, 4, 1, 1))),
-        _w("k2b", np.array([0.3, -0.3])),
-    ]
+    k = rng.normal(0, 0.05, (4, 3, 3, 3))
+    k[0] += 1 / 27  # the local mean, and its negative: class 1 where brighter than average
+    k[1] -= 1 / 27
+    k2 = rng.normal(0, 0.1, (2, 4, 1, 1))
+    k2[1, :2, 0, 0] += (4.0, -4.0)
+    weights = [_w("k", k), _w("kb", np.zeros(4)), _w("k2", k2), _w("k2b", np.zeros(2))]
     nodes = [
         helper.make_node("Conv", ["image", "k", "kb"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"]),
@@ -117,9 +117,10 @@ def sequence(path: Path, s: int = 4, size: int = 32) -> Path:
 
 
 def multitask(path: Path, card: str, size: int = 64) -> Path:
-    """(1, 1, size, size) in; outputs: "seg" (1, 2, h, w) softmax map, "view" (1, 3)
-    logits, "boxes" (1, 5, 6), "tip" (1, 1, h, w) heatmap, "depth" (1, 1): each a plain
-    function of the input mean so the tests know what to expect."""
+    """(1, 1, size, size) in; outputs: "seg" (1, 2, h, w) softmax map (class 1 above
+    0.5), "view" (1, 3) logits (2, 0, -2) x the input's mean, "boxes" (1, 5, 6) fixed,
+    "tip" (1, 1, h/4, w/4) a Gaussian heatmap peaking at (5.3, 9.6), "depth" (1, 1) the
+    input's mean: so the tests know what to expect."""
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, size, size])
     outs = {
         "seg": [1, 2, size, size],
@@ -138,13 +139,13 @@ def multitask(path: Path, card: str, size: int = 64) -> Path:
             [1, 1, 2, 2, 0.1, 0],
         ]
     ).reshape(1, 5, 6)
-    yy, xx = np.mgrid[0 : size // 4, 0 : size // 4]
+    yy, xx = np.mgrid[0 : size // 4, 0 : size // 4] + 0.5  # cell centres
     heat = np.exp(-((xx - 5.3) ** 2 + (yy - 9.6) ** 2) / (2 * 1.5**2)).reshape(
         1, 1, size // 4, size // 4
     )
     weights = [
-        _w("k", np.array([1.0, -1.0]).reshape(2, 1, 1, 1)),
-        _w("kb", np.array([-0.5, 0.5])),
+        _w("k", np.array([-10.0, 10.0]).reshape(2, 1, 1, 1)),  # class 1: brighter than 0.5
+        _w("kb", np.array([5.0, -5.0])),
         _w("vw", np.array([[2.0, 0.0, -2.0]])),
         _w("boxes_c", boxes),
         _w("heat", heat),
@@ -153,8 +154,8 @@ def multitask(path: Path, card: str, size: int = 64) -> Path:
     nodes = [
         helper.make_node("Conv", ["image", "k", "kb"], ["l"]),
         helper.make_node("Softmax", ["l"], ["seg"], axis=1),
-        helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=0),  # (1,)
-        helper.make_node("Unsqueeze", ["m"], ["m2"], axes=[1]),  # (1, 1)
+        helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Flatten", ["m"], ["m2"], axis=1),  # (1, 1)
         helper.make_node("MatMul", ["m2", "vw"], ["view"]),
         helper.make_node("Mul", ["m2", "zero"], ["z"]),
         helper.make_node("Add", ["boxes_c", "z"], ["boxes"]),

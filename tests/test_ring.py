@@ -605,3 +605,61 @@ def test_futex_wait_returns_on_timeout_or_changed_word() -> None:
     assert time.monotonic() - t0 < 1
     word.close()
     mv.release()
+
+
+# -- sequence windows (issue 17) ------------------------------------------------------
+
+
+def test_a_keeping_reader_holds_a_block_writer_off_its_window(
+    make_ring: Callable[..., Ring],
+) -> None:
+    ring = make_ring(slots=6)
+    reader = ring.reader("seq", "all", keep=3)
+    writer = ring.writer("block")
+    for i in range(6):
+        writer.write(np.full(16, i, np.uint8), FrameMeta(index=i), timeout=T)
+    windows = []
+    for k in range(4):
+        reader.read(timeout=T)
+        windows.append([f.seq for f in reader.window(4) if f is not None])
+    # holding frame 3, the reader keeps 0..3: frame 6 would take frame 0's slot
+    with pytest.raises(TimeoutError, match="seq"):
+        writer.write(np.full(16, 6, np.uint8), FrameMeta(index=6), timeout=0.05)
+    window = reader.window(4)
+    assert [f.seq for f in window if f] == [0, 1, 2, 3] and all(f and f.valid() for f in window)
+    assert [int(f.image[0]) for f in window if f] == [0, 1, 2, 3]
+    reader.read(timeout=T)  # frame 4: frame 0 leaves the window
+    writer.write(np.full(16, 6, np.uint8), FrameMeta(index=6), timeout=T)
+    with pytest.raises(TimeoutError, match="seq"):
+        writer.write(np.full(16, 7, np.uint8), FrameMeta(index=7), timeout=0.05)
+    assert [f.seq for f in reader.window(4, start=3) if f] == [3, 4]
+    assert ring.stats()["readers"]["seq"]["lag"] == 7 - 4
+
+
+def test_a_newest_window_reads_frames_it_skipped_and_sees_them_overwritten(
+    make_ring: Callable[..., Ring],
+) -> None:
+    ring = make_ring(slots=6)
+    reader = ring.reader("seq", "newest", keep=3)
+    writer = ring.writer("overwrite")
+    for i in range(10):
+        writer.write(np.full(16, i, np.uint8), FrameMeta(index=i))
+    f = reader.read(timeout=T)
+    assert f is not None and f.seq == 9
+    window = reader.window(4)
+    assert [int(w.image[0]) for w in window if w] == [6, 7, 8, 9]
+    writer.write(np.full(16, 10, np.uint8), FrameMeta(index=10))  # frame 10 takes 4's slot
+    writer.write(np.full(16, 11, np.uint8), FrameMeta(index=11))  # and 11 takes frame 5's
+    assert all(w is not None and w.valid() for w in window)
+    writer.write(np.full(16, 12, np.uint8), FrameMeta(index=12))  # 12 takes frame 6's
+    assert not window[0].valid()  # type: ignore[union-attr]
+    assert reader.window(4)[0] is None  # frame 6 is gone: a torn window
+
+
+def test_keep_needs_a_larger_ring(make_ring: Callable[..., Ring]) -> None:
+    ring = make_ring(slots=4)
+    with pytest.raises(RingError, match="more than 4 slots"):
+        ring.reader("seq", "all", keep=3)
+    reader = ring.reader("seq", "all", keep=2)
+    with pytest.raises(RingError, match="before a frame was read"):
+        reader.window(3)
