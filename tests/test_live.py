@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -14,6 +15,7 @@ from onnx import TensorProto, helper
 from daemon import config
 from daemon.ring import remove_stale_segments
 from daemon.supervisor import Supervisor
+from tests import netmodels
 from tests.conftest import DATA, WATERTANK, Echod, need_data
 
 pytestmark = pytest.mark.timeout(240)
@@ -144,6 +146,12 @@ def volume_model(path: Path) -> Path:
     return path
 
 
+def misfit_card(tmp: Path) -> Path:
+    """A classifier whose card calls its (N, 4) output a detection."""
+    card = 'task = "classification"\n[[outputs]]\ntensor = "probs"\nrole = "detection"\n'
+    return netmodels.classifier(tmp / "views.onnx", card)
+
+
 def truncated_recording(tmp: Path) -> Path:
     data = need_data(WATERTANK).read_bytes()
     out = tmp / "cut.igs.mha"
@@ -160,6 +168,11 @@ BAD_INPUTS = {
         "echod submit ct",
     ),
     "model rank": (lambda t: ["--model", str(volume_model(t / "vol.onnx"))], 65, "5-D"),
+    "card role misfit": (
+        lambda t: ["--model", str(misfit_card(t))],
+        65,
+        "model views.onnx output 'probs' (?, 4) cannot be role detection: it needs (1, N, 6)",
+    ),
     "unknown key": (
         lambda t: ["--set", "source.fpss=30"],
         78,
@@ -221,3 +234,26 @@ def test_the_closing_line_adds_up(run_echod: type[Echod]) -> None:
     n_in, n_out, n_dropped = (int(m.group(i)) for i in (1, 2, 3))
     causes = {k: int(v) for k, v in (c.split() for c in (m.group(4) or "").split(", ") if c)}
     assert n_in == 80 and n_out + n_dropped == n_in and sum(causes.values()) == n_dropped
+
+
+@pytest.mark.parametrize(
+    ("build", "engine"),
+    [(netmodels.classifier, "openvino"), (netmodels.segmenter, "onnxruntime")],
+)
+def test_a_classifier_and_a_three_channel_segmenter_run_live_from_grey_frames(
+    build: Any, engine: str, tmp_path: Path, run_echod: type[Echod]
+) -> None:
+    """The issue's models through a real daemon: every grey phantom frame has a result,
+    and the run summary says how grey frames reach the 3-channel models."""
+    model = build(tmp_path / "model.onnx")
+    e = run_echod(
+        "run", "--model", str(model), "--engine", engine, "--mode", "all", "--frames", "20",
+        "--headless", "--json", "--set", "model.warmup=1",
+    )  # fmt: skip
+    code, out = e.finish(timeout=200)
+    assert code == 0, "".join(e.stderr)
+    s = summary(out)
+    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (20, 20, {})
+    assert s["engine"] == engine and s["model"] == "model.onnx"
+    assert s["input_conversion"] == "gray frames replicated to the model's 3 channels"
+    assert all(s["stages"][k]["n"] == 20 for k in ("nn_input", "nn_inference", "nn_output"))
