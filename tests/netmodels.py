@@ -97,16 +97,18 @@ units = ["frame index"]
 """
 
 
-def sequence(path: Path, s: int = 4, size: int = 32) -> Path:
-    """A sequence model fed the last ``s`` frames (1, S, 1, H, W): "frames" (1, S) is each
-    frame's mean, "mean" (1, 1) the mean of all of them through a 3-D convolution (a box
-    filter over time)."""
-    x = helper.make_tensor_value_info("clip", TensorProto.FLOAT, [1, s, 1, size, size])
+def sequence(path: Path, s: int = 4, size: int = 32, channels_last: bool = False) -> Path:
+    """A sequence model fed the last ``s`` frames, (1, S, 1, H, W) (or (1, S, H, W, 1)):
+    "frames" (1, S) is each frame's mean, "mean" (1, 1) the mean of all of them through
+    a 3-D convolution (a box filter over time)."""
+    dims = [1, s, size, size, 1] if channels_last else [1, s, 1, size, size]
+    x = helper.make_tensor_value_info("clip", TensorProto.FLOAT, dims)
     frames = helper.make_tensor_value_info("frames", TensorProto.FLOAT, [1, s])
     mean = helper.make_tensor_value_info("mean", TensorProto.FLOAT, [1, 1])
+    perm = [0, 4, 1, 2, 3] if channels_last else [0, 2, 1, 3, 4]  # -> (1, C, S, H, W)
     nodes = [
         helper.make_node("ReduceMean", ["clip"], ["frames"], axes=[2, 3, 4], keepdims=0),
-        helper.make_node("Transpose", ["clip"], ["cdhw"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Transpose", ["clip"], ["cdhw"], perm=perm),
         helper.make_node("Conv", ["cdhw", "box"], ["t"]),  # (1, 1, 1, H, W)
         helper.make_node("ReduceMean", ["t"], ["m"], axes=[2, 3, 4], keepdims=1),
         helper.make_node("Flatten", ["m"], ["mean"], axis=1),

@@ -221,13 +221,14 @@ def check_sequence(records: list[tuple[FrameMeta, dict[str, np.ndarray]]]) -> No
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_a_sequence_model_gets_the_last_frames_in_order_in_mode_all(
-    engine: str, tmp_path: Path
+    engine: str, layout: str, tmp_path: Path
 ) -> None:
-    model = netmodels.sequence(tmp_path / "seq.onnx")
+    model = netmodels.sequence(tmp_path / "seq.onnx", channels_last=layout == "NHWC")
     with pipe(model, engine, "all", (32, 32)) as p:
         assert p.info["event"] == "ready", p.info
-        assert p.info["input"]["sequence"] == 4 and p.info["input"]["layout"] == "NCHW"
+        assert p.info["input"]["sequence"] == 4 and p.info["input"]["layout"] == layout
         for k in range(30):  # the ring has 8 slots: the writer runs ahead of the stage
             p.write(np.full((32, 32), k, np.uint8), k)
         done = p.finish()
