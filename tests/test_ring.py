@@ -619,7 +619,7 @@ def test_a_keeping_reader_holds_a_block_writer_off_its_window(
     for i in range(6):
         writer.write(np.full(16, i, np.uint8), FrameMeta(index=i), timeout=T)
     windows = []
-    for k in range(4):
+    for _ in range(4):
         reader.read(timeout=T)
         windows.append([f.seq for f in reader.window(4) if f is not None])
     # holding frame 3, the reader keeps 0..3: frame 6 would take frame 0's slot

@@ -173,7 +173,9 @@ class Network:
             )
         if shape[1] not in (s, None):
             raise ModelError(f"{where}: takes {shape[1]} frames, the card says sequence = {s}")
-        if layout not in _SEQUENCE_LAYOUTS:
+        if layout in _IMAGE_LAYOUTS:  # each frame's layout
+            layout = "NSCHW" if layout == "NCHW" else "NSHWC"
+        elif layout not in _SEQUENCE_LAYOUTS:
             layout = "NSCHW" if shape[2] in (1, 3) else "NSHWC" if shape[4] in (1, 3) else None
         if layout is None:
             raise ModelError(
