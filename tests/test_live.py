@@ -168,6 +168,16 @@ BAD_INPUTS = {
         "echod submit ct",
     ),
     "model rank": (lambda t: ["--model", str(volume_model(t / "vol.onnx"))], 65, "5-D"),
+    "sequence longer than the ring": (
+        lambda t: [
+            "--model",
+            str(netmodels.sequence(t / "seq.onnx")),
+            "--set",
+            "pipeline.ring_slots=5",
+        ],
+        78,
+        "model seq.onnx takes the last 4 frames: the frames ring needs more than 5 slots",
+    ),
     "card role misfit": (
         lambda t: ["--model", str(misfit_card(t))],
         65,
