@@ -140,7 +140,10 @@ def test_the_newest_result_of_each_model_is_a_gauge(tmp_path: Path) -> None:
         sup.workers[stage] = Worker(StageSpec(stage, "infer", generation=generation))
         sup.workers[stage].info.update(description)
     stamp = FrameMeta(index=7, t_acquired_ns=time.monotonic_ns())
-    sup.rings["results"].writer().write(record, stamp)
+    older = results.pack([Output("classification", "view", np.array([0.6, 0.4], np.float32))])
+    writer = sup.rings["results"].writer()
+    writer.write(older, stamp)
+    writer.write(record, stamp)  # the newest: the one the gauges show
     sup.rings["results-1"].writer().write(np.zeros((4, 4), np.uint8), stamp)  # not a record
     sup.rings["results-2"].writer().write(record, stamp)  # generation 0: the stage is at 1
     exporter = Exporter(MetricsConfig(enabled=True, port=0), sup)
