@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= onnxruntime,openvino,opencl,display,dask,dev
+EXTRAS ?= onnxruntime,openvino,opencl,display,dask,bench,dev
 # Debian packages the tests and the embedded default need (installed as root only);
 # PoCL from Debian knows CPUs that the PoCL inside the pyopencl wheel (LLVM 14) cannot build for.
 # dcmtk (storescu, storescp, echoscu) and prometheus (promtool) are the DICOM node's and the

@@ -132,14 +132,20 @@ class RecordConfig(Section):
 
 class IgtlOutConfig(Section):
     enabled: bool = Field(
-        False, description="serve the label maps as OpenIGTLink IMAGE messages (e.g. to 3D Slicer)"
+        False,
+        description="serve the results over OpenIGTLink (e.g. to 3D Slicer): label maps as "
+        "IMAGE, classes, boxes and values as STRING, points as POINT",
     )
     host: str = Field(
         "127.0.0.1", description="interface to listen on ('0.0.0.0': all; no authentication)"
     )
     port: int = Field(18945, ge=0, le=65535, description="TCP port clients connect to")
     device: str = Field(
-        "Segmentation", min_length=1, max_length=20, description="device name of the messages"
+        "Segmentation",
+        min_length=1,
+        max_length=20,
+        description="device name of the label maps (a model's first segmentation); other "
+        "outputs are named after themselves",
     )
     max_clients: int = Field(4, ge=1, le=64, description="clients served at once")
 

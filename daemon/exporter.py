@@ -2,8 +2,9 @@
 
 Nothing is counted twice: each scrape reads the supervisor's snapshots (its
 ``status()`` and ``counts()``, the sink's last ``stats`` with its histograms, the
-job store, the DICOM node's counters) and turns them into metric families, so the
-figures are the ones ``echod ctl status`` shows. Names and labels follow the
+job store, the DICOM node's counters, the newest result of each model: see
+daemon/result_metrics.py) and turns them into metric families, so the figures are the
+ones ``echod ctl status`` shows. Names and labels follow the
 Prometheus conventions (base units: seconds, bytes, ratios; counters end in
 ``_total``); ``promtool check metrics`` accepts the page. The HTTP server is
 prometheus-client's, in its own thread, bound to localhost unless configured.
@@ -29,7 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from daemon import __version__
+from daemon import __version__, result_metrics
 from daemon.config import MetricsConfig
 from daemon.errors import ConfigError
 
@@ -74,6 +75,7 @@ class SupervisorCollector(Collector):
         yield from _frames(st, self._sink_stats())
         yield from _stages(st)
         yield from _source(st)
+        yield from result_metrics.collect(result_metrics.sources(self.sup.rings, self.sup.workers))
         if self.sup.jobs is not None:
             yield from _jobs(st["jobs"] or {}, self.sup.jobs.store().durations())
         if getattr(self.sup, "dicom", None) is not None:

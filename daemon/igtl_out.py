@@ -1,24 +1,30 @@
-"""Label maps back over OpenIGTLink, for a navigation system such as 3D Slicer.
+"""Results back over OpenIGTLink, for a navigation system such as 3D Slicer.
 
-Each label map goes out as an IMAGE message (uint8, one slice) with the
-source frame's geometry: its ijk-to-world (spacing, orientation, origin; LPS)
-and timestamp (``t_source``: the scanner's own time for an OpenIGTLink
-source, so the receiver can pair it with the image), under a configured device
-name (``"Segmentation"``).
+Every result record of every results port (``results``, ``results-1``...: one per
+model) becomes messages (daemon/igtl_results.py: label maps as IMAGE, classes, boxes
+and values as STRING, points as POINT), stamped with the source frame's ``t_source``
+(the scanner's own time for an OpenIGTLink source, so the receiver can pair them with
+the image) and named after the model's outputs (README, "OpenIGTLink output"). The
+names of classes, points and values come from the model's description: the stage's
+``params`` at start (``outputs``, for port ``results``; or ``models``: port ->
+description) and the ``model`` command of each hot-swap (``generation``, ``port``,
+``outputs``).
 
 Server, not client: echod listens (port 18945 by default, next to a PLUS
 server's 18944) and any number of viewers connect to it, as they connect to
 PLUS; the appliance needs no address of the navigation system, keeps nothing
 to retry when nobody listens (messages are not even packed then), and a viewer
 that comes and goes changes nothing for the others. Never blocking: sockets
-are non-blocking, a client still sending the previous message skips the next
+are non-blocking, a client still sending the previous result skips the next
 one (counted as dropped; it gets the newest afterwards, as a "newest" reader),
-and what clients send to echod is read and discarded. There is no
-authentication in OpenIGTLink: the default interface is 127.0.0.1.
+and what clients send to echod is read and discarded. A result's messages go out
+together (a client gets all of a frame's or none). There is no authentication in
+OpenIGTLink: the default interface is 127.0.0.1. A payload that is not a valid record
+is counted (``malformed``) and skipped.
 
 Cost: pyigtl packs a message with a copy of the pixels and a CRC-64 of the
-body (about 1.8 ms for 820x616 here), in this stage's process, off the path
-of the image shown.
+body (about 1.8 ms for an 820x616 label map here), in this stage's process, off the
+path of the image shown.
 """
 
 from __future__ import annotations
@@ -29,30 +35,18 @@ import select
 import socket
 from typing import Any
 
-import numpy as np
-import pyigtl
-
 from daemon import results
-from daemon.frame import FrameMeta
+from daemon.igtl_results import ResultMessages
+from daemon.ring import EndOfStream, RingFrame
 from daemon.stage import POLL_S, Stage
 
 log = logging.getLogger(__name__)
 
 BUSY_POLL_S = 0.005
-"""How long a step waits for a label map while a client still has bytes to send."""
+"""How long a step waits for a result while a client still has bytes to send."""
+PORTS_POLL_S = 0.002
+"""How long a step waits (for a client, in select) when several ports had nothing."""
 _RECV_BYTES = 1 << 16
-
-
-def label_message(labels: np.ndarray, meta: FrameMeta, device: str) -> bytes:
-    """A packed IMAGE message of ``labels`` (HxW) with the frame geometry of ``meta``."""
-    message = pyigtl.ImageMessage(
-        image=labels[np.newaxis],  # pyigtl's axes: (k, j, i)
-        ijk_to_world_matrix=meta.transform,
-        world_coordinate_system="lps",
-        timestamp=meta.t_source,
-        device_name=device,
-    )
-    return bytes(message.pack())
 
 
 class LabelServer:
@@ -158,36 +152,91 @@ class LabelServer:
 
 
 class IgtlOutStage(Stage):
-    """Reads the results ring ("newest") and serves each result's label map (its first
-    segmentation output); config ``[igtl_out]``."""
+    """Reads every results port ("newest"; "all" in mode all) and serves each result's
+    messages; config ``[igtl_out]``."""
 
     def setup(self) -> dict[str, Any]:
         cfg = self.config.igtl_out
-        self.device = cfg.device
+        self.builder = ResultMessages(cfg.device)
         self.server = LabelServer(cfg.host, cfg.port, cfg.max_clients)
-        self.reader = self.ctx.input("results")
+        ports = sorted(p for p in self.spec.inputs if p.startswith("results"))
+        self.readers = {p: self.ctx.input(p) for p in ports}
+        self.ended: set[str] = set()
+        params = self.spec.params
+        models = params.get("models") or ({"results": params} if "outputs" in params else {})
+        # port -> generation -> the model description its results of that generation have
+        self.models: dict[str, dict[int, dict[str, Any]]] = {
+            port: {0: dict(d)} for port, d in models.items()
+        }
         self.torn = 0
-        return {"igtl_out": f"{cfg.host}:{self.server.port}"}
+        self.malformed = 0
+        return {"igtl_out": f"{cfg.host}:{self.server.port}", "igtl_ports": ports}
+
+    def command(self, name: str, args: dict[str, Any]) -> Any:
+        """``model`` {generation, port (default ``results``), outputs...}: the description
+        of the model whose results carry that generation (sent before a hot-swap)."""
+        if name == "model":
+            port, generation = str(args.get("port") or "results"), int(args["generation"])
+            self.models.setdefault(port, {})[generation] = dict(args)
+            return {"generation": generation, "port": port}
+        return super().command(name, args)
 
     def step(self) -> bool:
         server = self.server
         server.service(0.0)
-        f = self.reader.read(timeout=BUSY_POLL_S if server.busy else POLL_S)
-        if f is None or not server.clients:
-            return True
+        live = [p for p in self.readers if p not in self.ended]
+        if not live:
+            raise EndOfStream  # every model's stream has ended
+        took = False
+        for port in live:
+            took |= self._take(port, 0.0)
+        if not took:
+            wait = BUSY_POLL_S if server.busy else POLL_S
+            if len(live) == 1:
+                self._take(live[0], wait)
+            else:  # no wake-up across rings: wait on the clients a little, then look again
+                server.service(min(wait, PORTS_POLL_S))
+        return True
+
+    def _take(self, port: str, timeout: float) -> bool:
+        """Read ``port``'s next result (waiting up to ``timeout``) and serve it."""
         try:
-            labels = results.unpack(f.image).labels
-        except results.RecordError:  # torn while read (checked below) or not a record
-            labels = None
-        if labels is None:  # no label map in this result: nothing to send
-            self.torn += not f.valid()
-            return True
-        message = label_message(labels, f.meta, self.device)
+            f = self.readers[port].read(timeout=timeout)
+        except EndOfStream:
+            self.ended.add(port)
+            return False
+        if f is not None:
+            self._serve(port, f)
+        return f is not None
+
+    def _serve(self, port: str, f: RingFrame) -> None:
+        try:
+            record = results.unpack(f.image)
+        except results.RecordError as e:
+            if not f.valid():  # overwritten while read
+                self.torn += 1
+                return
+            self.malformed += 1
+            if self.malformed == 1:  # once: the count says the rest
+                log.warning("OpenIGTLink output: results on %s skipped: %s", port, e)
+            return
+        if not self.server.clients:
+            return
+        meta = f.meta
+        description = self._description(port, meta.generation)
+        suffix = port.removeprefix("results")
+        message = b"".join(self.builder.messages(record, meta, description, suffix))
         if not f.valid():  # overwritten while packed
             self.torn += 1
-            return True
-        server.publish(message)
-        return True
+            return
+        self.server.publish(message)
+
+    def _description(self, port: str, generation: int) -> dict[str, Any] | None:
+        """The description of ``port``'s model of ``generation``: that generation's, else
+        the newest one before it (a stage restarted after a swap), else None."""
+        known = self.models.get(port, {})
+        earlier = [g for g in known if g <= generation]
+        return known[max(earlier)] if earlier else None
 
     def teardown(self) -> None:
         if hasattr(self, "server"):
@@ -195,4 +244,11 @@ class IgtlOutStage(Stage):
 
     def summary(self) -> dict[str, Any]:
         s = self.server
-        return {"sent": s.sent, "dropped": s.dropped, "clients": s.connections, "torn": self.torn}
+        return {
+            "sent": s.sent,
+            "dropped": s.dropped,
+            "clients": s.connections,
+            "torn": self.torn,
+            "malformed": self.malformed,
+            "descriptions": {port: sorted(g) for port, g in self.models.items()},
+        }

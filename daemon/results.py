@@ -19,6 +19,9 @@ keypoints         float32   (K, 3)       x y score per named point; x, y NaN whe
 regression        float32   (V,)         values in the card's units
 ================  ========  ===========  =============================================
 
+Coordinates are frame pixel indices: x is the column, y the row, and the centre of
+pixel (column i, row j) is (i, j) (the IMAGE matrix OpenIGTLink sends maps them to mm).
+
 Names, classes, colours and units are not in the record: they are the model's, in the
 description its infer stage reports (``outputs`` in ``Network.describe()``); an
 output's ``name`` links the two. The slot's :class:`~daemon.frame.FrameMeta` has the

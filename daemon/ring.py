@@ -510,6 +510,13 @@ class Ring:
 
     # -- frames --------------------------------------------------------------------
 
+    def latest(self) -> RingFrame | None:
+        """The newest published frame, looked at without a reader entry (nothing counted,
+        nothing held back: statistics such as /metrics), or ``None`` when there is none yet
+        or it is being overwritten. Check ``valid()`` after using it."""
+        written = self._written.load()
+        return self._frame(written - 1) if written else None
+
     def _frame(self, seq: int) -> RingFrame | None:
         """Frame ``seq`` (published: ``written > seq``), or ``None`` if it was overwritten."""
         slot = seq % self.slots

@@ -116,6 +116,7 @@ class Swap:
     deadline: float
     phase: str = "warming"  # -> retiring -> announcing -> switching
     pending: Future[Any] | None = None
+    told: list[Future[Any]] = field(default_factory=list)  # other consumers told the model
     started: float = field(default_factory=time.monotonic)
 
 
@@ -304,7 +305,7 @@ class Supervisor:
         infer = self.workers["infer"]
         self._spawn(infer)
         self._await_ready([infer])
-        running = {k: infer.info.get(k) for k in ("engine", "device", "classes")}
+        running = {k: infer.info.get(k) for k in ("engine", "device", "classes", "outputs")}
         running["model"] = infer.info.get("model_path")
         others = [
             w
@@ -797,12 +798,15 @@ class Supervisor:
             sink = self.workers["sink"]
             announce = {
                 "generation": new.spec.generation,
-                **{k: new.info.get(k) for k in ("model", "engine", "device", "classes")},
+                **{k: new.info.get(k) for k in ("model", "engine", "device", "classes", "outputs")},
             }
             sw.phase, sw.pending = "announcing", self.call(sink, "model", announce)
+            if "igtl_out" in self.workers:  # names its messages after the model's outputs
+                sw.told.append(self.call(self.workers["igtl_out"], "model", announce))
         elif sw.phase == "announcing":
             assert sw.pending is not None
-            if sw.pending.done():  # a sink without model-specific drawing may refuse: fine
+            # a consumer without model-specific output may refuse: fine
+            if sw.pending.done() and all(f.done() for f in sw.told):
                 sw.phase, sw.pending = "switching", self.call(new, "go")
         elif sw.phase == "switching":
             assert sw.pending is not None
@@ -1019,6 +1023,7 @@ class Supervisor:
             "source": source["description"],
             "restarts": {w.spec.name: w.restarts for w in self.workers.values() if w.restarts},
             "source_stats": (self.workers["acquire"].done or {}).get("source"),
+            **({"igtl_out": self.workers["igtl_out"].done} if "igtl_out" in self.workers else {}),
             "stopped_by": self.stop_reason,
             "duration_s": round(time.monotonic() - self.started, 3),
         }

@@ -1,19 +1,31 @@
 """Prometheus metrics: a live daemon's ``/metrics`` moves as frames flow and passes
-``promtool check metrics`` (Debian's ``prometheus`` package); the sinks' histograms."""
+``promtool check metrics`` (Debian's ``prometheus`` package); the sinks' histograms; the
+newest result of each model as gauges."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon import config, results
+from daemon.config import MetricsConfig
+from daemon.exporter import Exporter
+from daemon.frame import FrameMeta
 from daemon.metrics import Histogram
+from daemon.results import Output
+from daemon.ring import Ring
+from daemon.stage import StageSpec
+from daemon.supervisor import Supervisor, Worker
 from tests.conftest import Echod
 
 pytestmark = pytest.mark.timeout(180)
@@ -88,3 +100,82 @@ def test_metrics_are_off_by_default_and_bound_to_localhost() -> None:
 
     assert not Config().metrics.enabled and Config().metrics.host == "127.0.0.1"
     assert not Config().dicom.enabled and Config().dicom.host == "127.0.0.1"
+
+
+def test_the_newest_result_of_each_model_is_a_gauge(tmp_path: Path) -> None:
+    """The exporter of a supervisor holding real results rings: the newest record of each
+    model becomes gauges named from the model's description; a ring whose newest payload is
+    not a record (or is from another generation) gives none, and the page passes promtool."""
+    nan = float("nan")
+    record = results.pack(
+        [
+            Output("classification", "view", np.array([0.25, 0.75], np.float32)),
+            Output("detection", "boxes", np.array([[1, 2, 3, 4, 0.9, 1]] * 2, np.float32)),
+            Output("keypoints", "tip", np.array([[5, 6, 0.93], [nan, nan, 0.1]], np.float32)),
+            Output("regression", "depth", np.array([42.5], np.float32)),
+        ]
+    )
+    description = {
+        "model": "multitask.onnx",
+        "outputs": [
+            {
+                "name": "view",
+                "role": "classification",
+                "classes": [{"name": "no"}, {"name": "yes"}],
+            },
+            {
+                "name": "boxes",
+                "role": "detection",
+                "classes": [{"name": "needle"}, {"name": "tip"}],
+            },
+            {"name": "tip", "role": "keypoints", "names": ["tip", "heel"]},
+            {"name": "depth", "role": "regression", "names": ["depth"], "units": ["mm"]},
+        ],
+    }
+    sup = Supervisor(config.load(None, {"paths.state_dir": str(tmp_path)}))
+    tag = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}"
+    for name in ("frames", "results", "results-1", "results-2"):
+        sup.rings[name] = Ring.create(f"{tag}-{name}", slots=2, payload_bytes=1 << 16)
+    for stage, generation in (("infer", 0), ("infer-1", 0), ("infer-2", 1)):
+        sup.workers[stage] = Worker(StageSpec(stage, "infer", generation=generation))
+        sup.workers[stage].info.update(description)
+    stamp = FrameMeta(index=7, t_acquired_ns=time.monotonic_ns())
+    older = results.pack([Output("classification", "view", np.array([0.6, 0.4], np.float32))])
+    writer = sup.rings["results"].writer()
+    writer.write(older, stamp)
+    writer.write(record, stamp)  # the newest: the one the gauges show
+    sup.rings["results-1"].writer().write(np.zeros((4, 4), np.uint8), stamp)  # not a record
+    sup.rings["results-2"].writer().write(record, stamp)  # generation 0: the stage is at 1
+    exporter = Exporter(MetricsConfig(enabled=True, port=0), sup)
+    try:
+        text, samples = scrape(f"http://127.0.0.1:{exporter.port}/metrics")
+    finally:
+        exporter.close()
+        for ring in sup.rings.values():
+            ring.close()
+            ring.unlink()
+    m = "model=multitask.onnx"
+    expected = {
+        f"echod_classification_probability{{class=no,{m},output=view,stage=infer}}": 0.25,
+        f"echod_classification_probability{{class=yes,{m},output=view,stage=infer}}": 0.75,
+        f"echod_detections{{class=needle,{m},output=boxes,stage=infer}}": 0.0,
+        f"echod_detections{{class=tip,{m},output=boxes,stage=infer}}": 2.0,
+        f"echod_keypoint_found{{{m},output=tip,point=tip,stage=infer}}": 1.0,
+        f"echod_keypoint_found{{{m},output=tip,point=heel,stage=infer}}": 0.0,
+        f"echod_keypoint_score{{{m},output=tip,point=tip,stage=infer}}": 0.93,
+        f"echod_keypoint_score{{{m},output=tip,point=heel,stage=infer}}": 0.1,
+        f"echod_regression_value{{{m},output=depth,stage=infer,unit=mm,value=depth}}": 42.5,
+    }
+    for key, figure in expected.items():
+        assert samples.get(key) == pytest.approx(figure, abs=1e-6), key
+    assert samples["echod_result_withheld{model=multitask.onnx,stage=infer}"] == 0
+    assert 0 <= samples["echod_result_age_seconds{model=multitask.onnx,stage=infer}"] < 60
+    results_of = [k for k in samples if "model=" in k and "stage=infer-" in k]
+    assert not results_of, "only valid records of the stage's generation"
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing: apt-get install prometheus")
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check

@@ -31,14 +31,13 @@ import pyigtl
 import pytest
 from pyigtl.messages import CRC64
 
-from daemon import config
+from daemon import config, results
 from daemon.acquire import IgtlSettings, IgtlSource, open_source
 from daemon.acquire.igtl import HEADER_SIZE, StatusMessage, parse_uri
 from daemon.config import Config
 from daemon.errors import SourceError
 from daemon.frame import Frame, FrameMeta
 from daemon.igtl_out import IgtlOutStage
-from daemon.results import Output, capacity, pack
 from daemon.ring import Ring
 from daemon.stage import InputPort, StageContext, StageSpec
 from daemon.supervisor import Supervisor
@@ -561,10 +560,10 @@ def test_no_server_backs_off_exponentially(
 
 
 @contextmanager
-def out_stage(payload_bytes: int = capacity(SHAPE)) -> Iterator[tuple[IgtlOutStage, Any]]:
+def out_stage(shape: tuple[int, int] = SHAPE) -> Iterator[tuple[IgtlOutStage, Any]]:
     """An IgtlOutStage (on a free port) reading a fresh results ring, and the ring's writer."""
     name = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}-results"
-    ring = Ring.create(name, slots=4, payload_bytes=payload_bytes)
+    ring = Ring.create(name, slots=4, payload_bytes=results.capacity(shape))
     spec = StageSpec("igtl_out", "igtl_out", inputs={"results": InputPort(name, "newest")})
     config = Config.model_validate({"igtl_out": {"enabled": True, "port": 0}})
     ctx = StageContext(spec, queue.Queue(), threading.Event())
@@ -579,6 +578,11 @@ def out_stage(payload_bytes: int = capacity(SHAPE)) -> Iterator[tuple[IgtlOutSta
         ring.unlink()
 
 
+def labels_record(labels: np.ndarray) -> np.ndarray:
+    """A result record holding one label map (what an infer stage writes)."""
+    return results.pack([results.Output("segmentation", "segmentation", labels)])
+
+
 def step_until(stage: IgtlOutStage, cond: Callable[[], bool], timeout: float = T) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -587,7 +591,7 @@ def step_until(stage: IgtlOutStage, cond: Callable[[], bool], timeout: float = T
 
 
 def test_segmentation_is_received_by_a_pyigtl_client_with_the_frame_geometry() -> None:
-    with out_stage() as (stage, results):
+    with out_stage() as (stage, ring):
         client = pyigtl.OpenIGTLinkClient("127.0.0.1", stage.server.port)
         try:
             step_until(stage, lambda: stage.server.clients == 1)
@@ -600,7 +604,7 @@ def test_segmentation_is_received_by_a_pyigtl_client_with_the_frame_geometry() -
                     spacing=(0.3, 0.2, 1.0),
                     transform=MATRIX.copy(),
                 )
-                results.write(pack([Output("segmentation", "labels", labels)]), meta)
+                ring.write(labels_record(labels), meta)
 
                 def received(i: int = i) -> bool:
                     got.extend(client.get_latest_messages())
@@ -615,21 +619,29 @@ def test_segmentation_is_received_by_a_pyigtl_client_with_the_frame_geometry() -
         finally:
             client.stop()
         step_until(stage, lambda: stage.server.clients == 0)  # the client left
-        assert stage.summary() == {"sent": 3, "dropped": 0, "clients": 1, "torn": 0}
+        assert stage.summary() == {
+            "sent": 3,
+            "dropped": 0,
+            "clients": 1,
+            "torn": 0,
+            "malformed": 0,
+            "descriptions": {},
+        }
 
 
 def test_output_skips_frames_for_a_client_that_is_behind() -> None:
     big, n = (616, 820), 30  # 15 MB unread: more than the socket buffers hold
-    with out_stage(payload_bytes=capacity(big)) as (stage, results):
+    with out_stage(big) as (stage, ring):
         client = socket.create_connection(("127.0.0.1", stage.server.port))
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
             step_until(stage, lambda: stage.server.clients == 1)
             for i in range(n):  # never read by the client
-                labels = pack([Output("segmentation", "labels", image(i, big))])
-                results.write(labels, FrameMeta(index=i, transform=MATRIX.copy()))
+                ring.write(
+                    labels_record(image(i, big)), FrameMeta(index=i, transform=MATRIX.copy())
+                )
                 read = i + 1
-                step_until(stage, lambda: stage.reader.read_count >= read)  # noqa: B023
+                step_until(stage, lambda: stage.readers["results"].read_count >= read)  # noqa: B023
             s = stage.server
             assert s.dropped > 0
             assert s.sent + s.dropped + s.busy == n

@@ -80,6 +80,7 @@ def test_mode_all_gives_every_consumer_every_label_map(tmp_path: Path) -> None:
     s = Supervisor(cfg).run()
     assert (s["frames_in"], s["frames_out"]) == (40, 40)
     assert s["dropped"] == {} and s["skipped"] == {}
+    assert s["igtl_out"]["sent"] == 0  # its figures are in the summary; no client came
 
 
 def test_sigkill_of_a_stage_restarts_it_and_stop_leaves_no_segment(run_echod: type[Echod]) -> None:
