@@ -70,12 +70,13 @@ def test_anchor_free_output_is_decoded_with_nms_per_class_in_frame_pixels() -> N
     role = RoleCard(role="detection", format="anchor-free", activation="sigmoid", threshold=0.5)
     out = decoders.detection_anchor_free(anchors, role, letterbox())
     # a1 overlaps a0 (IoU 0.82) in class 0; a2 is class 1; a3 scores 0.3; a4's box leaves
-    # the frame at the bottom (y2 = 38 * 3.125 = 118.75 > 100) and is clipped
+    # the frame (x2 = 64 -> 201.0625, y2 = 38 -> 119.8125) and is clipped to its edges
+    f = lambda v: (v + 0.5) * 3.125 - 0.5  # noqa: E731 - network to frame pixel index
     want = np.array(
         [
-            [175, 68.75, 200, 100, 0.95, 1],
-            [46.875, 46.875, 78.125, 78.125, 0.9, 0],
-            [50, 46.875, 81.25, 78.125, 0.7, 1],
+            [f(56), f(22), 199.5, 99.5, 0.95, 1],
+            [f(15), f(15), f(25), f(25), 0.9, 0],
+            [f(16), f(15), f(26), f(25), 0.7, 1],
         ],
         np.float32,
     )
@@ -91,7 +92,8 @@ def test_boxes_after_nms_filter_sort_cap_and_map_normalised_coordinates() -> Non
     role = RoleCard(role="detection", coordinates="normalised", threshold=0.5, max_detections=5)
     g = Geometry(frame=(120, 160), network=(60, 80), content=(60, 80))  # stretch x2
     out = decoders.detection_boxes(b, role, g)
-    want = [[0, 0, 160, 120, 0.9, 0], [16, 12, 80, 60, 0.6, 2]]
+    # fractions of the input's width and height: 0 and 1 are its edges (-0.5, w - 0.5)
+    want = [[-0.5, -0.5, 159.5, 119.5, 0.9, 0], [15.5, 11.5, 79.5, 59.5, 0.6, 2]]
     np.testing.assert_allclose(out, want, rtol=1e-6)
     capped = role.model_copy(update={"max_detections": 1})
     assert decoders.detection_boxes(b, capped, g).shape == (1, 6)
@@ -111,8 +113,8 @@ def test_heatmap_peaks_are_sub_pixel_exact_and_mapped_to_the_frame() -> None:
     g = Geometry(frame=(128, 96), network=(64, 64), content=(64, 64))  # x 1.5, y 2
     role = RoleCard(role="keypoints", format="heatmaps", threshold=0.5)
     points = decoders.keypoints_heatmaps(maps[None], role, "NCHW", g)
-    # heatmap -> network: x 4 (16 -> 64); network -> frame: x 1.5, y 2
-    np.testing.assert_allclose(points[0, :2], [5.8 * 4 * 1.5, 10.1 * 4 * 2], atol=1e-3)
+    # heatmap -> network: x 4 (16 -> 64); network -> frame: x 1.5, y 2; edges -> indices
+    np.testing.assert_allclose(points[0, :2], [5.8 * 4 * 1.5 - 0.5, 10.1 * 4 * 2 - 0.5], atol=1e-3)
     peak = np.exp(-((5.5 - 5.8) ** 2 + (10.5 - 10.1) ** 2) / (2 * 1.5**2))
     assert points[0, 2] == pytest.approx(peak, abs=1e-6)
     assert np.isnan(points[1, :2]).all() and points[1, 2] == pytest.approx(0.2, abs=1e-6)
@@ -125,15 +127,16 @@ def test_heatmaps_channel_last_and_logits() -> None:
     role = RoleCard(role="keypoints", format="heatmaps", activation="none", threshold=0.5)
     points = decoders.keypoints_heatmaps(logits[None, :, :, None], role, "NHWC", g)
     assert points.shape == (1, 3)
-    np.testing.assert_allclose(points[0, :2], [2.25, 6.75], atol=1e-3)
+    np.testing.assert_allclose(points[0, :2], [1.75, 6.25], atol=1e-3)
     assert points[0, 2] == pytest.approx(heat.max(), abs=1e-4)
 
 
 def test_coordinates_through_letterbox_and_padding() -> None:
     role = RoleCard(role="keypoints", threshold=0.5)
-    pts = np.array([[[32, 16, 0.9], [64, 32, 0.8], [10, 10, 0.2]]], np.float32)
+    pts = np.array([[[31.5, 15.5, 0.9], [0, 0, 0.8], [10, 10, 0.2]]], np.float32)
     out = decoders.keypoints_coordinates(pts, role, letterbox())
-    np.testing.assert_allclose(out[:2], [[100, 50, 0.9], [200, 100, 0.8]], rtol=1e-6)
+    # (x + 0.5) * 3.125 - 0.5: the network's pixel (0, 0) covers the frame's 0 .. 3.125
+    np.testing.assert_allclose(out[:2], [[99.5, 49.5, 0.9], [1.0625, 1.0625, 0.8]], rtol=1e-6)
     assert np.isnan(out[2, :2]).all()
     # padded to a multiple of 32: one pixel is one pixel; normalised is of the padded input
     spec = TensorSpec("x", (1, 1, None, None), F32, "NCHW")
@@ -141,7 +144,7 @@ def test_coordinates_through_letterbox_and_padding() -> None:
     assert padded == Geometry(frame=(100, 90), network=(128, 96), content=(100, 90))
     norm = role.model_copy(update={"coordinates": "normalised"})
     xy = decoders.keypoints_coordinates(np.array([[[0.5, 0.25]]], np.float32), norm, padded)
-    np.testing.assert_allclose(xy, [[48, 32, 1]])
+    np.testing.assert_allclose(xy, [[47.5, 31.5, 1]])
 
 
 # -- maps -------------------------------------------------------------------------------

@@ -339,11 +339,13 @@ def test_a_multi_task_model_gives_every_role(engine: str, tmp_path: Path) -> Non
     e = np.exp(np.array([2.0, 0.0, -2.0]) * level)  # view logits: (2, 0, -2) x mean level
     np.testing.assert_allclose(got["view"].array, e / e.sum(), rtol=1e-5)
     boxes = got["boxes"].array  # network boxes scoring >= 0.5, best first, x 1.5 / x 2
-    np.testing.assert_allclose(
-        boxes, [[12, 16, 36, 48, 0.9, 1], [15, 20, 39, 52, 0.8, 1], [0, 0, 96, 128, 0.6, 2]]
-    )
-    tip = got["tip"].array  # heatmap 16x16 over 64x64: x 4, then x 1.5 / x 2
-    np.testing.assert_allclose(tip[0, :2], [5.3 * 4 * 1.5, 9.6 * 4 * 2], atol=1e-3)
+    scale = np.array([1.5, 2, 1.5, 2])
+    network = np.array([[8, 8, 24, 24], [10, 10, 26, 26], [0, 0, 64, 64]])
+    edges = np.array([95.5, 127.5, 95.5, 127.5])  # the frame's right and bottom edges
+    np.testing.assert_allclose(boxes[:, :4], np.minimum((network + 0.5) * scale - 0.5, edges))
+    np.testing.assert_allclose(boxes[:, 4:], [[0.9, 1], [0.8, 1], [0.6, 2]], rtol=1e-6)
+    tip = got["tip"].array  # heatmap 16x16 over 64x64: x 4, then x 1.5 / x 2 (from edges)
+    np.testing.assert_allclose(tip[0, :2], [5.3 * 4 * 1.5 - 0.5, 9.6 * 4 * 2 - 0.5], atol=1e-3)
     back = results.unpack(results.pack(outputs))  # what the ring carries, read back
     assert [(o.name, o.role) for o in back.outputs] == [(o.name, o.role) for o in outputs]
     np.testing.assert_array_equal(back.labels, lab)

@@ -6,11 +6,12 @@ frame, class probabilities, boxes, points and values. Coordinates are mapped bac
 from the network input to the FRAME through its :class:`~daemon.engines.preprocess.
 Geometry` (resize, aspect-keeping letterbox, padding to a multiple).
 
-Coordinates are continuous pixel coordinates, in the network input as in the frame:
-the top-left corner of the image is (0, 0) and pixel (row r, column c) covers
-[c, c + 1) x [r, r + 1), so its centre is (c + 0.5, r + 0.5). A box (0, 0, w, h) over
-the whole network input is the whole frame. ``coordinates = "normalised"`` outputs are
-fractions of the network input's width and height.
+Coordinates are pixel indices, in the network input as in the frame (the record's
+convention, daemon/results.py): x is the column, y the row, and the centre of pixel
+(column i, row j) is (i, j), so the image spans -0.5 .. w - 0.5. A point maps as
+``x_frame = (x + 0.5) * scale - 0.5`` (scale: frame pixels per network pixel).
+``coordinates = "normalised"`` outputs are fractions of the network input's width and
+height (0 and 1 are its edges). Box corners map as points and are clipped to the frame.
 
 - **detection** ``"boxes"``: (1, N, 6) or (N, 6), x1 y1 x2 y2 score class after the
   model's own NMS: kept when score >= threshold, best first, at most
@@ -116,19 +117,25 @@ def confidence(output: np.ndarray, layout: str, activation: str, geometry: Geome
 # -- coordinates ----------------------------------------------------------------------
 
 
+def _edges_to_frame(xy: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Points measured from the network input's top-left edge -> frame pixel indices."""
+    return (xy * np.array(geometry.scale, np.float32) - 0.5).astype(np.float32)
+
+
 def to_frame(xy: np.ndarray, geometry: Geometry, normalised: bool = False) -> np.ndarray:
-    """Points (..., 2) x y in network-input pixels (or fractions) -> frame pixels."""
+    """Points (..., 2) x y, network-input pixel indices (or fractions) -> frame pixel
+    indices."""
     xy = np.asarray(xy, np.float32)
     if normalised:
-        xy = xy * np.array([geometry.network[1], geometry.network[0]], np.float32)
-    return (xy * np.array(geometry.scale, np.float32)).astype(np.float32)
+        return _edges_to_frame(xy * np.array(geometry.network[::-1], np.float32), geometry)
+    return _edges_to_frame(xy + 0.5, geometry)
 
 
 def _boxes_to_frame(b: np.ndarray, geometry: Geometry, normalised: bool) -> np.ndarray:
     out = to_frame(b.reshape(-1, 2, 2), geometry, normalised).reshape(-1, 4)
     h, w = geometry.frame
-    np.clip(out[:, 0::2], 0, w, out=out[:, 0::2])
-    np.clip(out[:, 1::2], 0, h, out=out[:, 1::2])
+    np.clip(out[:, 0::2], -0.5, w - 0.5, out=out[:, 0::2])
+    np.clip(out[:, 1::2], -0.5, h - 0.5, out=out[:, 1::2])
     return out
 
 
@@ -237,8 +244,8 @@ def _refine(lo: float, mid: float, hi: float) -> float:
 
 
 def peak(heatmap: np.ndarray) -> tuple[float, float, float]:
-    """(x, y, value) of a map's maximum, x y sub-pixel in the map's continuous
-    coordinates (cell (r, c) covers [c, c + 1) x [r, r + 1))."""
+    """(x, y, value) of a map's maximum, x y sub-pixel from the map's top-left edge (cell
+    (r, c) covers [c, c + 1) x [r, r + 1))."""
     r, c = divmod(int(np.argmax(heatmap)), heatmap.shape[1])
     v = float(heatmap[r, c])
     dx = dy = 0.0
@@ -259,7 +266,7 @@ def keypoints_heatmaps(
     for i in range(k):
         x, y, v = peak(maps[i])
         points[i] = (x * geometry.network[1] / hw, y * geometry.network[0] / hh, v)
-    points[:, :2] = to_frame(points[:, :2], geometry)
+    points[:, :2] = _edges_to_frame(points[:, :2], geometry)
     return _not_found(points, role.threshold)
 
 
