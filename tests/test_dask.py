@@ -336,6 +336,19 @@ def test_echod_workers_shows_the_cluster_and_the_models_loaded(
     assert "2 worker(s)" in capsys.readouterr().out
 
 
+def test_warm_loads_the_model_on_every_worker(
+    executor: DaskExecutor, ct: tuple[Path, Path], tmp_path: Path
+) -> None:
+    vol, model = ct
+    plan = EchoVolume().plan(context(tmp_path, vol, EchoVolumeOptions(), model))
+    assert executor.warm(plan.model) == 2
+    spec = executor.spec(plan.model)
+    loaded = executor._client().run(
+        lambda dask_worker: spec in dask_worker.plugins["echod-models"].models
+    )
+    assert list(loaded.values()) == [True, True]
+
+
 def test_a_daemon_with_a_dask_executor_runs_jobs_through_the_socket(
     local_cluster: Any, run_echod: type[Echod], ct: tuple[Path, Path], tmp_path: Path
 ) -> None:
