@@ -47,6 +47,7 @@ class Ctx:
     marked: set[str] = field(default_factory=set)
     on_progress: Any = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    phases: list[str] = field(default_factory=list)
 
     def done(self, unit: str) -> bool:
         return unit in self.marked
@@ -60,6 +61,7 @@ class Ctx:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.phases.append(name)
         yield
 
 
@@ -146,6 +148,7 @@ def test_ct_on_dask_gives_the_local_output(
 ) -> None:
     _, model = ct
     local, dask = run_both(CtJob(), executor, tmp_path, ct_series, ct_options(), model)
+    assert "cluster" in dask.phases and "cluster" not in local.phases  # the units ran there
     assert dask.marked == local.marked and len(dask.marked) == 9
     assert sorted(p.name for p in dask.output.iterdir()) == [
         "labels.nii.gz",
@@ -177,8 +180,9 @@ def test_a_ct_job_started_here_is_finished_on_dask(
         CtJob().run(ctx)
     first = {p.name: p.stat().st_mtime_ns for p in ctx.work.iterdir()}
     assert len(first) == 3 and not list(ctx.output.iterdir())
-    ctx.on_progress = None
+    ctx.on_progress, ctx.phases = None, []
     executor.run(CtJob(), ctx)
+    assert "cluster" in ctx.phases
     assert {n: (ctx.work / n).stat().st_mtime_ns for n in first} == first
     assert ctx.marked == reference.marked
     assert digest(ctx.output) == digest(reference.output)
@@ -251,7 +255,7 @@ def test_a_dask_worker_killed_mid_job_gives_the_same_output(
 
     ctx.on_progress = kill_one
     executor.run(kind, ctx)
-    assert killed and ctx.marked == reference.marked
+    assert killed and "cluster" in ctx.phases and ctx.marked == reference.marked
     assert digest(ctx.output) == digest(reference.output)
     released(executor)
     local_cluster.wait_for_workers(2, timeout=60)  # the nanny restarted it
