@@ -347,7 +347,8 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
 
 def torch_module(model: onnx.ModelProto) -> Any:
     """A ``torch.nn.Module`` computing ``model`` (one input, one output; operators Conv,
-    ConvTranspose, MaxPool, Relu, Sigmoid, Add, Concat, Softmax, Transpose)."""
+    ConvTranspose, MaxPool, Relu, Sigmoid, Add, Concat, Softmax, Transpose, ReduceMean
+    with its axes as an attribute (opset < 18), Gemm)."""
     import torch
     import torch.nn.functional as F
 
@@ -382,6 +383,12 @@ def torch_module(model: onnx.ModelProto) -> Any:
         pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(k)]
         return pool(x, k, stride=list(_attr(node, "strides", k)))
 
+    def op_gemm(node: onnx.NodeProto, a: Any, b: Any, c: Any = None) -> Any:
+        a = a.T if _attr(node, "transA", 0) else a
+        b = b.T if _attr(node, "transB", 0) else b
+        y = _attr(node, "alpha", 1.0) * (a @ b)
+        return y if c is None else y + _attr(node, "beta", 1.0) * c
+
     ops: dict[str, Any] = {
         "Conv": op_conv,
         "ConvTranspose": op_up,
@@ -392,6 +399,10 @@ def torch_module(model: onnx.ModelProto) -> Any:
         "Concat": lambda node, *xs: torch.cat(xs, dim=_attr(node, "axis")),
         "Softmax": lambda node, x: torch.softmax(x, dim=_attr(node, "axis", -1)),
         "Transpose": lambda node, x: x.permute(*_attr(node, "perm")),
+        "ReduceMean": lambda node, x: x.mean(
+            dim=list(_attr(node, "axes")), keepdim=bool(_attr(node, "keepdims", 1))
+        ),
+        "Gemm": op_gemm,
     }
     missing = sorted({n.op_type for n in graph.node} - set(ops))
     if missing:

@@ -8,17 +8,33 @@ card says (the paper's [-1200, 400] HU -> 0..1) and resized to the network's inp
 probabilities are resized back to the patch and blended (``blend``) into the
 original grid (:mod:`daemon.offline.tiling`); the argmax is the label volume.
 
-Checkpoints: each batch's network output is saved in ``ctx.work`` and marked done;
-a job resumed after a crash loads those and runs only the rest, with the same result.
-Outputs: :mod:`daemon.offline.ct_outputs`.
+Units and checkpoints: a unit is a batch of ``batch`` patches (one 32-slice slab at the
+defaults), ``batch-NNNNN``; its network output (float32, channels first, at the
+network's size) is saved in ``ctx.work`` and marked done, and a job resumed after a
+crash loads those and runs only the rest, with the same result.
+
+Two executors, one result. :meth:`CtJob.run` (local) streams: patches cut and made into
+network input in a prefetch thread, the Table 3 timings. On Dask (:meth:`CtJob.plan`,
+:meth:`CtJob.assemble`) a unit is :func:`infer_batch` on a worker: it reads the volume
+from shared storage (once per worker process and input), cuts and prepares its patches
+and runs the network, exactly as the local run does, and sends back only that network
+output. Resizing back and blending stay on the appliance, in grid order, through the
+same :func:`tiling.stitch`: blending is order-dependent in float32 (the overlap sums),
+so it is done in one place and one order whatever order the units finish in, and the
+output is the local executor's byte for byte (given workers whose engine computes the
+same network output; CPUs of one kind do). It is also the smaller thing to send (at
+the defaults a quarter of the patch's voxels per class), and the files are the same, so
+a job checkpointed by one executor resumes on the other. Outputs:
+:mod:`daemon.offline.ct_outputs`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,12 +42,23 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
-from daemon.engines.card import ClassCard, ModelCard
+from daemon.engines.card import ClassCard, ModelCard, load_card
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import ModelError
 from daemon.models import BUNDLED, CT
 from daemon.offline import ct_outputs, tiling, volumes
-from daemon.offline.kind import JobContext, JobInputError, JobKind, KindOptions
+from daemon.offline.kind import (
+    JobContext,
+    JobInputError,
+    KindOptions,
+    ModelSpec,
+    Plan,
+    Unit,
+    UnitKind,
+    load_unit,
+    save_unit,
+    stamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +146,7 @@ class Network:
         self.std = float((norm.std or (1.0,))[0])
         out_c = seg.output.shape[-1 if self.channels_last else 1]
         self.classes: tuple[ClassCard, ...] = self.card.class_list(max(int(out_c or 2), 2))
+        self.activation = self.card.output.activation
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         """HU patches (N, D, H, W) -> network input: resized, then clipped and scaled (as
@@ -135,35 +163,41 @@ class Network:
         return np.ascontiguousarray(out)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        """Network input -> its output, float32 with the channels first (N, C, D, H, W)."""
         t0 = time.perf_counter()
-        y = self.seg.infer(x)
+        y = np.asarray(self.seg.infer(x), np.float32)
+        if self.channels_last:
+            y = np.ascontiguousarray(np.moveaxis(y, -1, 1))
         self.timings.add("inference", time.perf_counter() - t0)
-        return np.asarray(y, np.float32)
+        return y
 
     def finish(self, y: np.ndarray) -> np.ndarray:
-        """Network output -> probabilities of the foreground classes 1..C-1, (N, C-1, *patch).
-
-        Background is 1 minus their sum (softmax sums to 1, and resizing and blending are
-        convex): it is neither resized nor blended, which halves both for one class."""
         t0 = time.perf_counter()
-        if self.channels_last:
-            y = np.moveaxis(y, -1, 1)
-        activation = self.card.output.activation
-        if y.shape[1] == 1:
-            y = 1 / (1 + np.exp(-y)) if activation == "none" else y
-        else:
-            if activation == "none":
-                e = np.exp(y - y.max(axis=1, keepdims=True))
-                y = e / e.sum(axis=1, keepdims=True)
-            y = y[:, 1:]
-        out = resize3(y, self.patch)
+        out = foreground(y, self.activation, self.patch)
         self.timings.add("nn_output", time.perf_counter() - t0)
         return out
 
 
+def foreground(y: np.ndarray, activation: str, patch: tuple[int, int, int]) -> np.ndarray:
+    """Network output (N, C, D, H, W) -> probabilities of the foreground classes 1..C-1,
+    (N, C-1, *patch).
+
+    Background is 1 minus their sum (softmax sums to 1, and resizing and blending are
+    convex): it is neither resized nor blended, which halves both for one class."""
+    if y.shape[1] == 1:
+        y = 1 / (1 + np.exp(-y)) if activation == "none" else y
+    else:
+        if activation == "none":
+            e = np.exp(y - y.max(axis=1, keepdims=True))
+            y = e / e.sum(axis=1, keepdims=True)
+        y = y[:, 1:]
+    return resize3(y, patch)
+
+
 class _Checkpointed:
-    """The predictor: each batch's network output saved in ``ctx.work`` and marked done;
-    a batch done in an earlier attempt is loaded instead of run."""
+    """The local run's predictor: each batch's network output saved in ``ctx.work`` and
+    marked done (the unit :func:`infer_batch` is on Dask); a batch done in an earlier
+    attempt, by either executor, is loaded instead of run."""
 
     def __init__(self, net: Network, ctx: JobContext, batch: int, patches: int) -> None:
         self.net, self.ctx, self.batch, self.patches = net, ctx, batch, patches
@@ -171,24 +205,24 @@ class _Checkpointed:
         self.resumed = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        unit = f"batch-{self.calls:05d}"
+        unit = _unit(self.calls)
         self.calls += 1
-        path = self.ctx.work / f"{unit}.npy"
-        if self.ctx.done(unit) and path.is_file():
-            y = np.load(path)
+        if self.ctx.done(unit) and (self.ctx.work / f"{unit}.npy").is_file():
+            y = load_unit(self.ctx, unit)
             self.resumed += 1
         else:
             y = self.net.infer(x)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, y)
-            os.replace(tmp, path)
-            self.ctx.mark(unit)
+            save_unit(self.ctx, unit, y)
         out = self.net.finish(y)
         self.ctx.progress(min(self.calls * self.batch, self.patches), self.patches, "patches")
         return out
 
 
-class CtJob(JobKind):
+def _unit(i: int) -> str:
+    return f"batch-{i:05d}"
+
+
+class CtJob(UnitKind):
     """Segment a CT volume with a 3-D network; labels as NIfTI (+ DICOM SEG), volumes, preview."""
 
     name: ClassVar[str] = "ct"
@@ -216,7 +250,7 @@ class CtJob(JobKind):
         finally:
             seg.close()
         with ctx.phase("write"):
-            manifest = self._write(volume, labels, net, model, ctx)
+            manifest = self._write(volume, labels, net.classes, model, ctx)
         manifest.update(
             engine={k: described[k] for k in ("engine", "engine_version", "device")},
             model={"name": model.name, "provenance": net.card.provenance},
@@ -240,35 +274,88 @@ class CtJob(JobKind):
         positions = tiling.grid(shape, options.patch, options.overlap)
         batches = -(-len(positions) // options.batch)
         predictor = _Checkpointed(net, ctx, options.batch, len(positions))
-        labels = np.zeros(shape, np.uint8)
-        for start, block in tiling.windows(
-            volume.hu,
-            predictor,
-            options.patch,
-            overlap=options.overlap,
-            blend=options.blend,
-            batch=options.batch,
-            pad=PAD_HU[options.pad],
-            depth=options.prefetch,
-            prepare=net.prepare,
-            timings=timings,
-        ):
-            labels[start : start + block.shape[1]] = label_map(block)
+        labels = _labels(
+            shape,
+            tiling.windows(
+                volume.hu,
+                predictor,
+                options.patch,
+                overlap=options.overlap,
+                blend=options.blend,
+                batch=options.batch,
+                pad=PAD_HU[options.pad],
+                depth=options.prefetch,
+                prepare=net.prepare,
+                timings=timings,
+            ),
+        )
         if predictor.resumed:
             log.info(
                 "resumed: %d of %d batches loaded from the checkpoint", predictor.resumed, batches
             )
         return labels
 
+    # -- on an executor (Dask): units on workers, blended and written here --------------
+
+    def plan(self, ctx: JobContext) -> Plan:
+        """Batches of patches as units that read the volume and run the network themselves."""
+        options: CtOptions = ctx.options
+        with ctx.phase("read"):
+            volume = volumes.read(ctx.input, options.series)
+        model = ctx.model or BUNDLED / CT
+        positions = tiling.grid(volume.hu.shape, options.patch, options.overlap)
+        groups = [positions[i : i + options.batch] for i in range(0, len(positions), options.batch)]
+        source = (str(ctx.input), stamp(ctx.input), options.series)
+        units = [
+            Unit(_unit(i), infer_batch, (*source, group, options), len(group))
+            for i, group in enumerate(groups)
+        ]
+        spec = ModelSpec(
+            "daemon.offline.ct:load_segmenter", str(model), ctx.engine, ctx.device, ctx.threads
+        )
+        return Plan(spec, units, "patches", (volume, groups, model))
+
+    def assemble(self, ctx: JobContext, plan: Plan) -> dict[str, Any]:
+        options: CtOptions = ctx.options
+        volume, groups, model = plan.state
+        card = load_card(model)
+        channels: list[int] = []
+
+        def outputs() -> Iterator[tuple[list[tiling.Position], np.ndarray]]:
+            for unit, group in zip(plan.units, groups, strict=True):
+                y = load_unit(ctx, unit.id)
+                channels.append(y.shape[1])
+                yield group, foreground(y, card.output.activation, options.patch)
+
+        with ctx.phase("segment"):
+            labels = _labels(
+                volume.hu.shape,
+                tiling.stitch(
+                    volume.hu.shape,
+                    options.patch,
+                    outputs(),
+                    overlap=options.overlap,
+                    blend=options.blend,
+                ),
+            )
+        classes = card.class_list(max(channels[0], 2))
+        with ctx.phase("write"):
+            manifest = self._write(volume, labels, classes, model, ctx)
+        manifest.update(
+            engine={"engine": ctx.engine, "device": ctx.device, "on": "cluster"},
+            model={"name": model.name, "provenance": card.provenance},
+            options=options.model_dump(mode="json"),
+        )
+        return manifest
+
     @staticmethod
     def _write(
         volume: volumes.Volume,
         labels: np.ndarray,
-        net: Network,
+        classes: tuple[ClassCard, ...],
         model: Path,
         ctx: JobContext,
     ) -> dict[str, Any]:
-        classes = net.classes
         found = ct_outputs.findings(labels, volume, classes)
         files = {"labels": ct_outputs.LABELS}
         ct_outputs.write_labels(labels, volume, ctx.output / ct_outputs.LABELS)
@@ -291,6 +378,43 @@ class CtJob(JobKind):
             "findings_total": len(found),
             "warnings": list(volume.warnings),
         }
+
+
+def _labels(shape: tuple[int, ...], blocks: Iterable[tuple[int, np.ndarray]]) -> np.ndarray:
+    """The label volume of blended foreground row blocks ``(start, (C-1, n, y, x))``."""
+    labels = np.zeros(shape, np.uint8)
+    for start, block in blocks:
+        labels[start : start + block.shape[1]] = label_map(block)
+    return labels
+
+
+def load_segmenter(model: Path, engine: str | None, device: str, threads: int) -> Segmenter:
+    """The model a Dask worker keeps for the ct units (:class:`ModelSpec`'s loader)."""
+    return Segmenter.open(model, engine=engine, device=device, threads=threads)
+
+
+def infer_batch(
+    seg: Segmenter,
+    path: str,
+    mtime: int,
+    series: str | None,
+    positions: list[tiling.Position],
+    options: CtOptions,
+) -> np.ndarray:
+    """A unit on a Dask worker: the network output (N, C, D, H, W) of the patches at
+    ``positions`` of the volume at ``path``, cut and prepared as the local run does."""
+    hu = _volume(path, mtime, series).hu
+    net = Network(seg, options, tiling.Timings())
+    pad = PAD_HU[options.pad]
+    return net.infer(
+        net.prepare(np.stack([tiling.extract(hu, p, options.patch, pad) for p in positions]))
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _volume(path: str, mtime: int, series: str | None) -> volumes.Volume:
+    """The volume, read once per worker process for all the units that need it."""
+    return volumes.read(Path(path), series)
 
 
 def table3(timings: tiling.Timings, patches: int) -> dict[str, float]:

@@ -97,6 +97,10 @@ def run_unit(spec: ModelSpec, fn: Callable[..., np.ndarray], args: tuple[Any, ..
     return fn(cache.get(spec), *args)
 
 
+def _load(spec: ModelSpec, dask_worker: Any) -> None:
+    cast(ModelCache, dask_worker.plugins[PLUGIN]).get(spec)
+
+
 def _describe_models(dask_worker: Any) -> dict[str, Any]:
     cache = dask_worker.plugins.get(PLUGIN)
     return {"host": socket.gethostname(), "models": cache.describe() if cache else []}
@@ -145,13 +149,7 @@ class DaskExecutor:
         ctx.progress(done, total, plan.what)
         if todo:
             client = self._client()
-            spec = ModelSpec(
-                plan.model.loader,
-                self.paths(plan.model.model),
-                plan.model.engine,
-                self.device or plan.model.device,
-                self.threads or plan.model.threads,
-            )
+            spec = self.spec(plan.model)
             job = getattr(getattr(ctx, "job", None), "id", "job")
             futures = {
                 client.submit(
@@ -173,6 +171,21 @@ class DaskExecutor:
                 for f in futures:
                     f.release()
         return kind.assemble(ctx, plan)
+
+    def spec(self, model: ModelSpec) -> ModelSpec:
+        """``model`` as the workers load it: their path, device and threads."""
+        return ModelSpec(
+            model.loader,
+            self.paths(model.model),
+            model.engine,
+            self.device or model.device,
+            self.threads or model.threads,
+        )
+
+    def warm(self, model: ModelSpec) -> int:
+        """Load ``model`` on every worker now rather than on each one's first unit (a
+        benchmark's warm-up); the number of workers."""
+        return len(self._client().run(_load, self.spec(model)))
 
     @staticmethod
     def _collect(

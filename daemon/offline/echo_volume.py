@@ -33,6 +33,7 @@ from daemon.offline.kind import (
     Unit,
     UnitKind,
     load_unit,
+    stamp,
 )
 
 
@@ -68,7 +69,7 @@ class EchoVolume(UnitKind):
     def plan(self, ctx: JobContext) -> Plan:
         self.check(ctx.input, ctx.options)
         with ctx.phase("read"):
-            image = _image(str(ctx.input), _mtime(ctx.input))
+            image = _image(str(ctx.input), stamp(ctx.input))
         model = ctx.model or BUNDLED / CT
         card = load_card(model)
         norm = card.input.normalisation
@@ -81,7 +82,7 @@ class EchoVolume(UnitKind):
                 segment_slab,
                 (
                     str(ctx.input),
-                    _mtime(ctx.input),
+                    stamp(ctx.input),
                     z0,
                     min(z0 + step, z),
                     (lo, hi, norm.scale, mean, std),
@@ -187,13 +188,6 @@ def _slab(
         raise JobInputError(f"the model cannot run this volume's slabs: {e}") from None
     labels = probabilities[0].argmax(axis=0).astype(np.uint8)[:k]
     return np.stack([cv2.resize(p, (x, y), interpolation=cv2.INTER_NEAREST_EXACT) for p in labels])
-
-
-def _mtime(path: Path) -> int:
-    """What says a cached read of ``path`` is stale (a folder: its newest file)."""
-    if path.is_dir():
-        return max((p.stat().st_mtime_ns for p in path.iterdir()), default=0)
-    return path.stat().st_mtime_ns
 
 
 @functools.lru_cache(maxsize=1)

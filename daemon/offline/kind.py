@@ -194,3 +194,13 @@ def save_unit(ctx: JobContext, unit: str, result: np.ndarray) -> None:
 def load_unit(ctx: JobContext, unit: str) -> np.ndarray:
     result: np.ndarray = np.load(ctx.work / f"{unit}.npy")
     return result
+
+
+def stamp(path: Path) -> int:
+    """What says a unit's cached read of the input at ``path`` is stale (a Dask worker
+    keeps it for the next unit): the newest mtime of ``path`` and everything under it
+    (a folder's own mtime moves when a file is added, removed or renamed)."""
+    times = [path.stat().st_mtime_ns]
+    if path.is_dir():
+        times += [p.stat().st_mtime_ns for p in path.rglob("*")]
+    return max(times)

@@ -21,7 +21,9 @@ Pure functions and one accumulator, shared by the CT and WSI jobs::
 - :func:`windows` runs it all: the patches are cut in a thread of their own, ahead
   of the predictor, through a bounded queue (:func:`prefetch`), in batches of
   ``batch``. The predictor takes ``(N, *patch, *rest)`` (``rest``: trailing image
-  axes such as RGB) and returns ``(N, C, *patch)``.
+  axes such as RGB) and returns ``(N, C, *patch)``;
+- :func:`stitch` is its blending half alone, for outputs computed elsewhere (in
+  :func:`grid` order: the blend is then the same, float for float).
 
 Rows not covered by any patch (masked out) are ``fill``.
 """
@@ -33,7 +35,8 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -270,7 +273,7 @@ class _Failed:
         self.exc = exc
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
     """``items``, produced in a thread of its own up to ``depth`` ahead of the consumer.
 
     An exception in the producer is raised in the consumer; closing the consumer
@@ -330,6 +333,42 @@ def _batches(
         yield group, data if prepare is None else prepare(data)
 
 
+def stitch(
+    shape: Sequence[int],
+    patch: Sequence[int],
+    outputs: Iterable[tuple[list[Position], np.ndarray]],
+    *,
+    overlap: float | Sequence[float] = 0.25,
+    blend: Blend = "gaussian",
+    sigma_scale: float = 0.125,
+    fill: float = 0.0,
+    timings: Timings | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Blend batches of outputs ``(positions, (N, C, *patch))``, given in :func:`grid`
+    order, into the output rows ``(start, (C, n, ...))``, in order, each once: the one
+    place patches are blended, whether the outputs come from a predictor here
+    (:func:`windows`) or from files a cluster wrote (the CT job on Dask)."""
+    k = len(patch)
+    stitcher: Stitcher | None = None
+    for group, batch in outputs:
+        out = np.asarray(batch)
+        if out.ndim != k + 2 or out.shape[0] != len(group):
+            raise ValueError(
+                f"predictor output {out.shape} for a batch of {len(group)} patches: "
+                f"expected ({len(group)}, C, {', '.join(map(str, patch))})"
+            )
+        t0 = time.perf_counter()
+        if stitcher is None:
+            stitcher = Stitcher(shape, patch, out.shape[1], blend, overlap, sigma_scale, fill)
+        done = [block for pos, o in zip(group, out, strict=True) for block in stitcher.add(pos, o)]
+        if timings is not None:
+            timings.add("stitcher", time.perf_counter() - t0)
+        yield from done
+    if stitcher is None:  # nothing to predict (all masked out): one block of fill
+        return
+    yield from stitcher.close()
+
+
 def windows(
     image: np.ndarray,
     predictor: Predictor,
@@ -356,27 +395,18 @@ def windows(
     (per batch, in the prefetch thread) and ``stitcher`` seconds."""
     k = len(patch)
     positions = grid(image.shape[:k], patch, overlap, mask, min_fraction)
-    stitcher: Stitcher | None = None
     cut = _batches(image, positions, patch, batch, pad, prepare, timings)
-    for group, data in prefetch(cut, depth):
-        out = np.asarray(predictor(data))
-        if out.ndim != k + 2 or out.shape[0] != len(group):
-            raise ValueError(
-                f"predictor output {out.shape} for a batch of {len(group)} patches: "
-                f"expected ({len(group)}, C, {', '.join(map(str, patch))})"
-            )
-        t0 = time.perf_counter()
-        if stitcher is None:
-            stitcher = Stitcher(
-                image.shape[:k], patch, out.shape[1], blend, overlap, sigma_scale, fill
-            )
-        done = [block for pos, o in zip(group, out, strict=True) for block in stitcher.add(pos, o)]
-        if timings is not None:
-            timings.add("stitcher", time.perf_counter() - t0)
-        yield from done
-    if stitcher is None:  # nothing to predict (all masked out): one block of fill
-        return
-    yield from stitcher.close()
+    with closing(prefetch(cut, depth)) as batches:
+        yield from stitch(
+            image.shape[:k],
+            patch,
+            ((group, predictor(data)) for group, data in batches),
+            overlap=overlap,
+            blend=blend,
+            sigma_scale=sigma_scale,
+            fill=fill,
+            timings=timings,
+        )
 
 
 def predict(
