@@ -33,7 +33,8 @@ from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa:
 from daemon.cli import main as cli_main  # noqa: E402
 from daemon.config import Config  # noqa: E402
 from daemon.ctl import Client, CtlError  # noqa: E402
-from daemon.display.colours import class_lut, heatmap_lut  # noqa: E402
+from daemon import results  # noqa: E402
+from daemon.display.colours import class_lut, default_classes, heatmap_lut  # noqa: E402
 from daemon.display.gl import (  # noqa: E402
     INFERENCE_STOPPED,
     NO_CONFIDENT_FINDING,
@@ -46,6 +47,7 @@ from daemon.display.gl import (  # noqa: E402
     letterbox,
     write_png,
 )
+from daemon.display.scene import Box, MapLayer, Mark, Panel, Scene  # noqa: E402
 from daemon.engines.card import ClassCard  # noqa: E402
 from daemon.frame import WITHHELD, FrameMeta  # noqa: E402
 from daemon.ring import Ring, RingWriter  # noqa: E402
@@ -107,7 +109,7 @@ def gl(request: pytest.FixtureRequest) -> Iterator[tuple[Window, Renderer]]:
     """A 1280x800 window and a renderer, in OpenGL 3.3 core and in OpenGL ES 3.0."""
     window = Window(fullscreen=False, size=SCREEN, vsync=False, api=request.param)
     assert window.dialect == request.param and window.size == SCREEN
-    renderer = Renderer(window.dialect, window.size, CLASSES)
+    renderer = Renderer(window.dialect, window.size)
     yield window, renderer
     renderer.close()
     window.close()
@@ -140,6 +142,14 @@ def flat(a: np.ndarray) -> np.ndarray:
     return np.asarray(lo == hi)
 
 
+def labels_scene(
+    r: Renderer, labels: np.ndarray, classes: tuple[ClassCard, ...] = CLASSES
+) -> Scene:
+    """Upload ``labels`` coloured by ``classes``; the scene that draws them."""
+    r.upload_labels("labels", labels, classes)
+    return Scene(maps=[MapLayer("labels", "labels")])
+
+
 def blend(image: np.ndarray, labels: np.ndarray, lut: np.ndarray, scale: float = 1.0) -> np.ndarray:
     alpha = np.clip(lut[labels, 3:4] / 255.0 * scale, 0, 1)
     grey = image[..., None].astype(float)
@@ -155,8 +165,7 @@ def test_filled_overlay_is_the_alpha_blend_and_background_is_the_image(
     labels[100:300, 200:400] = 1
     labels[350:500, 450:700] = 2
     r.upload_image(image)
-    r.upload_overlay(labels)
-    r.draw("filled", opacity=0.8)
+    r.draw(labels_scene(r, labels), "filled", opacity=0.8)
     shot = r.read_pixels()
     rect = letterbox((820, 616), (1.0, 1.0), SCREEN)
     ty, tx, (rows, cols) = texels(rect, (616, 820))
@@ -177,12 +186,10 @@ def test_overlay_off_shows_the_plain_image(gl: tuple[Window, Renderer]) -> None:
     _, r = gl
     image = blocks(616, 820)
     r.upload_image(image)
-    r.upload_overlay(np.zeros((616, 820), np.uint8))
-    r.draw("filled")
+    r.draw(labels_scene(r, np.zeros((616, 820), np.uint8)))
     plain = r.read_pixels()
-    labels = np.ones((616, 820), np.uint8)
-    r.upload_overlay(labels)
-    r.draw("off")
+    labels_scene(r, np.ones((616, 820), np.uint8))
+    r.draw(Scene())
     off = r.read_pixels()
     assert np.array_equal(off, plain)
     rect = letterbox((820, 616), (1.0, 1.0), SCREEN)
@@ -208,7 +215,7 @@ def test_letterbox_keeps_the_physical_aspect_ratio(
     _, r = gl
     assert letterbox((shape[1], shape[0]), spacing, SCREEN) == rect
     r.upload_image(blocks(*shape))
-    r.draw("off", spacing)
+    r.draw(spacing_xy=spacing)
     lit = r.read_pixels().max(axis=2) > 0
     rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
     x, y, w, h = rect
@@ -224,10 +231,10 @@ def test_contour_mode_colours_only_class_borders(gl: tuple[Window, Renderer]) ->
     labels = np.zeros((616, 820), np.uint8)
     labels[200:400, 300:600] = 1
     r.upload_image(image)
-    r.upload_overlay(labels)
-    r.draw("off")
+    scene = labels_scene(r, labels)
+    r.draw()
     plain = r.read_pixels()
-    r.draw("contour", contour_px=3.0)
+    r.draw(scene, "contour", contour_px=3.0)
     contour = r.read_pixels()
     changed = (contour != plain).any(axis=2)
     x0, y0, qw, qh = letterbox((820, 616), (1.0, 1.0), SCREEN)
@@ -244,20 +251,33 @@ def test_contour_mode_colours_only_class_borders(gl: tuple[Window, Renderer]) ->
     assert np.array_equal(contour[inside & (depth > 6)], plain[inside & (depth > 6)])
 
 
-def test_heatmap_colours_confidence(gl: tuple[Window, Renderer]) -> None:
+def heat_pixel(base: float, v: np.ndarray) -> np.ndarray:
+    """What confidence ``v`` (0..1, any shape) looks like over a grey level ``base``."""
+    lut = heatmap_lut().astype(float)[np.clip(np.round(v * 255), 0, 255).astype(int)]
+    alpha = lut[..., 3:4] / 255
+    return base * (1 - alpha) + lut[..., :3] * alpha
+
+
+def test_heatmap_follows_the_confidence_bilinearly(gl: tuple[Window, Renderer]) -> None:
+    """A 32-texel ramp (0 -> 1 left to right) over a 256x256 frame: each window pixel has
+    the heat colour of the bilinear value at its centre; flat regions their own."""
     _, r = gl
-    image = np.full((256, 256), 90, np.uint8)
-    confidence = np.zeros((256, 256), np.float32)
-    confidence[:, 128:] = 1.0
-    r.upload_image(image)
-    r.upload_overlay(confidence)
-    r.draw("heatmap")
-    shot = r.read_pixels()
+    r.upload_image(np.full((256, 256), 90, np.uint8))
+    ramp = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float16), (8, 1))
+    ramp[:2] = 0.0  # top quarter: no confidence, the image shows through
+    r.upload_heat("heat", ramp)
+    r.draw(Scene(maps=[MapLayer("heat", "heat")]))
+    shot = r.read_pixels().astype(float)
     x0, y0, q, _ = letterbox((256, 256), (1.0, 1.0), SCREEN)
-    lut = heatmap_lut().astype(float)
-    want = 90 * (1 - lut[255, 3] / 255) + lut[255, :3] * lut[255, 3] / 255
-    assert (shot[y0 + q // 2, x0 + q // 4] == 90).all()
-    assert np.abs(shot[y0 + q // 2, x0 + 3 * q // 4].astype(int) - want).max() <= 2
+    row = shot[y0 + q // 2, x0 : x0 + q]
+    t = np.clip((np.arange(q) + 0.5) / q * 32 - 0.5, 0, 31)  # texel coordinate of each pixel
+    want = heat_pixel(90, t / 31)
+    # within 3 steps of the 256-entry table (GLES filters in medium precision)
+    near = np.stack([heat_pixel(90, np.clip(t / 31 + d / 255, 0, 1)) for d in range(-3, 4)])
+    err = np.abs(near - row).max(axis=2).min(axis=0)
+    assert err.max() <= 2, f"pixel {err.argmax()}: {row[err.argmax()]} vs {want[err.argmax()]}"
+    assert row[-1, 0] > row[q // 2, 0] > row[0, 0], "brighter with confidence"
+    assert (shot[y0 + q // 16, x0 : x0 + q] == 90).all(), "no confidence: the image"
 
 
 def test_rgb_frames_and_texture_reuse(gl: tuple[Window, Renderer]) -> None:
@@ -265,10 +285,10 @@ def test_rgb_frames_and_texture_reuse(gl: tuple[Window, Renderer]) -> None:
     rgb = np.zeros((64, 96, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 120, 240
     r.upload_image(rgb)
-    r.draw("off")
+    r.draw()
     assert (r.read_pixels()[400, 640] == (10, 120, 240)).all()
     r.upload_image(np.full((64, 96), 50, np.uint16) << 8)  # 16-bit: shown by its top byte
-    r.draw("off")
+    r.draw()
     assert (r.read_pixels()[400, 640] == 50).all()
     assert r.image_shape == (64, 96, 1)
 
@@ -284,9 +304,8 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
         ClassCard(name="artery", colour=(230, 25, 75), opacity=0.45),
         ClassCard(name="vein", colour=(0, 130, 200), opacity=0.45),
     )
-    r.set_classes(classes)
     r.upload_image(frame.image)
-    r.upload_overlay(labels)
+    scene = labels_scene(r, labels, classes)
     r.set_status(
         [
             (
@@ -295,7 +314,7 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
             )
         ]
     )
-    r.draw("filled", frame.meta.spacing[:2], status=True)
+    r.draw(scene, "filled", frame.meta.spacing[:2], status=True)
     shot = r.read_pixels()
     path = tmp_path / f"{gl[0].dialect}.png"
     write_png(path, shot)
@@ -315,30 +334,45 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
 # -- the stage, through real rings ----------------------------------------------------
 
 
-class Rig:
-    """Rings "frames" and "results", writers for both, and a DisplayStage reading them."""
+def record(labels: np.ndarray | None = None, *outputs: results.Output) -> np.ndarray:
+    """A result record: ``labels`` as the segmentation output (when given), then ``outputs``."""
+    seg = [] if labels is None else [results.Output("segmentation", "labels", labels)]
+    return results.pack([*seg, *outputs])
 
-    def __init__(self, settings: DisplayConfig, shape: tuple[int, int] = (128, 160)) -> None:
+
+class Rig:
+    """Rings "frames" and one per results port, their writers, and a DisplayStage reading
+    them; ``outputs`` describes the model of port "results" (its ``model`` description)."""
+
+    def __init__(
+        self,
+        settings: DisplayConfig,
+        shape: tuple[int, int] = (128, 160),
+        ports: tuple[str, ...] = ("results",),
+        outputs: tuple[dict[str, Any], ...] = (),
+    ) -> None:
         tag = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}"
-        n = shape[0] * shape[1]
-        self.rings = [
-            Ring.create(f"{tag}-{name}", slots=8, payload_bytes=n) for name in ("frames", "results")
+        self.rings = [Ring.create(f"{tag}-frames", slots=8, payload_bytes=shape[0] * shape[1])]
+        self.rings += [
+            Ring.create(f"{tag}-{p}", slots=8, payload_bytes=results.capacity(shape)) for p in ports
         ]
         self.frames: RingWriter = self.rings[0].writer()
-        self.results: RingWriter = self.rings[1].writer()
+        self.writers = {p: ring.writer() for p, ring in zip(ports, self.rings[1:], strict=True)}
+        self.results = self.writers[ports[0]]
         self.shape = shape
         spec = StageSpec(
             "sink",
             "display",
             inputs={
                 "frames": InputPort(self.rings[0].name, "newest"),
-                "results": InputPort(self.rings[1].name, "newest"),
+                **{p: InputPort(ring.name, "newest") for p, ring in zip(ports, self.rings[1:])},
             },
             params={
                 "classes": [c.model_dump() for c in CLASSES],
                 "engine": "test",
                 "device": "cpu",
                 "model": "none",
+                "outputs": list(outputs),
             },
         )
         self.ctx = StageContext(spec, queue.Queue(), threading.Event())
@@ -360,8 +394,21 @@ class Rig:
         return index
 
     def result(self, index: int, labels: np.ndarray, flags: int = 0) -> None:
+        """Write a record of the label map ``labels`` for frame ``index`` to "results"."""
+        self.send(index, record(labels), flags=flags)
+
+    def send(self, index: int, payload: np.ndarray, port: str = "results", flags: int = 0) -> None:
         meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), flags=flags)
-        self.results.write(labels, meta)
+        self.writers[port].write(payload, meta)
+
+    def deliver(self, payload: np.ndarray, value: int = 100, port: str = "results") -> None:
+        """A frame and its result on ``port``; steps until the stage has taken both."""
+        taken = self.stage.ports[port].results
+        self.send(self.frame(value), payload, port)
+        self.step_until(lambda: self.stage.ports[port].results > taken)
+        self.step_until(
+            lambda: self.stage.shown is not None and self.stage.shown.index == self.index - 1
+        )
 
     def step_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -385,7 +432,11 @@ class Rig:
 def rig() -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(**settings: object) -> Rig:
+    def make(
+        ports: tuple[str, ...] = ("results",),
+        outputs: tuple[dict[str, Any], ...] = (),
+        **settings: object,
+    ) -> Rig:
         base: dict[str, object] = {
             "fullscreen": False,
             "width": 640,
@@ -393,7 +444,8 @@ def rig() -> Iterator[Callable[..., Rig]]:
             "vsync": False,
             "status_line": True,
         }
-        made.append(Rig(DisplayConfig.model_validate({**base, **settings})))
+        config = DisplayConfig.model_validate({**base, **settings})
+        made.append(Rig(config, ports=ports, outputs=outputs))
         return made[-1]
 
     yield make
@@ -518,14 +570,14 @@ def test_after_a_hot_swap_each_overlay_has_the_colours_of_the_model_that_made_it
             "device": "cpu",
             "classes": [c.model_dump() for c in swapped],
         },
-    ) == {"generation": 1}
+    ) == {"generation": 1, "port": "results"}
     for generation, classes in ((0, CLASSES), (1, swapped)):
         index = r.frame(100)
         r.step_until(
             lambda index=index: len(r.stage.history) and r.stage.history[-1][1].index == index
         )
         meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), generation=generation)
-        r.results.write(square(r.shape), meta)
+        r.results.write(record(square(r.shape)), meta)
         r.step_until(lambda index=index: r.stage.shown is not None and r.stage.shown.index == index)
         want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(classes))[0, 0]
         assert np.abs(r.centre() - want).max() <= 2, f"generation {generation}"
@@ -578,7 +630,8 @@ def test_stage_ends_with_both_streams(rig: Callable[..., Rig]) -> None:
     deadline = time.monotonic() + 5
     while r.stage.step():
         assert time.monotonic() < deadline, "the stage did not end"
-    assert r.stage.frames_shown == 1 and r.stage.frames is None and r.stage.results is None
+    assert r.stage.frames_shown == 1 and r.stage.frames is None
+    assert r.stage.results == {"results": None}
 
 
 def test_no_display_falls_back_to_the_headless_sink(
