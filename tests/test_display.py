@@ -28,14 +28,14 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 pygame = pytest.importorskip("pygame")
 pytest.importorskip("OpenGL.GL")
 
-from daemon import config, pipeline  # noqa: E402
+from daemon import config, pipeline, results  # noqa: E402
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa: E402
 from daemon.cli import main as cli_main  # noqa: E402
 from daemon.config import Config  # noqa: E402
 from daemon.ctl import Client, CtlError  # noqa: E402
-from daemon import results  # noqa: E402
 from daemon.display.colours import class_lut, default_classes, heatmap_lut  # noqa: E402
 from daemon.display.gl import (  # noqa: E402
+    BAR_BG,
     INFERENCE_STOPPED,
     NO_CONFIDENT_FINDING,
     SCANNER_DISCONNECTED,
@@ -49,6 +49,7 @@ from daemon.display.gl import (  # noqa: E402
 )
 from daemon.display.scene import Box, MapLayer, Mark, Panel, Scene  # noqa: E402
 from daemon.engines.card import ClassCard  # noqa: E402
+from daemon.errors import StageError  # noqa: E402
 from daemon.frame import WITHHELD, FrameMeta  # noqa: E402
 from daemon.ring import Ring, RingWriter  # noqa: E402
 from daemon.stage import InputPort, StageContext, StageSpec, run_stage  # noqa: E402
@@ -357,7 +358,8 @@ class Rig:
             Ring.create(f"{tag}-{p}", slots=8, payload_bytes=results.capacity(shape)) for p in ports
         ]
         self.frames: RingWriter = self.rings[0].writer()
-        self.writers = {p: ring.writer() for p, ring in zip(ports, self.rings[1:], strict=True)}
+        self.ports = dict(zip(ports, self.rings[1:], strict=True))
+        self.writers = {p: ring.writer() for p, ring in self.ports.items()}
         self.results = self.writers[ports[0]]
         self.shape = shape
         spec = StageSpec(
@@ -365,7 +367,7 @@ class Rig:
             "display",
             inputs={
                 "frames": InputPort(self.rings[0].name, "newest"),
-                **{p: InputPort(ring.name, "newest") for p, ring in zip(ports, self.rings[1:])},
+                **{p: InputPort(ring.name, "newest") for p, ring in self.ports.items()},
             },
             params={
                 "classes": [c.model_dump() for c in CLASSES],
@@ -873,3 +875,281 @@ def test_the_s_key_with_an_unusable_screenshot_folder_warns(
     r.step_until(lambda: "screenshot not saved" in caplog.text)
     r.show(90)  # and the display goes on
     assert (r.centre() == 90).all()
+
+
+# -- every role: boxes, crosses, class panels, heat maps, values, several ports ---------------
+
+Output = results.Output
+DETECTOR = {
+    "name": "boxes",
+    "role": "detection",
+    "classes": [
+        {"name": "needle", "colour": [255, 0, 255]},
+        {"name": "artery", "colour": [255, 0, 0]},
+    ],
+}
+POINTS = {"name": "tips", "role": "keypoints", "names": ["tip", "hub"]}
+VALUES = {"name": "size", "role": "regression", "names": ["depth", "angle"], "units": ["mm", "deg"]}
+CLASSIFIER = {
+    "name": "view",
+    "role": "classification",
+    "classes": [
+        {"name": "no vessels", "colour": [255, 0, 0]},
+        {"name": "vessels", "colour": [0, 255, 0]},
+    ],
+}
+CONFIDENCE = {
+    "name": "conf",
+    "role": "confidence",
+    "classes": [c.model_dump() for c in CLASSES[:1]]
+    + [{"name": "artery", "colour": [230, 25, 75]}, {"name": "vein", "colour": [0, 130, 200]}],
+}
+PATIENT = 60_000.0  # inference_stopped_ms: a slow test machine never hides a result
+
+
+def to_window(
+    rect: tuple[int, int, int, int], shape: tuple[int, int], x: float, y: float
+) -> tuple[float, float]:
+    """Frame pixel coordinates (continuous, pixel centres at +0.5) -> window pixels."""
+    x0, y0, qw, qh = rect
+    return x0 + x * qw / shape[1], y0 + y * qh / shape[0]
+
+
+def is_colour(shot: np.ndarray, colour: tuple[int, int, int] | list[int]) -> np.ndarray:
+    return np.asarray((shot == np.asarray(colour)).all(axis=2))
+
+
+def test_a_box_is_outlined_in_its_class_colour_with_its_label_above(
+    gl: tuple[Window, Renderer],
+) -> None:
+    _, r = gl
+    r.upload_image(np.full((128, 160), 90, np.uint8))
+    r.draw()
+    plain = r.read_pixels()
+    box = Box(40.0, 30.0, 100.5, 90.25, (255, 0, 0), "artery 0.87")
+    r.draw(Scene(boxes=[box]), contour_px=2.0)
+    shot = r.read_pixels()
+    rect = letterbox((160, 128), (1.0, 1.0), SCREEN)
+    (left, top), (right, bottom) = (
+        to_window(rect, (128, 160), box.x1, box.y1),
+        to_window(rect, (128, 160), box.x2, box.y2),
+    )
+    red = is_colour(shot, box.colour)
+    t, b, lft, rt = int(top), int(bottom), int(left), int(right)  # the pixels the edges cross
+    assert red[t, lft : rt + 1].all() and red[b, lft : rt + 1].all(), "top and bottom edges"
+    assert red[t : b + 1, lft].all() and red[t : b + 1, rt].all(), "left and right edges"
+    assert np.array_equal(
+        shot[t + 3 : b - 2, lft + 3 : rt - 2], plain[t + 3 : b - 2, lft + 3 : rt - 2]
+    )
+    changed = (shot != plain).any(axis=2)
+    changed[t - 1 : b + 2, lft - 1 : rt + 2] = False  # the outline, a line wide around the edges
+    rows, cols = np.nonzero(changed)
+    assert rows.min() >= t - 1 - r.line_h and rows.max() < t, "only the label, right above"
+    assert cols.min() >= lft - 1
+    assert red[t - 1 - r.line_h : t - 1, lft - 1 :].sum() > 20, "the label in the class colour"
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.1, 0.2)])
+def test_a_cross_is_centred_on_its_keypoint(
+    gl: tuple[Window, Renderer], spacing: tuple[float, float]
+) -> None:
+    _, r = gl
+    r.upload_image(np.full((128, 160), 90, np.uint8))
+    colour = (255, 225, 25)
+    r.draw(Scene(marks=[Mark(37.25, 81.5, colour, "")]), spacing_xy=spacing, contour_px=2.0)
+    mask = is_colour(r.read_pixels(), colour)
+    x, y = to_window(letterbox((160, 128), spacing, SCREEN), (128, 160), 37.25, 81.5)
+    arm_rows = np.flatnonzero(mask.sum(axis=1) > 4)  # the horizontal arm
+    arm_cols = np.flatnonzero(mask.sum(axis=0) > 4)  # the vertical arm
+    assert len(arm_rows) == 2 and len(arm_cols) == 2, "arms a line (2 px) wide"
+    assert abs(arm_rows.mean() + 0.5 - y) <= 1 and abs(arm_cols.mean() + 0.5 - x) <= 1
+    across, down = np.flatnonzero(mask[arm_rows[0]]), np.flatnonzero(mask[:, arm_cols[0]])
+    assert abs((across[0] + across[-1] + 1) / 2 - x) <= 1, "the arms are even"
+    assert abs((down[0] + down[-1] + 1) / 2 - y) <= 1
+    assert across[-1] - across[0] + 1 == 2 * r.mark_px
+
+
+def test_a_class_bar_is_as_long_as_the_probability(gl: tuple[Window, Renderer]) -> None:
+    _, r = gl
+    r.upload_image(np.full((128, 160), 90, np.uint8))
+    colour = (0, 200, 0)
+    for fraction in (0.0, 0.25, 0.6, 1.0):
+        r.draw(Scene(panels=[Panel("vessels", colour, fraction)]))
+        shot = r.read_pixels()
+        bx, by, bw, bh = r.bar_rect(0)
+        row = shot[by + bh // 2, bx : bx + bw]
+        filled, empty = is_colour(row[None], colour)[0], is_colour(row[None], BAR_BG)[0]
+        assert (filled | empty).all() and filled[: filled.sum()].all(), "filled from the left"
+        assert abs(filled.sum() - fraction * bw) <= 1, fraction
+        label = is_colour(shot[by - 2 - r.line_h : by - 2, : bx + bw + 1], colour)
+        assert label.sum() > 20, "the class name above the bar, in its colour"
+
+
+def panel(r: Rig) -> tuple[int, int, int]:
+    """Pixels of the first class panel (label and bar) in red, in green, and the bar's
+    filled length."""
+    shot = r.stage.capture()
+    renderer = r.stage.renderer
+    bx, by, bw, bh = renderer.bar_rect(0)
+    area = shot[by - 2 - renderer.line_h : by + bh]
+    red, green = is_colour(area, (255, 0, 0)).sum(), is_colour(area, (0, 255, 0)).sum()
+    bar = shot[by + bh // 2, bx : bx + bw][None]
+    filled = int((~is_colour(bar, BAR_BG)).sum())
+    return int(red), int(green), filled
+
+
+def test_the_class_label_changes_only_when_the_smoothing_allows(rig: Callable[..., Rig]) -> None:
+    """Probabilities whose argmax alternates every frame do not flip the label; a lasting
+    change flips it exactly at the frame where the smoothed probabilities (computed here
+    again) beat the shown class by the hysteresis, and the bar shows the smoothed value."""
+    s, h = 0.8, 0.1
+    r = rig(
+        outputs=(CLASSIFIER,),
+        classification_smoothing=s,
+        classification_hysteresis=h,
+        inference_stopped_ms=PATIENT,
+    )
+    r.stage.setup()
+    bw = r.stage.renderer.bar_w
+    p, shown = np.array([0.9, 0.1]), 0
+
+    def classify(p0: float) -> int:
+        nonlocal p, shown
+        new = np.array([p0, 1 - p0])
+        if r.stage.ports["results"].results:
+            p = s * p + (1 - s) * new
+            best = int(np.argmax(p))
+            shown = best if p[best] >= p[shown] + h else shown
+        scores = new.astype(np.float32)
+        r.deliver(record(None, Output("classification", "view", scores)))
+        red, green, filled = panel(r)
+        assert (red > 0) != (green > 0), (red, green)
+        assert abs(filled - p[shown] * bw) <= 1, (filled, p[shown] * bw)
+        assert (1 if green else 0) == shown
+        return shown
+
+    assert classify(0.9) == 0
+    for k in range(12):  # the argmax alternates every frame
+        assert classify(0.3 if k % 2 else 0.7) == 0, f"flickered at frame {k}"
+    for _ in range(8):  # settled on "no vessels"
+        assert classify(0.9) == 0
+    switched = [classify(0.05) for _ in range(12)]
+    first = switched.index(1)
+    assert first >= 2, "smoothing delays the change"
+    assert switched[first:] == [1] * (12 - first), "and it stays"
+
+
+def test_boxes_points_and_values_through_the_stage(rig: Callable[..., Rig]) -> None:
+    r = rig(outputs=(DETECTOR, POINTS, VALUES), inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    boxes = np.array([[20, 16, 80, 64, 0.87, 1]], np.float32)
+    points = np.array([[120, 40, 0.9], [np.nan, np.nan, 0.1]], np.float32)
+    outputs = (
+        Output("detection", "boxes", boxes),
+        Output("keypoints", "tips", points),
+        Output("regression", "size", np.array([42.5, 12.0], np.float32)),
+    )
+    r.deliver(record(None, *outputs))
+    shot = r.stage.capture()
+    rect = letterbox((160, 128), (1.0, 1.0), (640, 480))
+    (left, top), (right, bottom) = (
+        to_window(rect, r.shape, 20, 16),
+        to_window(rect, r.shape, 80, 64),
+    )
+    red = is_colour(shot, (255, 0, 0))  # class 1, "artery"
+    mid_x, mid_y = int((left + right) / 2), int((top + bottom) / 2)
+    assert red[int(top), mid_x] and red[int(bottom), mid_x]
+    assert red[mid_y, int(left)] and red[mid_y, int(right)]
+    tip, hub = (c.colour for c in default_classes(2, background=False))
+    x, y = to_window(rect, r.shape, 120, 40)
+    mark = is_colour(shot, tip)
+    assert mark[int(y), int(x)], "the tip's cross"
+    assert mark[int(y) - r.stage.renderer.line_h :, int(x) + r.stage.renderer.mark_px + 2 :].any()
+    assert not is_colour(shot, hub).any(), "the hub was not found (NaN): no cross"
+    r.step_until(lambda: "depth 42.5 mm | angle 12 deg" in r.stage.status_text)
+    # withheld by the guard: nothing of it is drawn
+    taken = r.stage.ports["results"].results
+    r.send(r.frame(100), record(None, *outputs), flags=WITHHELD)
+    r.step_until(lambda: r.stage.ports["results"].results > taken)
+    r.step_until(lambda: NO_CONFIDENT_FINDING in r.stage.warnings)
+    shot = r.stage.capture()
+    assert not is_colour(shot, (255, 0, 0)).any() and not is_colour(shot, tip).any()
+    assert "depth" not in r.stage.status_text
+
+
+def test_confidence_maps_show_the_foreground_maximum_or_the_chosen_class(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(outputs=(CONFIDENCE,), inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    conf = np.zeros((3, 32, 40), np.float16)
+    conf[0] = 1.0  # background everywhere: never shown
+    conf[1, :, :20] = 1.0  # artery on the left
+    conf[2, :, 20:] = 0.5  # vein on the right, less sure
+    rect = letterbox((160, 128), (1.0, 1.0), (640, 480))
+    at = [tuple(int(v) for v in to_window(rect, r.shape, x, 64)) for x in (40, 120)]
+
+    def sides() -> list[np.ndarray]:
+        shot = r.stage.capture().astype(float)
+        return [shot[y, x] for x, y in at]
+
+    r.deliver(record(None, Output("confidence", "conf", conf)), value=90)
+    left, right = sides()
+    assert np.abs(left - heat_pixel(90, np.array(1.0))).max() <= 2
+    assert np.abs(right - heat_pixel(90, np.array(0.5))).max() <= 2
+    r.stage.command("set", {"key": "display.heatmap_class", "value": "vein"})
+    r.deliver(record(None, Output("confidence", "conf", conf)), value=90)
+    left, right = sides()
+    assert (left == 90).all(), "the artery's confidence is not shown"
+    assert np.abs(right - heat_pixel(90, np.array(0.5))).max() <= 2
+    post_key(pygame.K_h)
+    r.step_until(lambda: not r.stage.settings.heatmap)
+    assert all((v == 90).all() for v in sides()), "key h: heat maps off"
+
+
+def test_two_ports_are_composed_in_one_frame(rig: Callable[..., Rig]) -> None:
+    """Segmentation from "results", classification from "results-1" (its model announced
+    with the ``model`` command), drawn over the same frame."""
+    r = rig(
+        ports=("results", "results-1"), classification_smoothing=0.0, inference_stopped_ms=PATIENT
+    )
+    r.stage.setup()
+    view = {"model": "view.onnx", "engine": "openvino", "device": "cpu", "outputs": [CLASSIFIER]}
+    reply = r.stage.command("model", {"generation": 0, "port": "results-1", **view})
+    assert reply == {"generation": 0, "port": "results-1"}
+    with pytest.raises(StageError, match="results-7"):
+        r.stage.command("model", {"generation": 0, "port": "results-7", **view})
+    index = r.frame(100)
+    r.send(index, record(square(r.shape)))
+    scores = np.array([0.2, 0.8], np.float32)
+    r.send(index, record(None, Output("classification", "view", scores)), port="results-1")
+    ports = r.stage.ports
+    r.step_until(lambda: ports["results"].results == 1 and ports["results-1"].results == 1)
+    r.step_until(lambda: r.stage.shown is not None and r.stage.shown.index == index)
+    want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(CLASSES))[0, 0]
+    assert np.abs(r.centre() - want).max() <= 2, "the segmentation"
+    red, green, filled = panel(r)
+    assert green > 0 and red == 0, "the classification, from the other port"
+    assert abs(filled - 0.8 * r.stage.renderer.bar_w) <= 1
+    assert "view.onnx" in r.stage.info and "test cpu" in r.stage.info
+    assert r.stage.summary()["ports"] == {
+        "results": {"results": 1, "bad": 0},
+        "results-1": {"results": 1, "bad": 0},
+    }
+
+
+def test_a_payload_that_is_not_a_record_is_counted_and_skipped(
+    rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = rig(inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    r.deliver(square(r.shape))  # a bare label map, as InferStage wrote before records
+    r.deliver(np.full(5000, 7, np.uint8))  # not a record at all
+    assert r.stage.draw_mode() == "off" and (r.centre() == 100).all()
+    assert "not a result record" in caplog.text and "1-D uint8" in caplog.text
+    r.deliver(record(square(r.shape)))
+    assert r.stage.draw_mode() == "filled"
+    want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(CLASSES))[0, 0]
+    assert np.abs(r.centre() - want).max() <= 2
+    s = r.stage.summary()
+    assert s["results_bad"] == 2 and s["results_in"] == 3 and s["torn"] == 0
