@@ -33,7 +33,7 @@ from _common import write_result
 from daemon import results
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource
 from daemon.config import Config
-from daemon.display.compose import ModelView, OutputView, PortView
+from daemon.display.compose import ModelView, PortView
 from daemon.display.gl import DisplayConfig, DisplayStage, Renderer, Window
 from daemon.display.scene import MapLayer, Scene
 from daemon.engines import card
@@ -152,12 +152,19 @@ def role_records(shape: tuple[int, int], labels: np.ndarray) -> dict[str, np.nda
     return out
 
 
-ROLE_MODEL = ModelView(
-    "bench",
-    outputs={
-        "values": OutputView("values", "regression", names=("depth", "area"), units=("mm", "cm2")),
-        "points": OutputView("points", "keypoints", names=tuple(f"p{k}" for k in range(5))),
-    },
+ROLE_MODEL = ModelView.parse(
+    {
+        "model": "bench",
+        "outputs": [
+            {
+                "name": "values",
+                "role": "regression",
+                "names": ["depth", "area"],
+                "units": ["mm", "cm2"],
+            },
+            {"name": "points", "role": "keypoints", "names": [f"p{k}" for k in range(5)]},
+        ],
+    }
 )
 
 

@@ -28,12 +28,12 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 pygame = pytest.importorskip("pygame")
 pytest.importorskip("OpenGL.GL")
 
-from daemon import config, pipeline, results  # noqa: E402
+from daemon import config, pipeline, result_names, results  # noqa: E402
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa: E402
 from daemon.cli import main as cli_main  # noqa: E402
 from daemon.config import Config  # noqa: E402
 from daemon.ctl import Client, CtlError  # noqa: E402
-from daemon.display.colours import class_lut, default_classes, heatmap_lut  # noqa: E402
+from daemon.display.colours import class_lut, heatmap_lut  # noqa: E402
 from daemon.display.gl import (  # noqa: E402
     BAR_BG,
     INFERENCE_STOPPED,
@@ -910,9 +910,9 @@ PATIENT = 60_000.0  # inference_stopped_ms: a slow test machine never hides a re
 def to_window(
     rect: tuple[int, int, int, int], shape: tuple[int, int], x: float, y: float
 ) -> tuple[float, float]:
-    """Frame pixel coordinates (continuous, pixel centres at +0.5) -> window pixels."""
+    """Frame pixel indices (a pixel's centre at integers, as in records) -> window pixels."""
     x0, y0, qw, qh = rect
-    return x0 + x * qw / shape[1], y0 + y * qh / shape[0]
+    return x0 + (x + 0.5) * qw / shape[1], y0 + (y + 0.5) * qh / shape[0]
 
 
 def is_colour(shot: np.ndarray, colour: tuple[int, int, int] | list[int]) -> np.ndarray:
@@ -1060,7 +1060,7 @@ def test_boxes_points_and_values_through_the_stage(rig: Callable[..., Rig]) -> N
     mid_x, mid_y = int((left + right) / 2), int((top + bottom) / 2)
     assert red[int(top), mid_x] and red[int(bottom), mid_x]
     assert red[mid_y, int(left)] and red[mid_y, int(right)]
-    tip, hub = (c.colour for c in default_classes(2, background=False))
+    tip, hub = result_names.Names().colour(0), result_names.Names().colour(1)
     x, y = to_window(rect, r.shape, 120, 40)
     mark = is_colour(shot, tip)
     assert mark[int(y), int(x)], "the tip's cross"

@@ -41,15 +41,3 @@ def heatmap_lut(opacity: float = 0.6) -> np.ndarray:
     lut[:, :3] = bgr[:, ::-1]
     lut[:, 3] = np.round(np.linspace(0.0, opacity * 255, LUT_SIZE))
     return lut
-
-
-def default_classes(n: int, background: bool) -> tuple[ClassCard, ...]:
-    """``n`` classes in the default palette for a model that names none: with a
-    transparent ``background`` class 0 (label and confidence maps), or without one
-    (classes of a classifier or a detector, "class 0", "class 1"..., all visible)."""
-    if background:
-        return ModelCard().class_list(n)
-    visible = ModelCard().class_list(n + 1)[1:]
-    return tuple(
-        c.model_copy(update={"name": f"class {k}", "opacity": 1.0}) for k, c in enumerate(visible)
-    )

@@ -14,7 +14,8 @@ the port's newest result record (daemon/results.py) into scene parts:
 - keypoints: crosses with their names, the points found only (not NaN);
 - regression: "name value unit" for the status line.
 
-A withheld result (the guard's WITHHELD flag) draws nothing.
+Rows are named and coloured by daemon/result_names.py, as OpenIGTLink and /metrics name
+them. A withheld result (the guard's WITHHELD flag) draws nothing.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from daemon import result_names
 from daemon.config import DisplayConfig
-from daemon.display.colours import default_classes
 from daemon.display.scene import Box, MapLayer, Mark, Panel, Scene
-from daemon.engines.card import ClassCard, Role
+from daemon.engines.card import ClassCard
 from daemon.frame import WITHHELD, FrameMeta
-from daemon.results import Record, unpack
+from daemon.results import Output, Record, unpack
 
 
 class Uploader(Protocol):
@@ -43,69 +44,41 @@ class Uploader(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class OutputView:
-    """One output as its model describes it (``outputs`` of the description)."""
-
-    name: str
-    role: str
-    classes: tuple[ClassCard, ...] = ()
-    names: tuple[str, ...] = ()
-    units: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, d: Mapping[str, Any]) -> OutputView:
-        return cls(
-            name=str(d["name"]),
-            role=str(d["role"]),
-            classes=tuple(ClassCard.model_validate(c) for c in d.get("classes") or ()),
-            names=tuple(str(n) for n in d.get("names") or ()),
-            units=tuple(str(u) for u in d.get("units") or ()),
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class ModelView:
     """A model as the display knows it: ``info`` for the status line ("engine device |
-    model"), its ``classes`` (a one-output segmentation model's card) and its outputs
-    by name."""
+    model"), its ``classes`` (a one-output segmentation model's card) and the entries of
+    its description's ``outputs`` by output name."""
 
     info: str
     classes: tuple[ClassCard, ...] = ()
-    outputs: Mapping[str, OutputView] = field(default_factory=dict)
+    entries: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    label_maps: Mapping[str, tuple[ClassCard, ...]] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, d: Mapping[str, Any]) -> ModelView:
-        """From a model description (the ``model`` command's arguments)."""
+    def parse(cls, d: Mapping[str, Any], info: str | None = None) -> ModelView:
+        """From a model description (the ``model`` command's arguments, or the stage's
+        parameters with ``info`` given); a ValidationError names a malformed class."""
         engine = f"{d.get('engine') or 'auto'} {d.get('device') or ''}".strip()
-        outputs = (OutputView.parse(o) for o in d.get("outputs") or ())
+        entries = result_names.by_name(d)
         return cls(
-            info=f"{engine} | {d.get('model')}",
+            info=info or f"{engine} | {d.get('model')}",
             classes=tuple(ClassCard.model_validate(c) for c in d.get("classes") or ()),
-            outputs={o.name: o for o in outputs},
+            entries=entries,
+            label_maps={
+                name: tuple(ClassCard.model_validate(c) for c in e["classes"])
+                for name, e in entries.items()
+                if e.get("role") == "segmentation" and e.get("classes")
+            },
         )
 
-    def classes_of(self, name: str, role: Role, n: int) -> tuple[ClassCard, ...]:
-        """The classes of output ``name``, at least ``n`` (defaults fill in; a label map's
-        with ``n = 0``: none means the default palette, labels past those given are
-        transparent)."""
-        described = self.outputs.get(name)
-        given = described.classes if described and described.classes else ()
-        if not given and role == "segmentation":
-            given = self.classes
-        background = role in ("segmentation", "confidence")
-        if len(given) >= n:
-            return given
-        return given + default_classes(n, background)[len(given) :]
+    def names(self, output: Output) -> result_names.Names:
+        """What ``output``'s rows (classes, points, values) are called, and their colours."""
+        return result_names.names(output, self.entries.get(output.name))
 
-    def names_of(self, name: str, n: int, default: str) -> tuple[str, ...]:
-        described = self.outputs.get(name)
-        given = described.names if described else ()
-        return given[:n] + tuple(f"{default} {k}" for k in range(len(given), n))
-
-    def units_of(self, name: str, n: int) -> tuple[str, ...]:
-        described = self.outputs.get(name)
-        given = described.units if described else ()
-        return given[:n] + ("",) * (n - len(given[:n]))
+    def label_classes(self, output: Output) -> tuple[ClassCard, ...]:
+        """The classes (colour and opacity) a label map is drawn with: its description's,
+        else the model's; none means the default palette."""
+        return self.label_maps.get(output.name) or self.classes
 
 
 class StableLabel:
@@ -134,13 +107,13 @@ class StableLabel:
         return 0.0 if self.p is None else float(self.p[self.shown])
 
 
-def heat_of(confidence: np.ndarray, classes: Sequence[ClassCard], selected: str) -> np.ndarray:
+def heat_of(confidence: np.ndarray, names: result_names.Names, selected: str) -> np.ndarray:
     """(h, w) float16 from (C, h, w) confidence maps: class ``selected`` (by name) when
-    the classes have it, else the highest of the foreground classes (1..C-1; a single
-    map is taken as is)."""
-    names = [c.name for c in classes]
-    if selected and selected in names[: len(confidence)]:
-        return np.ascontiguousarray(confidence[names.index(selected)])
+    the output has it, else the highest of the foreground classes (1..C-1; a single map
+    is taken as is)."""
+    for i in range(len(confidence)) if selected else ():
+        if names.name(i) == selected:
+            return np.ascontiguousarray(confidence[i])
     foreground = confidence[1:] if len(confidence) > 1 else confidence
     return np.ascontiguousarray(foreground.max(axis=0))
 
@@ -161,7 +134,7 @@ class PortView:
         self.last_t: float | None = None  # when a result (even a bad one) last came
         self.results = self.bad = 0
         self.stable: dict[str, StableLabel] = {}  # per classification output
-        self._classified: list[str] = []  # the newest record's classification outputs
+        self._classified: list[Output] = []  # the newest record's classification outputs
         self._scene = Scene()
         self._scalars: list[str] = []
 
@@ -199,12 +172,13 @@ class PortView:
         if not valid():
             self.clear()
             return False
-        for name, p in probabilities.items():
+        for name, p in probabilities.items():  # only now: a torn slot leaves them as they were
             self.stable.setdefault(name, StableLabel()).update(
                 p, settings.classification_smoothing, settings.classification_hysteresis
             )
         self.index, self.withheld = meta.index, withheld
-        self._scene, self._scalars, self._classified = scene, scalars, list(probabilities)
+        self._scene, self._scalars = scene, scalars
+        self._classified = [o for o in record.all("classification") if o.name in probabilities]
         return True
 
     def _read(
@@ -219,50 +193,37 @@ class PortView:
                 key = f"{self.port}/{out.role}/{count[out.role]}"
                 count[out.role] += 1
                 if out.role == "segmentation":
-                    gpu.upload_labels(key, a, model.classes_of(name, "segmentation", 0))
+                    gpu.upload_labels(key, a, model.label_classes(out))
                     scene.maps.append(MapLayer(key, "labels"))
-                elif settings.heatmap:
-                    classes = model.classes_of(name, "confidence", len(a))
-                    gpu.upload_heat(key, heat_of(a, classes, settings.heatmap_class))
+                else:
+                    gpu.upload_heat(key, heat_of(a, model.names(out), settings.heatmap_class))
                     scene.maps.append(MapLayer(key, "heat"))
             elif out.role == "classification":
                 if a.size and np.isfinite(a).all():
                     probabilities[name] = a.copy()
             elif out.role == "detection":
-                scene.boxes += self._boxes(name, a)
+                names = model.names(out)
+                scene.boxes += [
+                    Box(x1, y1, x2, y2, names.colour(int(c)), f"{names.name(int(c))} {score:.2f}")
+                    for x1, y1, x2, y2, score, c in a.tolist()
+                    if _finite(x1, y1, x2, y2, score, c)
+                ]
             elif out.role == "keypoints":
-                names = model.names_of(name, len(a), "point")
-                colours = default_classes(len(a), background=False)
+                names = model.names(out)
                 scene.marks += [
-                    Mark(float(x), float(y), colours[k].colour, names[k])
+                    Mark(x, y, names.colour(k), names.name(k))
                     for k, (x, y, _) in enumerate(a.tolist())
                     if _finite(x, y)
                 ]
         return scene, probabilities
 
-    def _boxes(self, name: str, rows: np.ndarray) -> list[Box]:
-        if not len(rows):
-            return []
-        top = int(np.nan_to_num(rows[:, 5], nan=0.0).clip(0, 255).max()) + 1
-        classes = self.model.classes_of(name, "detection", top)
-        out = []
-        for x1, y1, x2, y2, score, c in rows.tolist():
-            if not _finite(x1, y1, x2, y2, score, c):
-                continue
-            cls = classes[int(min(max(c, 0), len(classes) - 1))]
-            out.append(Box(x1, y1, x2, y2, cls.colour, f"{cls.name} {score:.2f}"))
-        return out
-
     def _scalars_of(self, record: Record) -> list[str]:
         out = []
         for o in record.all("regression"):
-            values = o.array.tolist()
-            names = self.model.names_of(o.name, len(values), o.name)
-            units = self.model.units_of(o.name, len(values))
-            for n, v, u in zip(names, values, units, strict=True):
-                out.append(
-                    " ".join(t for t in (n, f"{v:.4g}" if math.isfinite(v) else "-", u) if t)
-                )
+            names = self.model.names(o)
+            for i, v in enumerate(o.array.tolist()):
+                value = f"{v:.4g}" if math.isfinite(v) else "-"
+                out.append(" ".join(t for t in (names.name(i), value, names.unit(i)) if t))
         return out
 
     def scene(self) -> Scene:
@@ -270,11 +231,11 @@ class PortView:
         if self.index is None or self.withheld:
             return Scene()
         panels = []
-        for name in self._classified:
-            label = self.stable[name]
-            assert label.p is not None
-            cls = self.model.classes_of(name, "classification", len(label.p))[label.shown]
-            panels.append(Panel(cls.name, cls.colour, label.probability))
+        for out in self._classified:
+            label, names = self.stable[out.name], self.model.names(out)
+            panels.append(
+                Panel(names.name(label.shown), names.colour(label.shown), label.probability)
+            )
         s = self._scene
         return Scene(list(s.maps), list(s.boxes), list(s.marks), panels)
 

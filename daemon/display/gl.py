@@ -56,7 +56,7 @@ from pydantic import ValidationError
 from daemon.config import DISPLAY_RUNTIME, Config, DisplayConfig
 from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
-from daemon.display.compose import ModelView, OutputView, PortView
+from daemon.display.compose import ModelView, PortView
 from daemon.display.headless import TABLE2, HeadlessSink, withheld_figures
 from daemon.display.scene import Colour, MapLayer, Scene
 from daemon.engines.card import ClassCard, load_card
@@ -592,8 +592,8 @@ class Renderer:
         fh, fw, _ = self.image_shape
         sx, sy = qw / fw, qh / fh
 
-        def at(x: float, y: float) -> tuple[float, float]:
-            return x0 + x * sx, y0 + y * sy
+        def at(x: float, y: float) -> tuple[float, float]:  # pixel centres at integers
+            return x0 + (x + 0.5) * sx, y0 + (y + 0.5) * sy
 
         half, arm = line_px / 2, self.mark_px
         rects: list[tuple[float, float, float, float, Colour]] = []
@@ -730,11 +730,10 @@ class DisplayStage(Stage):
         except BaseException:
             self.window.close()
             raise
-        first = ModelView(
+        first = ModelView.parse(
+            {**params, "classes": [c.model_dump() for c in self._classes(model)]},
             info=f"{params.get('engine') or m.engine or 'auto'} {params.get('device') or m.device}"
             f" | {model.name if model else 'bundled model'}",
-            classes=tuple(self._classes(model)),
-            outputs={o.name: o for o in map(OutputView.parse, params.get("outputs") or ())},
         )
         # every results port, "results" first; each draws its records in the colours and
         # names of the model (generation) that made them

@@ -1,9 +1,9 @@
 """What the renderer draws over a frame: maps, boxes, marks and class panels.
 
-Positions are in the frame's pixel coordinates, continuous: the frame covers
-``[0, width] x [0, height]``, x to the right, y down, so the centre of pixel
-(row i, column j) is (j + 0.5, i + 0.5). The renderer maps them through the
-letterbox onto the window.
+Positions are in frame pixel indices as result records have them
+(daemon/results.py): x the column, y the row, the centre of pixel (column i,
+row j) at (i, j), so the frame spans ``[-0.5, width - 0.5]`` in x. The renderer
+maps them through the letterbox onto the window.
 """
 
 from __future__ import annotations
