@@ -1153,3 +1153,23 @@ def test_a_payload_that_is_not_a_record_is_counted_and_skipped(
     assert np.abs(r.centre() - want).max() <= 2
     s = r.stage.summary()
     assert s["results_bad"] == 2 and s["results_in"] == 3 and s["torn"] == 0
+
+
+def test_empty_outputs_draw_nothing(rig: Callable[..., Rig]) -> None:
+    """A model that found nothing: no classes, boxes, points or values; the stage lives."""
+    r = rig(outputs=(CONFIDENCE, DETECTOR), inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    empty = (
+        Output("confidence", "conf", np.zeros((0, 8, 8), np.float16)),
+        Output("classification", "view", np.zeros(0, np.float32)),
+        Output("detection", "boxes", np.zeros((0, 6), np.float32)),
+        Output("keypoints", "tips", np.zeros((0, 3), np.float32)),
+        Output("regression", "size", np.zeros(0, np.float32)),
+    )
+    r.deliver(record(np.zeros((0, 0), np.uint8), *empty), value=70)
+    shot = r.stage.capture()
+    rect = letterbox((160, 128), (1.0, 1.0), (640, 480))
+    x, y, w, h = rect
+    below_status = max(y, r.stage.renderer.line_h)
+    assert (shot[below_status : y + h, x : x + w] == 70).all(), "the plain frame"
+    assert r.stage.summary()["results_bad"] == 0

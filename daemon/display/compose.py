@@ -189,6 +189,8 @@ class PortView:
         model, count = self.model, dict.fromkeys(("segmentation", "confidence"), 0)
         for out in record.outputs:
             a, name = out.array, out.name
+            if not a.size:  # no classes, boxes, points or values: nothing to draw
+                continue
             if out.role in count:
                 key = f"{self.port}/{out.role}/{count[out.role]}"
                 count[out.role] += 1
@@ -199,7 +201,7 @@ class PortView:
                     gpu.upload_heat(key, heat_of(a, model.names(out), settings.heatmap_class))
                     scene.maps.append(MapLayer(key, "heat"))
             elif out.role == "classification":
-                if a.size and np.isfinite(a).all():
+                if np.isfinite(a).all():
                     probabilities[name] = a.copy()
             elif out.role == "detection":
                 names = model.names(out)
