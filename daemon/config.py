@@ -218,6 +218,10 @@ DISPLAY_RUNTIME = (
     "no_frames_ms",
     "frame_old_ms",
     "screenshot_dir",
+    "heatmap",
+    "heatmap_class",
+    "classification_smoothing",
+    "classification_hysteresis",
 )
 
 # every setting that may change while running -> the stage that applies it (its "set")
@@ -270,6 +274,28 @@ class DisplayConfig(Section):
         "lines), 'fail' stops echod (systemd restarts it); 'auto': fail under systemd (the "
         "appliance), headless elsewhere (development). Status, telemetry and the unit's "
         "STATUS say so either way",
+    )
+    heatmap: bool = Field(
+        True, description="draw confidence outputs as a heatmap under the overlay (key h)"
+    )
+    heatmap_class: str = Field(
+        "",
+        description="the class whose confidence the heatmap shows; empty = the highest of "
+        "the foreground classes (all but class 0)",
+    )
+    classification_smoothing: float = Field(
+        0.7,
+        ge=0,
+        lt=1,
+        description="class probabilities are smoothed over results: p = s * p_before + "
+        "(1 - s) * p_new; 0 = the newest result alone",
+    )
+    classification_hysteresis: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="the class label changes only when another class's smoothed probability "
+        "beats the shown one's by this much (no flicker between close classes)",
     )
 
 

@@ -28,13 +28,14 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 pygame = pytest.importorskip("pygame")
 pytest.importorskip("OpenGL.GL")
 
-from daemon import config, pipeline, results  # noqa: E402
+from daemon import config, pipeline, result_names, results  # noqa: E402
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource  # noqa: E402
 from daemon.cli import main as cli_main  # noqa: E402
 from daemon.config import Config  # noqa: E402
 from daemon.ctl import Client, CtlError  # noqa: E402
 from daemon.display.colours import class_lut, heatmap_lut  # noqa: E402
 from daemon.display.gl import (  # noqa: E402
+    BAR_BG,
     INFERENCE_STOPPED,
     NO_CONFIDENT_FINDING,
     SCANNER_DISCONNECTED,
@@ -46,7 +47,9 @@ from daemon.display.gl import (  # noqa: E402
     letterbox,
     write_png,
 )
+from daemon.display.scene import Box, MapLayer, Mark, Panel, Scene  # noqa: E402
 from daemon.engines.card import ClassCard  # noqa: E402
+from daemon.errors import StageError  # noqa: E402
 from daemon.frame import WITHHELD, FrameMeta  # noqa: E402
 from daemon.ring import Ring, RingWriter  # noqa: E402
 from daemon.stage import InputPort, StageContext, StageSpec, run_stage  # noqa: E402
@@ -107,7 +110,7 @@ def gl(request: pytest.FixtureRequest) -> Iterator[tuple[Window, Renderer]]:
     """A 1280x800 window and a renderer, in OpenGL 3.3 core and in OpenGL ES 3.0."""
     window = Window(fullscreen=False, size=SCREEN, vsync=False, api=request.param)
     assert window.dialect == request.param and window.size == SCREEN
-    renderer = Renderer(window.dialect, window.size, CLASSES)
+    renderer = Renderer(window.dialect, window.size)
     yield window, renderer
     renderer.close()
     window.close()
@@ -140,6 +143,14 @@ def flat(a: np.ndarray) -> np.ndarray:
     return np.asarray(lo == hi)
 
 
+def labels_scene(
+    r: Renderer, labels: np.ndarray, classes: tuple[ClassCard, ...] = CLASSES
+) -> Scene:
+    """Upload ``labels`` coloured by ``classes``; the scene that draws them."""
+    r.upload_labels("labels", labels, classes)
+    return Scene(maps=[MapLayer("labels", "labels")])
+
+
 def blend(image: np.ndarray, labels: np.ndarray, lut: np.ndarray, scale: float = 1.0) -> np.ndarray:
     alpha = np.clip(lut[labels, 3:4] / 255.0 * scale, 0, 1)
     grey = image[..., None].astype(float)
@@ -155,8 +166,7 @@ def test_filled_overlay_is_the_alpha_blend_and_background_is_the_image(
     labels[100:300, 200:400] = 1
     labels[350:500, 450:700] = 2
     r.upload_image(image)
-    r.upload_overlay(labels)
-    r.draw("filled", opacity=0.8)
+    r.draw(labels_scene(r, labels), "filled", opacity=0.8)
     shot = r.read_pixels()
     rect = letterbox((820, 616), (1.0, 1.0), SCREEN)
     ty, tx, (rows, cols) = texels(rect, (616, 820))
@@ -177,12 +187,10 @@ def test_overlay_off_shows_the_plain_image(gl: tuple[Window, Renderer]) -> None:
     _, r = gl
     image = blocks(616, 820)
     r.upload_image(image)
-    r.upload_overlay(np.zeros((616, 820), np.uint8))
-    r.draw("filled")
+    r.draw(labels_scene(r, np.zeros((616, 820), np.uint8)))
     plain = r.read_pixels()
-    labels = np.ones((616, 820), np.uint8)
-    r.upload_overlay(labels)
-    r.draw("off")
+    labels_scene(r, np.ones((616, 820), np.uint8))
+    r.draw(Scene())
     off = r.read_pixels()
     assert np.array_equal(off, plain)
     rect = letterbox((820, 616), (1.0, 1.0), SCREEN)
@@ -208,7 +216,7 @@ def test_letterbox_keeps_the_physical_aspect_ratio(
     _, r = gl
     assert letterbox((shape[1], shape[0]), spacing, SCREEN) == rect
     r.upload_image(blocks(*shape))
-    r.draw("off", spacing)
+    r.draw(spacing_xy=spacing)
     lit = r.read_pixels().max(axis=2) > 0
     rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
     x, y, w, h = rect
@@ -224,10 +232,10 @@ def test_contour_mode_colours_only_class_borders(gl: tuple[Window, Renderer]) ->
     labels = np.zeros((616, 820), np.uint8)
     labels[200:400, 300:600] = 1
     r.upload_image(image)
-    r.upload_overlay(labels)
-    r.draw("off")
+    scene = labels_scene(r, labels)
+    r.draw()
     plain = r.read_pixels()
-    r.draw("contour", contour_px=3.0)
+    r.draw(scene, "contour", contour_px=3.0)
     contour = r.read_pixels()
     changed = (contour != plain).any(axis=2)
     x0, y0, qw, qh = letterbox((820, 616), (1.0, 1.0), SCREEN)
@@ -244,20 +252,33 @@ def test_contour_mode_colours_only_class_borders(gl: tuple[Window, Renderer]) ->
     assert np.array_equal(contour[inside & (depth > 6)], plain[inside & (depth > 6)])
 
 
-def test_heatmap_colours_confidence(gl: tuple[Window, Renderer]) -> None:
+def heat_pixel(base: float, v: np.ndarray) -> np.ndarray:
+    """What confidence ``v`` (0..1, any shape) looks like over a grey level ``base``."""
+    lut = heatmap_lut().astype(float)[np.clip(np.round(v * 255), 0, 255).astype(int)]
+    alpha = lut[..., 3:4] / 255
+    return base * (1 - alpha) + lut[..., :3] * alpha
+
+
+def test_heatmap_follows_the_confidence_bilinearly(gl: tuple[Window, Renderer]) -> None:
+    """A 32-texel ramp (0 -> 1 left to right) over a 256x256 frame: each window pixel has
+    the heat colour of the bilinear value at its centre; flat regions their own."""
     _, r = gl
-    image = np.full((256, 256), 90, np.uint8)
-    confidence = np.zeros((256, 256), np.float32)
-    confidence[:, 128:] = 1.0
-    r.upload_image(image)
-    r.upload_overlay(confidence)
-    r.draw("heatmap")
-    shot = r.read_pixels()
+    r.upload_image(np.full((256, 256), 90, np.uint8))
+    ramp = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float16), (8, 1))
+    ramp[:2] = 0.0  # top quarter: no confidence, the image shows through
+    r.upload_heat("heat", ramp)
+    r.draw(Scene(maps=[MapLayer("heat", "heat")]))
+    shot = r.read_pixels().astype(float)
     x0, y0, q, _ = letterbox((256, 256), (1.0, 1.0), SCREEN)
-    lut = heatmap_lut().astype(float)
-    want = 90 * (1 - lut[255, 3] / 255) + lut[255, :3] * lut[255, 3] / 255
-    assert (shot[y0 + q // 2, x0 + q // 4] == 90).all()
-    assert np.abs(shot[y0 + q // 2, x0 + 3 * q // 4].astype(int) - want).max() <= 2
+    row = shot[y0 + q // 2, x0 : x0 + q]
+    t = np.clip((np.arange(q) + 0.5) / q * 32 - 0.5, 0, 31)  # texel coordinate of each pixel
+    want = heat_pixel(90, t / 31)
+    # within 3 steps of the 256-entry table (GLES filters in medium precision)
+    near = np.stack([heat_pixel(90, np.clip(t / 31 + d / 255, 0, 1)) for d in range(-3, 4)])
+    err = np.abs(near - row).max(axis=2).min(axis=0)
+    assert err.max() <= 2, f"pixel {err.argmax()}: {row[err.argmax()]} vs {want[err.argmax()]}"
+    assert row[-1, 0] > row[q // 2, 0] > row[0, 0], "brighter with confidence"
+    assert (shot[y0 + q // 16, x0 : x0 + q] == 90).all(), "no confidence: the image"
 
 
 def test_rgb_frames_and_texture_reuse(gl: tuple[Window, Renderer]) -> None:
@@ -265,10 +286,10 @@ def test_rgb_frames_and_texture_reuse(gl: tuple[Window, Renderer]) -> None:
     rgb = np.zeros((64, 96, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 120, 240
     r.upload_image(rgb)
-    r.draw("off")
+    r.draw()
     assert (r.read_pixels()[400, 640] == (10, 120, 240)).all()
     r.upload_image(np.full((64, 96), 50, np.uint16) << 8)  # 16-bit: shown by its top byte
-    r.draw("off")
+    r.draw()
     assert (r.read_pixels()[400, 640] == 50).all()
     assert r.image_shape == (64, 96, 1)
 
@@ -284,9 +305,8 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
         ClassCard(name="artery", colour=(230, 25, 75), opacity=0.45),
         ClassCard(name="vein", colour=(0, 130, 200), opacity=0.45),
     )
-    r.set_classes(classes)
     r.upload_image(frame.image)
-    r.upload_overlay(labels)
+    scene = labels_scene(r, labels, classes)
     r.set_status(
         [
             (
@@ -295,7 +315,7 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
             )
         ]
     )
-    r.draw("filled", frame.meta.spacing[:2], status=True)
+    r.draw(scene, "filled", frame.meta.spacing[:2], status=True)
     shot = r.read_pixels()
     path = tmp_path / f"{gl[0].dialect}.png"
     write_png(path, shot)
@@ -315,35 +335,46 @@ def test_phantom_screenshot_for_the_readme(gl: tuple[Window, Renderer], tmp_path
 # -- the stage, through real rings ----------------------------------------------------
 
 
-def record(labels: np.ndarray) -> np.ndarray:
-    """A result record holding one label map (what the infer stage writes)."""
-    return results.pack([results.Output("segmentation", "labels", labels)])
+def record(labels: np.ndarray | None = None, *outputs: results.Output) -> np.ndarray:
+    """A result record: ``labels`` as the segmentation output (when given), then ``outputs``."""
+    seg = [] if labels is None else [results.Output("segmentation", "labels", labels)]
+    return results.pack([*seg, *outputs])
 
 
 class Rig:
-    """Rings "frames" and "results", writers for both, and a DisplayStage reading them."""
+    """Rings "frames" and one per results port, their writers, and a DisplayStage reading
+    them; ``outputs`` describes the model of port "results" (its ``model`` description)."""
 
-    def __init__(self, settings: DisplayConfig, shape: tuple[int, int] = (128, 160)) -> None:
+    def __init__(
+        self,
+        settings: DisplayConfig,
+        shape: tuple[int, int] = (128, 160),
+        ports: tuple[str, ...] = ("results",),
+        outputs: tuple[dict[str, Any], ...] = (),
+    ) -> None:
         tag = f"{os.getpid()}-test-{uuid.uuid4().hex[:8]}"
-        sizes = {"frames": shape[0] * shape[1], "results": results.capacity(shape)}
-        self.rings = [
-            Ring.create(f"{tag}-{name}", slots=8, payload_bytes=n) for name, n in sizes.items()
+        self.rings = [Ring.create(f"{tag}-frames", slots=8, payload_bytes=shape[0] * shape[1])]
+        self.rings += [
+            Ring.create(f"{tag}-{p}", slots=8, payload_bytes=results.capacity(shape)) for p in ports
         ]
         self.frames: RingWriter = self.rings[0].writer()
-        self.results: RingWriter = self.rings[1].writer()
+        self.ports = dict(zip(ports, self.rings[1:], strict=True))
+        self.writers = {p: ring.writer() for p, ring in self.ports.items()}
+        self.results = self.writers[ports[0]]
         self.shape = shape
         spec = StageSpec(
             "sink",
             "display",
             inputs={
                 "frames": InputPort(self.rings[0].name, "newest"),
-                "results": InputPort(self.rings[1].name, "newest"),
+                **{p: InputPort(ring.name, "newest") for p, ring in self.ports.items()},
             },
             params={
                 "classes": [c.model_dump() for c in CLASSES],
                 "engine": "test",
                 "device": "cpu",
                 "model": "none",
+                "outputs": list(outputs),
             },
         )
         self.ctx = StageContext(spec, queue.Queue(), threading.Event())
@@ -365,8 +396,21 @@ class Rig:
         return index
 
     def result(self, index: int, labels: np.ndarray, flags: int = 0) -> None:
+        """Write a record of the label map ``labels`` for frame ``index`` to "results"."""
+        self.send(index, record(labels), flags=flags)
+
+    def send(self, index: int, payload: np.ndarray, port: str = "results", flags: int = 0) -> None:
         meta = FrameMeta(index=index, t_acquired_ns=time.monotonic_ns(), flags=flags)
-        self.results.write(record(labels), meta)
+        self.writers[port].write(payload, meta)
+
+    def deliver(self, payload: np.ndarray, value: int = 100, port: str = "results") -> None:
+        """A frame and its result on ``port``; steps until the stage has taken both."""
+        taken = self.stage.ports[port].results
+        self.send(self.frame(value), payload, port)
+        self.step_until(lambda: self.stage.ports[port].results > taken)
+        self.step_until(
+            lambda: self.stage.shown is not None and self.stage.shown.index == self.index - 1
+        )
 
     def step_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -390,7 +434,11 @@ class Rig:
 def rig() -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(**settings: object) -> Rig:
+    def make(
+        ports: tuple[str, ...] = ("results",),
+        outputs: tuple[dict[str, Any], ...] = (),
+        **settings: object,
+    ) -> Rig:
         base: dict[str, object] = {
             "fullscreen": False,
             "width": 640,
@@ -398,7 +446,8 @@ def rig() -> Iterator[Callable[..., Rig]]:
             "vsync": False,
             "status_line": True,
         }
-        made.append(Rig(DisplayConfig.model_validate({**base, **settings})))
+        config = DisplayConfig.model_validate({**base, **settings})
+        made.append(Rig(config, ports=ports, outputs=outputs))
         return made[-1]
 
     yield make
@@ -523,7 +572,7 @@ def test_after_a_hot_swap_each_overlay_has_the_colours_of_the_model_that_made_it
             "device": "cpu",
             "classes": [c.model_dump() for c in swapped],
         },
-    ) == {"generation": 1}
+    ) == {"generation": 1, "port": "results"}
     for generation, classes in ((0, CLASSES), (1, swapped)):
         index = r.frame(100)
         r.step_until(
@@ -583,7 +632,8 @@ def test_stage_ends_with_both_streams(rig: Callable[..., Rig]) -> None:
     deadline = time.monotonic() + 5
     while r.stage.step():
         assert time.monotonic() < deadline, "the stage did not end"
-    assert r.stage.frames_shown == 1 and r.stage.frames is None and r.stage.results is None
+    assert r.stage.frames_shown == 1 and r.stage.frames is None
+    assert r.stage.results == {"results": None}
 
 
 def test_no_display_falls_back_to_the_headless_sink(
@@ -825,3 +875,301 @@ def test_the_s_key_with_an_unusable_screenshot_folder_warns(
     r.step_until(lambda: "screenshot not saved" in caplog.text)
     r.show(90)  # and the display goes on
     assert (r.centre() == 90).all()
+
+
+# -- every role: boxes, crosses, class panels, heat maps, values, several ports ---------------
+
+Output = results.Output
+DETECTOR = {
+    "name": "boxes",
+    "role": "detection",
+    "classes": [
+        {"name": "needle", "colour": [255, 0, 255]},
+        {"name": "artery", "colour": [255, 0, 0]},
+    ],
+}
+POINTS = {"name": "tips", "role": "keypoints", "names": ["tip", "hub"]}
+VALUES = {"name": "size", "role": "regression", "names": ["depth", "angle"], "units": ["mm", "deg"]}
+CLASSIFIER = {
+    "name": "view",
+    "role": "classification",
+    "classes": [
+        {"name": "no vessels", "colour": [255, 0, 0]},
+        {"name": "vessels", "colour": [0, 255, 0]},
+    ],
+}
+CONFIDENCE = {
+    "name": "conf",
+    "role": "confidence",
+    "classes": [c.model_dump() for c in CLASSES[:1]]
+    + [{"name": "artery", "colour": [230, 25, 75]}, {"name": "vein", "colour": [0, 130, 200]}],
+}
+PATIENT = 60_000.0  # inference_stopped_ms: a slow test machine never hides a result
+
+
+def to_window(
+    rect: tuple[int, int, int, int], shape: tuple[int, int], x: float, y: float
+) -> tuple[float, float]:
+    """Frame pixel indices (a pixel's centre at integers, as in records) -> window pixels."""
+    x0, y0, qw, qh = rect
+    return x0 + (x + 0.5) * qw / shape[1], y0 + (y + 0.5) * qh / shape[0]
+
+
+def is_colour(shot: np.ndarray, colour: tuple[int, int, int] | list[int]) -> np.ndarray:
+    return np.asarray((shot == np.asarray(colour)).all(axis=2))
+
+
+def test_a_box_is_outlined_in_its_class_colour_with_its_label_above(
+    gl: tuple[Window, Renderer],
+) -> None:
+    _, r = gl
+    r.upload_image(np.full((128, 160), 90, np.uint8))
+    r.draw()
+    plain = r.read_pixels()
+    box = Box(40.0, 30.0, 100.5, 90.25, (255, 0, 0), "artery 0.87")
+    r.draw(Scene(boxes=[box]), contour_px=2.0)
+    shot = r.read_pixels()
+    rect = letterbox((160, 128), (1.0, 1.0), SCREEN)
+    (left, top), (right, bottom) = (
+        to_window(rect, (128, 160), box.x1, box.y1),
+        to_window(rect, (128, 160), box.x2, box.y2),
+    )
+    red = is_colour(shot, box.colour)
+    t, b, lft, rt = int(top), int(bottom), int(left), int(right)  # the pixels the edges cross
+    assert red[t, lft : rt + 1].all() and red[b, lft : rt + 1].all(), "top and bottom edges"
+    assert red[t : b + 1, lft].all() and red[t : b + 1, rt].all(), "left and right edges"
+    assert np.array_equal(
+        shot[t + 3 : b - 2, lft + 3 : rt - 2], plain[t + 3 : b - 2, lft + 3 : rt - 2]
+    )
+    changed = (shot != plain).any(axis=2)
+    changed[t - 1 : b + 2, lft - 1 : rt + 2] = False  # the outline, a line wide around the edges
+    rows, cols = np.nonzero(changed)
+    assert rows.min() >= t - 1 - r.line_h and rows.max() < t, "only the label, right above"
+    assert cols.min() >= lft - 1
+    assert red[t - 1 - r.line_h : t - 1, lft - 1 :].sum() > 20, "the label in the class colour"
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.1, 0.2)])
+def test_a_cross_is_centred_on_its_keypoint(
+    gl: tuple[Window, Renderer], spacing: tuple[float, float]
+) -> None:
+    _, r = gl
+    r.upload_image(np.full((128, 160), 90, np.uint8))
+    colour = (255, 225, 25)
+    r.draw(Scene(marks=[Mark(37.25, 81.5, colour, "")]), spacing_xy=spacing, contour_px=2.0)
+    mask = is_colour(r.read_pixels(), colour)
+    x, y = to_window(letterbox((160, 128), spacing, SCREEN), (128, 160), 37.25, 81.5)
+    arm_rows = np.flatnonzero(mask.sum(axis=1) > 4)  # the horizontal arm
+    arm_cols = np.flatnonzero(mask.sum(axis=0) > 4)  # the vertical arm
+    assert len(arm_rows) == 2 and len(arm_cols) == 2, "arms a line (2 px) wide"
+    assert abs(arm_rows.mean() + 0.5 - y) <= 1 and abs(arm_cols.mean() + 0.5 - x) <= 1
+    across, down = np.flatnonzero(mask[arm_rows[0]]), np.flatnonzero(mask[:, arm_cols[0]])
+    assert abs((across[0] + across[-1] + 1) / 2 - x) <= 1, "the arms are even"
+    assert abs((down[0] + down[-1] + 1) / 2 - y) <= 1
+    assert across[-1] - across[0] + 1 == 2 * r.mark_px
+
+
+def test_a_class_bar_is_as_long_as_the_probability(gl: tuple[Window, Renderer]) -> None:
+    _, r = gl
+    r.upload_image(np.full((128, 160), 90, np.uint8))
+    colour = (0, 200, 0)
+    for fraction in (0.0, 0.25, 0.6, 1.0):
+        r.draw(Scene(panels=[Panel("vessels", colour, fraction)]))
+        shot = r.read_pixels()
+        bx, by, bw, bh = r.bar_rect(0)
+        row = shot[by + bh // 2, bx : bx + bw]
+        filled, empty = is_colour(row[None], colour)[0], is_colour(row[None], BAR_BG)[0]
+        assert (filled | empty).all() and filled[: filled.sum()].all(), "filled from the left"
+        assert abs(filled.sum() - fraction * bw) <= 1, fraction
+        label = is_colour(shot[by - 2 - r.line_h : by - 2, : bx + bw + 1], colour)
+        assert label.sum() > 20, "the class name above the bar, in its colour"
+
+
+def panel(r: Rig) -> tuple[int, int, int]:
+    """Pixels of the first class panel (label and bar) in red, in green, and the bar's
+    filled length."""
+    shot = r.stage.capture()
+    renderer = r.stage.renderer
+    bx, by, bw, bh = renderer.bar_rect(0)
+    area = shot[by - 2 - renderer.line_h : by + bh]
+    red, green = is_colour(area, (255, 0, 0)).sum(), is_colour(area, (0, 255, 0)).sum()
+    bar = shot[by + bh // 2, bx : bx + bw][None]
+    filled = int((~is_colour(bar, BAR_BG)).sum())
+    return int(red), int(green), filled
+
+
+def test_the_class_label_changes_only_when_the_smoothing_allows(rig: Callable[..., Rig]) -> None:
+    """Probabilities whose argmax alternates every frame do not flip the label; a lasting
+    change flips it exactly at the frame where the smoothed probabilities (computed here
+    again) beat the shown class by the hysteresis, and the bar shows the smoothed value."""
+    s, h = 0.8, 0.1
+    r = rig(
+        outputs=(CLASSIFIER,),
+        classification_smoothing=s,
+        classification_hysteresis=h,
+        inference_stopped_ms=PATIENT,
+    )
+    r.stage.setup()
+    bw = r.stage.renderer.bar_w
+    p, shown = np.array([0.9, 0.1]), 0
+
+    def classify(p0: float) -> int:
+        nonlocal p, shown
+        new = np.array([p0, 1 - p0])
+        if r.stage.ports["results"].results:
+            p = s * p + (1 - s) * new
+            best = int(np.argmax(p))
+            shown = best if p[best] >= p[shown] + h else shown
+        scores = new.astype(np.float32)
+        r.deliver(record(None, Output("classification", "view", scores)))
+        red, green, filled = panel(r)
+        assert (red > 0) != (green > 0), (red, green)
+        assert abs(filled - p[shown] * bw) <= 1, (filled, p[shown] * bw)
+        assert (1 if green else 0) == shown
+        return shown
+
+    assert classify(0.9) == 0
+    for k in range(12):  # the argmax alternates every frame
+        assert classify(0.3 if k % 2 else 0.7) == 0, f"flickered at frame {k}"
+    for _ in range(8):  # settled on "no vessels"
+        assert classify(0.9) == 0
+    switched = [classify(0.05) for _ in range(12)]
+    first = switched.index(1)
+    assert first >= 2, "smoothing delays the change"
+    assert switched[first:] == [1] * (12 - first), "and it stays"
+
+
+def test_boxes_points_and_values_through_the_stage(rig: Callable[..., Rig]) -> None:
+    r = rig(outputs=(DETECTOR, POINTS, VALUES), inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    boxes = np.array([[20, 16, 80, 64, 0.87, 1]], np.float32)
+    points = np.array([[120, 40, 0.9], [np.nan, np.nan, 0.1]], np.float32)
+    outputs = (
+        Output("detection", "boxes", boxes),
+        Output("keypoints", "tips", points),
+        Output("regression", "size", np.array([42.5, 12.0], np.float32)),
+    )
+    r.deliver(record(None, *outputs))
+    shot = r.stage.capture()
+    rect = letterbox((160, 128), (1.0, 1.0), (640, 480))
+    (left, top), (right, bottom) = (
+        to_window(rect, r.shape, 20, 16),
+        to_window(rect, r.shape, 80, 64),
+    )
+    red = is_colour(shot, (255, 0, 0))  # class 1, "artery"
+    mid_x, mid_y = int((left + right) / 2), int((top + bottom) / 2)
+    assert red[int(top), mid_x] and red[int(bottom), mid_x]
+    assert red[mid_y, int(left)] and red[mid_y, int(right)]
+    tip, hub = result_names.Names().colour(0), result_names.Names().colour(1)
+    x, y = to_window(rect, r.shape, 120, 40)
+    mark = is_colour(shot, tip)
+    assert mark[int(y), int(x)], "the tip's cross"
+    assert mark[int(y) - r.stage.renderer.line_h :, int(x) + r.stage.renderer.mark_px + 2 :].any()
+    assert not is_colour(shot, hub).any(), "the hub was not found (NaN): no cross"
+    r.step_until(lambda: "depth 42.5 mm | angle 12 deg" in r.stage.status_text)
+    # withheld by the guard: nothing of it is drawn
+    taken = r.stage.ports["results"].results
+    r.send(r.frame(100), record(None, *outputs), flags=WITHHELD)
+    r.step_until(lambda: r.stage.ports["results"].results > taken)
+    r.step_until(lambda: NO_CONFIDENT_FINDING in r.stage.warnings)
+    shot = r.stage.capture()
+    assert not is_colour(shot, (255, 0, 0)).any() and not is_colour(shot, tip).any()
+    assert "depth" not in r.stage.status_text
+
+
+def test_confidence_maps_show_the_foreground_maximum_or_the_chosen_class(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(outputs=(CONFIDENCE,), inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    conf = np.zeros((3, 32, 40), np.float16)
+    conf[0] = 1.0  # background everywhere: never shown
+    conf[1, :, :20] = 1.0  # artery on the left
+    conf[2, :, 20:] = 0.5  # vein on the right, less sure
+    rect = letterbox((160, 128), (1.0, 1.0), (640, 480))
+    at = [tuple(int(v) for v in to_window(rect, r.shape, x, 64)) for x in (40, 120)]
+
+    def sides() -> list[np.ndarray]:
+        shot = r.stage.capture().astype(float)
+        return [shot[y, x] for x, y in at]
+
+    r.deliver(record(None, Output("confidence", "conf", conf)), value=90)
+    left, right = sides()
+    assert np.abs(left - heat_pixel(90, np.array(1.0))).max() <= 2
+    assert np.abs(right - heat_pixel(90, np.array(0.5))).max() <= 2
+    r.stage.command("set", {"key": "display.heatmap_class", "value": "vein"})
+    r.deliver(record(None, Output("confidence", "conf", conf)), value=90)
+    left, right = sides()
+    assert (left == 90).all(), "the artery's confidence is not shown"
+    assert np.abs(right - heat_pixel(90, np.array(0.5))).max() <= 2
+    post_key(pygame.K_h)
+    r.step_until(lambda: not r.stage.settings.heatmap)
+    assert all((v == 90).all() for v in sides()), "key h: heat maps off"
+
+
+def test_two_ports_are_composed_in_one_frame(rig: Callable[..., Rig]) -> None:
+    """Segmentation from "results", classification from "results-1" (its model announced
+    with the ``model`` command), drawn over the same frame."""
+    r = rig(
+        ports=("results", "results-1"), classification_smoothing=0.0, inference_stopped_ms=PATIENT
+    )
+    r.stage.setup()
+    view = {"model": "view.onnx", "engine": "openvino", "device": "cpu", "outputs": [CLASSIFIER]}
+    reply = r.stage.command("model", {"generation": 0, "port": "results-1", **view})
+    assert reply == {"generation": 0, "port": "results-1"}
+    with pytest.raises(StageError, match="results-7"):
+        r.stage.command("model", {"generation": 0, "port": "results-7", **view})
+    index = r.frame(100)
+    r.send(index, record(square(r.shape)))
+    scores = np.array([0.2, 0.8], np.float32)
+    r.send(index, record(None, Output("classification", "view", scores)), port="results-1")
+    ports = r.stage.ports
+    r.step_until(lambda: ports["results"].results == 1 and ports["results-1"].results == 1)
+    r.step_until(lambda: r.stage.shown is not None and r.stage.shown.index == index)
+    want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(CLASSES))[0, 0]
+    assert np.abs(r.centre() - want).max() <= 2, "the segmentation"
+    red, green, filled = panel(r)
+    assert green > 0 and red == 0, "the classification, from the other port"
+    assert abs(filled - 0.8 * r.stage.renderer.bar_w) <= 1
+    assert "view.onnx" in r.stage.info and "test cpu" in r.stage.info
+    assert r.stage.summary()["ports"] == {
+        "results": {"results": 1, "bad": 0},
+        "results-1": {"results": 1, "bad": 0},
+    }
+
+
+def test_a_payload_that_is_not_a_record_is_counted_and_skipped(
+    rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = rig(inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    r.deliver(square(r.shape))  # a bare label map, as InferStage wrote before records
+    r.deliver(np.full(5000, 7, np.uint8))  # not a record at all
+    assert r.stage.draw_mode() == "off" and (r.centre() == 100).all()
+    assert "not a result record" in caplog.text and "1-D uint8" in caplog.text
+    r.deliver(record(square(r.shape)))
+    assert r.stage.draw_mode() == "filled"
+    want = blend(np.array([[100]], np.uint8), np.array([[1]]), class_lut(CLASSES))[0, 0]
+    assert np.abs(r.centre() - want).max() <= 2
+    s = r.stage.summary()
+    assert s["results_bad"] == 2 and s["results_in"] == 3 and s["torn"] == 0
+
+
+def test_empty_outputs_draw_nothing(rig: Callable[..., Rig]) -> None:
+    """A model that found nothing: no classes, boxes, points or values; the stage lives."""
+    r = rig(outputs=(CONFIDENCE, DETECTOR), inference_stopped_ms=PATIENT)
+    r.stage.setup()
+    empty = (
+        Output("confidence", "conf", np.zeros((0, 8, 8), np.float16)),
+        Output("classification", "view", np.zeros(0, np.float32)),
+        Output("detection", "boxes", np.zeros((0, 6), np.float32)),
+        Output("keypoints", "tips", np.zeros((0, 3), np.float32)),
+        Output("regression", "size", np.zeros(0, np.float32)),
+    )
+    r.deliver(record(np.zeros((0, 0), np.uint8), *empty), value=70)
+    shot = r.stage.capture()
+    rect = letterbox((160, 128), (1.0, 1.0), (640, 480))
+    x, y, w, h = rect
+    below_status = max(y, r.stage.renderer.line_h)
+    assert (shot[below_status : y + h, x : x + w] == 70).all(), "the plain frame"
+    assert r.stage.summary()["results_bad"] == 0

@@ -1,7 +1,8 @@
-"""Colour lookup tables of the overlay: 256 RGBA entries, one per label (or confidence).
+"""Colours of the display: the overlay's lookup tables and the default class colours.
 
-The fragment shader colours label ``k`` with ``lut[k].rgb`` at opacity
-``lut[k].a / 255``. Class 0 is always transparent (the image shows through).
+A lookup table has 256 RGBA entries, one per label (or confidence level). The
+fragment shader colours label ``k`` with ``lut[k].rgb`` at opacity ``lut[k].a / 255``.
+Class 0 of a label map is always transparent (the image shows through).
 """
 
 from __future__ import annotations

@@ -1,23 +1,32 @@
-"""The bedside display: the live image with the segmentation overlay, in an OpenGL window.
+"""The bedside display: the live image with what the models found, in an OpenGL window.
 
 Three layers, each usable alone:
 
 - :class:`Window`: a pygame window (fullscreen, or windowed by the settings) with a
   current OpenGL 3.3 core context, else an OpenGL ES 3.0 one (Jetson); vsync where the
   driver has it; key presses.
-- :class:`Renderer`: the GL objects and one :meth:`Renderer.draw`: the frame as a
-  texture, letterboxed so that the aspect ratio *and* the physical pixel spacing are kept;
-  the label map as an ``R8UI`` texture coloured in the fragment shader from a 256-entry
-  lookup table (the model card's class colours and opacities; class 0 transparent), filled
-  or as contours (borders found by comparing neighbouring labels); confidence maps as a
-  heatmap; a status line (pygame.font text in a texture). Tests drive it directly.
-- :class:`DisplayStage`: the pipeline stage (input ports ``frames`` and ``results``, both
-  ``newest``). It never waits for inference: each step takes the newest frame and the
-  newest result, and the image keeps flowing when results stop (the overlay is then hidden
-  and the status line says "inference stopped"). When the uncertainty guard withheld the
-  overlay (the result's WITHHELD flag), nothing is painted and the status line says
-  "no confident finding". Keys: ``o`` overlay on/off, ``m`` filled /
-  contour, ``f`` freeze, ``s`` screenshot, ``Esc``/``q`` quit when ``allow_quit``.
+- :class:`Renderer`: the GL objects and one :meth:`Renderer.draw` of a
+  :class:`~daemon.display.scene.Scene`: the frame as a texture, letterboxed so that the
+  aspect ratio *and* the physical pixel spacing are kept; label maps as ``R8UI`` textures
+  coloured in the fragment shader from a 256-entry lookup table (the classes' colours and
+  opacities; class 0 transparent), filled or as contours (borders found by comparing
+  neighbouring labels); confidence maps as ``R16F`` textures through the heat lookup
+  table, filtered bilinearly; box outlines, keypoint crosses and classification bars as
+  triangles; text (labels, scores, names, the status line) as pygame.font textures. Tests
+  drive it directly.
+- :class:`DisplayStage`: the pipeline stage (input ports ``frames`` and every
+  ``results``, ``results-1``... port, all ``newest``). Each results port carries result
+  records (daemon/results.py); :class:`~daemon.display.compose.PortView` turns a port's
+  newest record into what it draws, in the colours and names of the model that made it,
+  and the stage composes all ports over the frame: heat maps, label maps, boxes, crosses,
+  class labels with their bars (top right), regression values in the status line. It
+  never waits for inference: each step takes the newest frame and the newest result of
+  each port, and the image keeps flowing when results stop (that port's drawing is then
+  hidden and the status line says "inference stopped"). When the uncertainty guard
+  withheld a result (its WITHHELD flag), nothing of it is drawn and the status line says
+  "no confident finding"; a payload that is not a record is counted and skipped. Keys:
+  ``o`` overlay on/off, ``m`` filled / contour, ``h`` heat maps on/off, ``f`` freeze,
+  ``s`` screenshot, ``Esc``/``q`` quit when ``allow_quit``.
 
 If no window with either context can be opened (no display, no driver, the ``display``
 extra not installed), setup logs a :class:`DisplayError` and the stage behaves as the
@@ -34,8 +43,9 @@ import os
 import statistics
 import time
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,17 +53,19 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from daemon import results
 from daemon.config import DISPLAY_RUNTIME, Config, DisplayConfig
 from daemon.display import shaders
 from daemon.display.colours import class_lut, heatmap_lut
+from daemon.display.compose import ModelView, PortView
 from daemon.display.headless import TABLE2, HeadlessSink, withheld_figures
+from daemon.display.scene import Colour, MapLayer, Scene
 from daemon.engines.card import ClassCard, load_card
 from daemon.errors import ConfigError, EchodError, ModelError, StageError
 from daemon.frame import WITHHELD, FrameMeta
 from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
 from daemon.notify import under_systemd
 from daemon.paths import check_new_file
+from daemon.results import RecordError
 from daemon.ring import EndOfStream, FrameOverwritten, RingFrame, RingReader
 from daemon.stage import POLL_S, Stage, StageContext, StageSpec
 
@@ -68,9 +80,8 @@ else:
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["filled", "contour", "heatmap", "off"]
+Mode = Literal["filled", "contour", "off"]
 Rect = tuple[int, int, int, int]  # x, y (from the top), width, height in window pixels
-Colour = tuple[int, int, int]
 
 IDLE_S = min(POLL_S, 0.05)  # longest wait for a frame: keys and the status line stay live
 STATUS_S = 0.5  # status line refresh
@@ -80,6 +91,11 @@ INFERENCE_STOPPED = "inference stopped"
 SCANNER_DISCONNECTED = "scanner disconnected"
 FRAME_OLD = "frame old"
 NO_CONFIDENT_FINDING = "no confident finding"  # the guard withheld the overlay shown
+
+
+def _port_order(name: str) -> tuple[int, str]:
+    """``results`` first, then ``results-1``, ``results-2``... in number order."""
+    return len(name), name
 
 
 class DisplayError(StageError):
@@ -113,7 +129,6 @@ def as_u8(image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-_NO_LABELS = np.zeros((1, 1), np.uint8)  # a result without a label map: nothing drawn
 _NO_SCREEN = ("offscreen", "dummy", "evdev")  # SDL's last resorts: nothing is shown
 
 
@@ -262,33 +277,75 @@ def _pointer(a: np.ndarray) -> ctypes.c_void_p:
 
 
 # texture units
-_IMAGE, _LABELS, _LUT, _TEXT = 0, 1, 2, 3
+_IMAGE, _MAP, _LUT, _TEXT = 0, 1, 2, 3
+
+MARGIN = 8  # window pixels between the panels and the window's edge
+BAR_BG: Colour = (40, 40, 48)  # the empty part of a classification bar
+BAND_ALPHA = 170  # the dark band under text
+TEXT_CACHE = 256  # text textures kept (labels with scores change every frame)
+
+
+@dataclass
+class _Map:
+    """A map's texture: a label map with its lookup table, or a confidence map."""
+
+    tex: int
+    lut: int | None  # labels only
+    shape: tuple[int, int] | None = None
+    classes: tuple[ClassCard, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Text on a dark band, as a texture of ``w`` x ``h`` pixels."""
+
+    tex: int
+    w: int
+    h: int
 
 
 class Renderer:
     """GL objects and drawing for a window of ``size`` (w, h) pixels with a current context.
 
-    Upload with :meth:`upload_image` / :meth:`upload_overlay` (textures are re-created only
-    when a size changes), then :meth:`draw`; :meth:`read_pixels` reads what was drawn
-    before the buffers are swapped.
+    Upload the frame with :meth:`upload_image`, maps with :meth:`upload_labels` /
+    :meth:`upload_heat` (each under a key; textures are re-created only when a size
+    changes), then :meth:`draw` a :class:`~daemon.display.scene.Scene`;
+    :meth:`read_pixels` reads what was drawn before the buffers are swapped.
     """
 
-    def __init__(
-        self, dialect: shaders.Dialect, size: tuple[int, int], classes: Sequence[ClassCard] = ()
-    ) -> None:
+    def __init__(self, dialect: shaders.Dialect, size: tuple[int, int]) -> None:
         _require_libraries()
         self.size = size
-        self._overlay_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.OVERLAY_FRAGMENT)
+        self._image_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.IMAGE_FRAGMENT)
+        self._labels_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.LABELS_FRAGMENT)
+        self._heat_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.HEAT_FRAGMENT)
         self._text_prog = _compile(dialect, shaders.QUAD_VERTEX, shaders.TEXT_FRAGMENT)
-        self._u = {
-            name: GL.glGetUniformLocation(self._overlay_prog, name)
-            for name in ("u_mode", "u_opacity", "u_step")
+        self._solid_prog = _compile(dialect, shaders.SOLID_VERTEX, shaders.SOLID_FRAGMENT)
+        self._programs = (
+            self._image_prog,
+            self._labels_prog,
+            self._heat_prog,
+            self._text_prog,
+            self._solid_prog,
+        )
+        units = {
+            "u_image": _IMAGE,
+            "u_labels": _MAP,
+            "u_heat": _MAP,
+            "u_lut": _LUT,
+            "u_text": _TEXT,
         }
-        GL.glUseProgram(self._overlay_prog)
-        for name, unit in (("u_image", _IMAGE), ("u_labels", _LABELS), ("u_lut", _LUT)):
-            GL.glUniform1i(GL.glGetUniformLocation(self._overlay_prog, name), unit)
-        GL.glUseProgram(self._text_prog)
-        GL.glUniform1i(GL.glGetUniformLocation(self._text_prog, "u_text"), _TEXT)
+        for prog in self._programs:
+            GL.glUseProgram(prog)
+            for name, unit in units.items():
+                loc = GL.glGetUniformLocation(prog, name)
+                if loc >= 0:
+                    GL.glUniform1i(loc, unit)
+        self._u = {
+            (prog, name): GL.glGetUniformLocation(prog, name)
+            for prog in self._programs
+            for name in ("u_mode", "u_opacity", "u_step", "u_size")
+        }
 
         self._vao = int(GL.glGenVertexArrays(1))
         GL.glBindVertexArray(self._vao)
@@ -298,27 +355,32 @@ class Renderer:
         GL.glBufferData(GL.GL_ARRAY_BUFFER, quad.nbytes, quad, GL.GL_STATIC_DRAW)
         GL.glEnableVertexAttribArray(0)
         GL.glVertexAttribPointer(0, 2, GL.GL_FLOAT, GL.GL_FALSE, 0, None)
+        # solid shapes: x, y (window pixels), r, g, b, a per vertex
+        self._shapes_vao = int(GL.glGenVertexArrays(1))
+        GL.glBindVertexArray(self._shapes_vao)
+        self._shapes_vbo = int(GL.glGenBuffers(1))
+        GL.glBindBuffer(GL.GL_ARRAY_BUFFER, self._shapes_vbo)
+        GL.glEnableVertexAttribArray(0)
+        GL.glVertexAttribPointer(0, 2, GL.GL_FLOAT, GL.GL_FALSE, 24, None)
+        GL.glEnableVertexAttribArray(1)
+        GL.glVertexAttribPointer(1, 4, GL.GL_FLOAT, GL.GL_FALSE, 24, ctypes.c_void_p(8))
+        GL.glBindVertexArray(self._vao)
         GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
         GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)
 
         self._image = _texture(_IMAGE, GL.GL_LINEAR)
-        self._labels = _texture(_LABELS, GL.GL_NEAREST)  # integer textures are never filtered
-        self._class_lut = _texture(_LUT, GL.GL_NEAREST)
         self._heat_lut = _texture(_LUT, GL.GL_NEAREST)
-        self._text = _texture(_TEXT, GL.GL_NEAREST)
-        self.set_classes(classes)
         self._load_lut(self._heat_lut, heatmap_lut())
+        self._maps: dict[str, _Map] = {}
+        self._bands: OrderedDict[tuple[tuple[str, Colour], ...], _Band] = OrderedDict()
         self.image_shape: tuple[int, int, int] | None = None  # h, w, channels
-        self.overlay_shape: tuple[int, int] | None = None
-        self._text_key: tuple[tuple[str, Colour], ...] = ()
-        self._text_wh = (0, 0)
-        self._font: pygame.font.Font | None = None
+        self._status: tuple[tuple[str, Colour], ...] = ()
+        self._font = pygame.font.Font(None, max(16, size[1] // 32))
+        self.line_h = self._font.get_height() + 2 * (self._font.get_height() // 4)  # a band's
+        self.bar_w, self.bar_h = max(120, size[0] // 6), max(6, self.line_h // 3)
+        self.mark_px = max(6, size[1] // 80)  # half the length of a cross's arms
 
     # -- uploads ---------------------------------------------------------------------
-
-    def set_classes(self, classes: Sequence[ClassCard]) -> None:
-        """Colour label maps with these classes (the default palette when empty)."""
-        self._load_lut(self._class_lut, class_lut(classes))
 
     @staticmethod
     def _load_lut(tex: int, lut: np.ndarray) -> None:
@@ -370,71 +432,80 @@ class Renderer:
             self.image_shape = (h, w, c)
         GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, fmt, GL.GL_UNSIGNED_BYTE, _pointer(img))
 
-    def upload_overlay(self, overlay: np.ndarray) -> None:
-        """A label map (uint8, h x w), or a confidence map for the heatmap (0..255, or
-        floats 0..1); it need not have the frame's size."""
-        labels = np.ascontiguousarray(as_u8(overlay))
-        h, w = labels.shape[:2]
-        GL.glActiveTexture(GL.GL_TEXTURE0 + _LABELS)
-        GL.glBindTexture(GL.GL_TEXTURE_2D, self._labels)
-        if self.overlay_shape != (h, w):
-            GL.glTexImage2D(
-                GL.GL_TEXTURE_2D,
-                0,
-                GL.GL_R8UI,
-                w,
-                h,
-                0,
-                GL.GL_RED_INTEGER,
-                GL.GL_UNSIGNED_BYTE,
-                None,
+    def upload_labels(
+        self, key: str, labels: np.ndarray, classes: Sequence[ClassCard] = ()
+    ) -> None:
+        """A label map (uint8, h x w; any size, stretched over the frame) under ``key``,
+        coloured by ``classes`` (colour and opacity per label; the default palette when
+        empty). A C-contiguous view (a ring slot) is uploaded in place."""
+        m = self._maps.get(key)
+        if m is None:
+            m = self._maps[key] = _Map(
+                _texture(_MAP, GL.GL_NEAREST),  # integer textures are never filtered
+                _texture(_LUT, GL.GL_NEAREST),
             )
-            self.overlay_shape = (h, w)
-        GL.glTexSubImage2D(
-            GL.GL_TEXTURE_2D,
-            0,
-            0,
-            0,
-            w,
-            h,
-            GL.GL_RED_INTEGER,
-            GL.GL_UNSIGNED_BYTE,
-            _pointer(labels),
-        )
+        if m.classes != tuple(classes):
+            assert m.lut is not None
+            self._load_lut(m.lut, class_lut(classes))
+            m.classes = tuple(classes)
+        self._upload(m, np.ascontiguousarray(labels, np.uint8), GL.GL_R8UI, GL.GL_RED_INTEGER)
+
+    def upload_heat(self, key: str, heat: np.ndarray) -> None:
+        """A confidence map (h x w, 0..1; any size, filtered bilinearly over the frame)
+        under ``key``, drawn with the heat lookup table."""
+        m = self._maps.get(key)
+        if m is None:
+            m = self._maps[key] = _Map(_texture(_MAP, GL.GL_LINEAR), None)
+        self._upload(m, np.ascontiguousarray(heat, np.float16), GL.GL_R16F, GL.GL_RED)
+
+    @staticmethod
+    def _upload(m: _Map, data: np.ndarray, internal: int, fmt: int) -> None:
+        h, w = data.shape[:2]
+        kind = GL.GL_HALF_FLOAT if data.dtype == np.float16 else GL.GL_UNSIGNED_BYTE
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _MAP)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, m.tex)
+        if m.shape != (h, w):
+            GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, internal, w, h, 0, fmt, kind, None)
+            m.shape = (h, w)
+        GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, fmt, kind, _pointer(data))
 
     def set_status(self, parts: Sequence[tuple[str, Colour]]) -> None:
         """The status line: text pieces and their colours, on a translucent dark band."""
-        key = tuple(parts)
-        if key == self._text_key:
-            return
-        self._text_key = key
-        if self._font is None:
-            self._font = pygame.font.Font(None, max(16, self.size[1] // 32))
-        rendered = [self._font.render(text, True, colour) for text, colour in key if text]
+        self._status = tuple(parts)
+
+    def _band(self, parts: tuple[tuple[str, Colour], ...]) -> _Band:
+        """The texture of ``parts`` (text and colour each) on a dark band; kept for reuse."""
+        band = self._bands.get(parts)
+        if band is not None:
+            self._bands.move_to_end(parts)
+            return band
+        rendered = [self._font.render(text, True, colour) for text, colour in parts if text]
         pad = self._font.get_height() // 4
         w = sum(r.get_width() for r in rendered) + 2 * pad
-        h = self._font.get_height() + 2 * pad
-        band = pygame.Surface((w, h), pygame.SRCALPHA)
-        band.fill((0, 0, 0, 170))
+        surface = pygame.Surface((w, self.line_h), pygame.SRCALPHA)
+        surface.fill((0, 0, 0, BAND_ALPHA))
         x = pad
         for r in rendered:
-            band.blit(r, (x, pad))
+            surface.blit(r, (x, pad))
             x += r.get_width()
-        data = np.frombuffer(pygame.image.tobytes(band, "RGBA"), np.uint8)
-        GL.glActiveTexture(GL.GL_TEXTURE0 + _TEXT)
-        GL.glBindTexture(GL.GL_TEXTURE_2D, self._text)
+        data = np.frombuffer(pygame.image.tobytes(surface, "RGBA"), np.uint8)
+        tex = _texture(_TEXT, GL.GL_NEAREST)
         GL.glTexImage2D(
             GL.GL_TEXTURE_2D,
             0,
             GL.GL_RGBA8,
             w,
-            h,
+            self.line_h,
             0,
             GL.GL_RGBA,
             GL.GL_UNSIGNED_BYTE,
             _pointer(data),
         )
-        self._text_wh = (w, h)
+        band = self._bands[parts] = _Band(tex, w, self.line_h)
+        if len(self._bands) > TEXT_CACHE:
+            _, old = self._bands.popitem(last=False)
+            GL.glDeleteTextures([old.tex])
+        return band
 
     # -- drawing ---------------------------------------------------------------------
 
@@ -445,51 +516,146 @@ class Renderer:
         h, w, _ = self.image_shape
         return letterbox((w, h), spacing_xy, self.size)
 
+    def bar_rect(self, i: int) -> Rect:
+        """Where the bar of the ``i``-th classification panel goes (top right, below the
+        status line; its label is right above it)."""
+        top = self.line_h + MARGIN + i * (2 * self.line_h + MARGIN)
+        return self.size[0] - MARGIN - self.bar_w, top + self.line_h + 2, self.bar_w, self.bar_h
+
     def draw(
         self,
-        mode: Mode = "filled",
+        scene: Scene | None = None,
+        style: Literal["filled", "contour"] = "filled",
         spacing_xy: tuple[float, float] = (1.0, 1.0),
         opacity: float = 1.0,
         contour_px: float = 2.0,
         status: bool = False,
     ) -> None:
-        """Draw the uploaded frame and overlay into the back buffer (black bars around)."""
+        """Draw the uploaded frame and ``scene`` over it into the back buffer (black bars
+        around): heat maps, then label maps (``style``), boxes, crosses, panels, text.
+        ``contour_px`` is the width of contours and of every line."""
         W, H = self.size
         GL.glViewport(0, 0, W, H)
         GL.glClearColor(0.0, 0.0, 0.0, 1.0)
         GL.glClear(GL.GL_COLOR_BUFFER_BIT)
         GL.glBindVertexArray(self._vao)
+        GL.glEnable(GL.GL_BLEND)  # colour by source alpha; the window stays opaque
+        GL.glBlendFuncSeparate(GL.GL_SRC_ALPHA, GL.GL_ONE_MINUS_SRC_ALPHA, GL.GL_ZERO, GL.GL_ONE)
         rect = self.image_rect(spacing_xy)
         if rect is not None:
             x, y, w, h = rect
-            if self.overlay_shape is None:
-                mode = "off"
             GL.glViewport(x, H - y - h, w, h)
-            GL.glUseProgram(self._overlay_prog)
-            GL.glActiveTexture(GL.GL_TEXTURE0 + _LUT)
-            GL.glBindTexture(
-                GL.GL_TEXTURE_2D, self._heat_lut if mode == "heatmap" else self._class_lut
-            )
-            GL.glUniform1i(
-                self._u["u_mode"],
-                {"off": shaders.MODE_OFF, "contour": shaders.MODE_CONTOUR}.get(
-                    mode, shaders.MODE_FILLED
-                ),
-            )
-            GL.glUniform1f(self._u["u_opacity"], opacity)
-            lh, lw = self.overlay_shape or (1, 1)
+            GL.glUseProgram(self._image_prog)
+            GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
+            if scene is not None:
+                for layer in sorted(scene.maps, key=lambda m: m.kind != "heat"):
+                    self._draw_map(layer, style, opacity, contour_px, (w, h))
+                GL.glViewport(0, 0, W, H)
+                self._draw_vectors(scene, rect, contour_px)
+        if status and self._status:
+            self._draw_band(self._band(self._status), 0, 0)
+        GL.glDisable(GL.GL_BLEND)
+
+    def _draw_map(
+        self,
+        layer: MapLayer,
+        style: Literal["filled", "contour"],
+        opacity: float,
+        contour_px: float,
+        wh: tuple[int, int],
+    ) -> None:
+        m = self._maps.get(layer.key)
+        if m is None or m.shape is None:
+            return
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _MAP)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, m.tex)
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _LUT)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, self._heat_lut if m.lut is None else m.lut)
+        prog = self._heat_prog if layer.kind == "heat" else self._labels_prog
+        GL.glUseProgram(prog)
+        GL.glUniform1f(self._u[prog, "u_opacity"], opacity)
+        if layer.kind == "labels":
+            mode = shaders.MODE_CONTOUR if style == "contour" else shaders.MODE_FILLED
+            GL.glUniform1i(self._u[prog, "u_mode"], mode)
+            (lh, lw), (w, h) = m.shape, wh
             GL.glUniform2f(
-                self._u["u_step"], max(contour_px / w, 1.0 / lw), max(contour_px / h, 1.0 / lh)
+                self._u[prog, "u_step"],
+                max(contour_px / w, 1.0 / lw),
+                max(contour_px / h, 1.0 / lh),
             )
-            GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
-        if status and self._text_key:
-            tw, th = self._text_wh
-            GL.glViewport(0, H - th, tw, th)
-            GL.glUseProgram(self._text_prog)
-            GL.glEnable(GL.GL_BLEND)
-            GL.glBlendFunc(GL.GL_SRC_ALPHA, GL.GL_ONE_MINUS_SRC_ALPHA)
-            GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
-            GL.glDisable(GL.GL_BLEND)
+        GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
+
+    def _draw_vectors(self, scene: Scene, rect: Rect, line_px: float) -> None:
+        """Boxes, crosses and bars in one draw call, then their text."""
+        assert self.image_shape is not None
+        x0, y0, qw, qh = rect
+        fh, fw, _ = self.image_shape
+        sx, sy = qw / fw, qh / fh
+
+        def at(x: float, y: float) -> tuple[float, float]:  # pixel centres at integers
+            return x0 + (x + 0.5) * sx, y0 + (y + 0.5) * sy
+
+        half, arm = line_px / 2, self.mark_px
+        rects: list[tuple[float, float, float, float, Colour]] = []
+        texts: list[tuple[str, Colour, float, float, str]] = []  # text, colour, x, y, anchor
+        for b in scene.boxes:
+            (left, t), (r, bot) = at(b.x1, b.y1), at(b.x2, b.y2)
+            rects += [
+                (left - half, t - half, r + half, t + half, b.colour),
+                (left - half, bot - half, r + half, bot + half, b.colour),
+                (left - half, t + half, left + half, bot - half, b.colour),
+                (r - half, t + half, r + half, bot - half, b.colour),
+            ]
+            texts.append((b.text, b.colour, left - half, t - half, "above"))
+        for m in scene.marks:
+            x, y = at(m.x, m.y)
+            rects += [
+                (x - arm, y - half, x + arm, y + half, m.colour),
+                (x - half, y - arm, x + half, y + arm, m.colour),
+            ]
+            texts.append((m.text, m.colour, x + arm + 3, y, "beside"))
+        for i, p in enumerate(scene.panels):
+            bx, by, bw, bh = self.bar_rect(i)
+            fill = bx + bw * min(max(p.fraction, 0.0), 1.0)
+            rects += [(bx, by, bx + bw, by + bh, BAR_BG), (bx, by, fill, by + bh, p.colour)]
+            texts.append((p.text, p.colour, bx + bw, by - 2, "panel"))
+        if rects:
+            self._draw_rects(rects)
+        for text, colour, x, y, anchor in texts:
+            band = self._band(((text, colour),))
+            if anchor == "above":  # over the box, inside it when there is no room above
+                y = y - band.h if y - band.h >= 0 else y + line_px
+            elif anchor == "beside":
+                y -= band.h / 2
+            else:  # right-aligned above the bar
+                x, y = x - band.w, y - band.h
+            self._draw_band(band, round(min(max(x, 0), self.size[0] - band.w)), round(y))
+
+    def _draw_rects(self, rects: list[tuple[float, float, float, float, Colour]]) -> None:
+        corners = (0, 1), (2, 1), (0, 3), (0, 3), (2, 1), (2, 3)  # two triangles a rectangle
+        data = np.array(
+            [
+                (r[i], r[j], c[0] / 255, c[1] / 255, c[2] / 255, 1.0)
+                for *r, c in rects
+                for i, j in corners
+            ],
+            np.float32,
+        )
+        GL.glBindVertexArray(self._shapes_vao)
+        GL.glBindBuffer(GL.GL_ARRAY_BUFFER, self._shapes_vbo)
+        GL.glBufferData(GL.GL_ARRAY_BUFFER, data.nbytes, data, GL.GL_STREAM_DRAW)
+        GL.glUseProgram(self._solid_prog)
+        GL.glUniform2f(self._u[self._solid_prog, "u_size"], *self.size)
+        GL.glDrawArrays(GL.GL_TRIANGLES, 0, len(data))
+        GL.glBindVertexArray(self._vao)
+
+    def _draw_band(self, band: _Band, x: int, y: int) -> None:
+        """A text band with its top left at window pixel (x, y)."""
+        GL.glViewport(x, self.size[1] - y - band.h, band.w, band.h)
+        GL.glActiveTexture(GL.GL_TEXTURE0 + _TEXT)
+        GL.glBindTexture(GL.GL_TEXTURE_2D, band.tex)
+        GL.glUseProgram(self._text_prog)
+        GL.glDrawArrays(GL.GL_TRIANGLE_STRIP, 0, 4)
 
     def read_pixels(self) -> np.ndarray:
         """The back buffer as (h, w, 3) uint8 RGB, top row first (call before the swap)."""
@@ -500,13 +666,14 @@ class Renderer:
         return out[::-1, :, :3]
 
     def close(self) -> None:
-        GL.glDeleteTextures(
-            [self._image, self._labels, self._class_lut, self._heat_lut, self._text]
-        )
-        GL.glDeleteBuffers(1, [self._vbo])
-        GL.glDeleteVertexArrays(1, [self._vao])
-        GL.glDeleteProgram(self._overlay_prog)
-        GL.glDeleteProgram(self._text_prog)
+        textures = [self._image, self._heat_lut, *(b.tex for b in self._bands.values())]
+        for m in self._maps.values():
+            textures += [m.tex] if m.lut is None else [m.tex, m.lut]
+        GL.glDeleteTextures(textures)
+        GL.glDeleteBuffers(2, [self._vbo, self._shapes_vbo])
+        GL.glDeleteVertexArrays(2, [self._vao, self._shapes_vao])
+        for prog in self._programs:
+            GL.glDeleteProgram(prog)
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:
@@ -559,34 +726,33 @@ class DisplayStage(Stage):
         params, m = self.spec.params, self.config.model
         model = self._model_path()
         try:
-            self.renderer = Renderer(self.window.dialect, self.window.size, self._classes(model))
+            self.renderer = Renderer(self.window.dialect, self.window.size)
         except BaseException:
             self.window.close()
             raise
-        self.info = (
-            f"{params.get('engine') or m.engine or 'auto'} {params.get('device') or m.device}"
-            f" | {model.name if model else 'bundled model'}"
+        first = ModelView.parse(
+            {**params, "classes": [c.model_dump() for c in self._classes(model)]},
+            info=f"{params.get('engine') or m.engine or 'auto'} {params.get('device') or m.device}"
+            f" | {model.name if model else 'bundled model'}",
         )
-        # what each model generation (0, then +1 per hot-swap) is drawn with, and the one
-        # drawn now: every label map in the colours and name of the model that made it
-        self.models: dict[int, tuple[str, list[ClassCard]]] = {}
-        self.generation = 0
+        # every results port, "results" first; each draws its records in the colours and
+        # names of the model (generation) that made them
+        names = sorted((n for n in self.spec.inputs if n.startswith("results")), key=_port_order)
+        self.ports = {n: PortView(n, first if n == "results" else ModelView(n)) for n in names}
+        self.primary = names[0] if names else None  # the port "synchronised" follows
         self.frames: RingReader | None = self.ctx.input("frames")
-        self.results: RingReader | None = self.ctx.input("results")
+        self.results: dict[str, RingReader | None] = {n: self.ctx.input(n) for n in names}
         self.mode: Literal["filled", "contour"] = "contour" if s.overlay == "contour" else "filled"
         self.overlay_on = s.overlay != "off"
         self.frozen = False
-        self.heatmap = False  # the overlay is a confidence map
         self.history: deque[tuple[np.ndarray, FrameMeta]] = deque(maxlen=s.sync_history)
         self.shown: FrameMeta | None = None  # the frame on screen
-        self.shown_result: int | None = None  # index of the result drawn over it
-        self.overlay_index: int | None = None  # index of the result in the overlay texture
+        self.status_text = ""
         self.warnings: list[str] = []
         self.warned: set[str] = set()  # every warning shown during the run
         now = time.monotonic()
         self.started = now
         self.last_frame_t: float | None = None
-        self.last_result_t: float | None = None
         self.first_frame_t: float | None = None
         self.newest_age_ms = 0.0
         self.next_status = now
@@ -598,9 +764,8 @@ class DisplayStage(Stage):
         self.cost = {k: Percentiles() for k in ("upload", "draw", "swap", "total")}
         self.stages = {name: RunningStats() for name in TABLE2}
         self.histograms = FrameHistograms(TABLE2)  # for /metrics
-        self.frames_shown = self.results_in = self.unmatched = self.torn = 0
+        self.frames_shown = self.results_in = self.unmatched = self.torn = self.bad = 0
         self.withheld = 0  # results whose overlay the guard withheld
-        self.overlay_withheld = False  # the overlay in the texture is a withheld one
         self.frames_without_inference = 0
         self.first_ns = self.last_ns = 0
         self._update_status(now)
@@ -643,12 +808,14 @@ class DisplayStage(Stage):
                 log.info("%s ignored: display.allow_quit is off", key)
             dirty = self._key(key) or dirty
         frame = self._read("frames", IDLE_S)
-        result = self._read("results", 0.0 if self.frames is not None else IDLE_S)
-        if self.frames is None and self.results is None:
+        results = {}
+        for name in self.results:
+            results[name] = self._read(name, 0.0 if self.frames is not None else IDLE_S)
+        if self.frames is None and all(r is None for r in self.results.values()):
             return False
         now = time.monotonic()
         t0 = time.perf_counter()
-        upload = self._take(frame, result, now)
+        upload = self._take(frame, results, now)
         t1 = time.perf_counter()
         if now >= self.next_status or self._current_warnings(now) != self.warnings:
             dirty = self._update_status(now) or dirty
@@ -664,94 +831,109 @@ class DisplayStage(Stage):
             self._account(upload, (t1 - t0, t2 - t1, t3 - t2))
         return True
 
-    def _read(self, port: Literal["frames", "results"], timeout: float) -> RingFrame | None:
-        reader = self.frames if port == "frames" else self.results
+    def _read(self, port: str, timeout: float) -> RingFrame | None:
+        """The newest frame (``frames``) or result (a results port), None when none came."""
+        reader = self.frames if port == "frames" else self.results[port]
         if reader is None:
             return None
         try:
             return reader.read(timeout=timeout)
         except EndOfStream:
-            setattr(self, port, None)
+            if port == "frames":
+                self.frames = None
+            else:
+                self.results[port] = None
             return None
 
     def _take(
-        self, frame: RingFrame | None, result: RingFrame | None, now: float
+        self, frame: RingFrame | None, results: dict[str, RingFrame | None], now: float
     ) -> FrameMeta | None:
         """Note what arrived, upload what is to be shown; the newly shown frame's meta."""
         if frame is not None:
             self.last_frame_t = now
             self.first_frame_t = self.first_frame_t or now
             self.newest_age_ms = (time.monotonic_ns() - frame.t_acquired_ns) / 1e6
-        if result is not None:
-            self.last_result_t = now
-            self.results_in += 1
-            meta = result.meta
-            self.withheld += bool(meta.flags & WITHHELD)
-            for name, idx in TABLE2.items():
-                self.stages[name].add(float(meta.timings_ms[idx]))
-                self.histograms.steps[name].add(float(meta.timings_ms[idx]))
+        arrived = {name: r for name, r in results.items() if r is not None}
+        for name, result in arrived.items():
+            self._note(name, result.meta, now)
         if self.frozen:
             return None
         if self.settings.sync == "synchronised":
-            return self._take_synchronised(frame, result, now)
-        if result is not None:
-            self._upload_overlay(result)
+            return self._take_synchronised(frame, arrived, now)
+        for name, result in arrived.items():
+            self._ingest(name, result)
         if frame is None:
             return None
         self.renderer.upload_image(frame.image)  # in place from the ring slot
         if not frame.valid():  # overwritten while uploading: the next frame replaces it
             self.torn += 1
             return None
-        self.shown, self.shown_result = frame.meta, self.overlay_index
+        self.shown = frame.meta
         return frame.meta
 
     def _take_synchronised(
-        self, frame: RingFrame | None, result: RingFrame | None, now: float
+        self, frame: RingFrame | None, results: dict[str, RingFrame], now: float
     ) -> FrameMeta | None:
-        """Show a frame only with the result computed on it, or, once inference has
-        stopped, the newest frame without an overlay."""
+        """Show a frame only with the primary port's result computed on it, or, once
+        inference has stopped, the newest frame without an overlay. Other ports' results
+        are drawn as they come."""
         if frame is not None:
             try:
                 self.history.append(frame.copy())
             except FrameOverwritten:
                 self.torn += 1
+        for name, other in results.items():
+            if name != self.primary:
+                self._ingest(name, other)
+        result = results.get(self.primary or "")
         if result is not None:
             index = result.meta.index
             match = next((i for i, (_, m) in enumerate(self.history) if m.index == index), None)
             if match is None:
                 self.unmatched += 1
-            elif self._upload_overlay(result):
+            elif self._ingest(self.primary or "", result):
                 image, meta = self.history[match]
                 for _ in range(match + 1):
                     self.history.popleft()
                 self.renderer.upload_image(image)
-                self.shown, self.shown_result = meta, index
+                self.shown = meta
                 return meta
         if frame is not None and self._inference_stopped(now) and self.history:
             image, meta = self.history[-1]
             self.renderer.upload_image(image)
-            self.shown, self.shown_result = meta, None
+            self.shown = meta
             return meta
         return None
 
-    def _upload_overlay(self, result: RingFrame) -> bool:
-        try:  # the result record's first label map (daemon/results.py)
-            labels = results.unpack(result.image).labels
-        except results.RecordError:  # torn while read (checked below) or not a record
-            labels = None
-        self.renderer.upload_overlay(_NO_LABELS if labels is None else labels)
-        if not result.valid():  # overwritten while uploading: no overlay until the next one
-            self.torn += 1
-            self.overlay_index = self.shown_result = None
-            return False
-        self.overlay_index = result.meta.index
-        self.overlay_withheld = bool(result.meta.flags & WITHHELD)
-        generation = result.meta.generation
-        if generation != self.generation and generation in self.models:
-            self.generation = generation
-            self.info, classes = self.models[generation]
-            self.renderer.set_classes(classes)
-        return True
+    def _note(self, name: str, meta: FrameMeta, now: float) -> None:
+        """Count a result that came on port ``name`` (the primary port's Table-2 timings)."""
+        port = self.ports[name]
+        port.last_t = now
+        port.results += 1
+        self.results_in += 1
+        self.withheld += bool(meta.flags & WITHHELD)
+        if name == self.primary:
+            for step, idx in TABLE2.items():
+                self.stages[step].add(float(meta.timings_ms[idx]))
+                self.histograms.steps[step].add(float(meta.timings_ms[idx]))
+
+    def _ingest(self, name: str, result: RingFrame) -> bool:
+        """Upload and keep what the result on port ``name`` draws; False when it was torn
+        or is not a result record (counted; nothing of that port is drawn until the next)."""
+        port = self.ports[name]
+        try:
+            if port.take(result.image, result.meta, self.renderer, self.settings, result.valid):
+                return True
+        except RecordError as e:
+            if result.valid():
+                port.clear()
+                port.bad += 1
+                self.bad += 1
+                log.warning("display: a result on port %s skipped: %s", name, e)
+                return False
+            port.clear()
+        self.torn += 1
+        return False
 
     def _account(self, shown: FrameMeta, costs: tuple[float, float, float]) -> None:
         now_ns = time.monotonic_ns()
@@ -772,13 +954,47 @@ class DisplayStage(Stage):
 
     # -- state -----------------------------------------------------------------------
 
-    def _inference_stopped(self, now: float) -> bool:
-        since = self.last_result_t or self.first_frame_t
+    def _stale(self, port: PortView, now: float) -> bool:
+        """No result on ``port`` for inference_stopped_ms while frames flow."""
+        since = port.last_t or self.first_frame_t
         return (
             self._frames_flowing(now)
             and since is not None
             and now - since > self.settings.inference_stopped_ms / 1e3
         )
+
+    def _inference_stopped(self, now: float) -> bool:
+        return any(self._stale(p, now) for p in self.ports.values())
+
+    def _visible(self, port: PortView, now: float) -> bool:
+        """Whether ``port``'s newest result is drawn: overlay on, a result that is not
+        stale and, synchronised, for the primary port, the result of the frame shown."""
+        return (
+            self.overlay_on
+            and self.shown is not None
+            and port.index is not None
+            and not self._stale(port, now)
+            and not (
+                self.settings.sync == "synchronised"
+                and port.port == self.primary
+                and port.index != self.shown.index
+            )
+        )
+
+    def _scene(self, now: float) -> Scene:
+        """What the visible ports draw (heat maps only when display.heatmap is on)."""
+        scene = Scene()
+        for port in self.ports.values():
+            if self._visible(port, now):
+                scene.extend(port.scene())
+        if not self.settings.heatmap:
+            scene.maps = [m for m in scene.maps if m.kind != "heat"]
+        return scene
+
+    @property
+    def info(self) -> str:
+        """The models drawn, "engine device | model" each."""
+        return " + ".join(p.model.info for p in self.ports.values())
 
     def _frames_flowing(self, now: float) -> bool:
         return now - (self.last_frame_t or self.started) <= self.settings.no_frames_ms / 1e3
@@ -787,24 +1003,19 @@ class DisplayStage(Stage):
         if not self._frames_flowing(now):
             return [SCANNER_DISCONNECTED]
         out = [INFERENCE_STOPPED] if self._inference_stopped(now) else []
-        if not out and self.overlay_withheld and self.overlay_index is not None:
+        if not out and any(p.withheld and p.index is not None for p in self.ports.values()):
             out.append(NO_CONFIDENT_FINDING)
         if self.newest_age_ms > self.settings.frame_old_ms:
             out.append(FRAME_OLD)
         return out
 
     def draw_mode(self) -> Mode:
-        """What the overlay looks like now: off when hidden, when inference has stopped, or
-        when the overlay does not belong to the frame shown (synchronised)."""
-        if (
-            not self.overlay_on
-            or INFERENCE_STOPPED in self.warnings
-            or self.shown is None
-            or self.shown_result is None
-            or (self.settings.sync == "synchronised" and self.shown_result != self.shown.index)
-        ):
+        """How label maps look now: off when hidden, or when no port's result is drawn
+        (none yet, inference stopped, or not of the frame shown when synchronised)."""
+        now = time.monotonic()
+        if not any(self._visible(p, now) for p in self.ports.values()):
             return "off"
-        return "heatmap" if self.heatmap else self.mode
+        return self.mode
 
     def _report_stats(self, now: float) -> None:
         """The figures of the last interval, as the headless sink reports them (the
@@ -836,10 +1047,13 @@ class DisplayStage(Stage):
             return before != self.warnings
         lat = f"{statistics.median(self.recent_latency):.0f} ms" if self.recent_latency else "-"
         self.recent_latency.clear()
-        mode = "overlay off" if not self.overlay_on else ("heatmap" if self.heatmap else self.mode)
-        text = f"{self.meter.rate(now):5.1f} fps | latency {lat} | {self.info} | {mode}" + (
-            " | FROZEN" if self.frozen else ""
+        mode = "overlay off" if not self.overlay_on else self.mode
+        scalars = [v for p in self.ports.values() if self._visible(p, now) for v in p.scalars()]
+        text = " | ".join(
+            [f"{self.meter.rate(now):5.1f} fps", f"latency {lat}", self.info, mode, *scalars]
+            + (["FROZEN"] if self.frozen else [])
         )
+        self.status_text = text
         self.renderer.set_status(
             [(text, TEXT_COLOUR)] + [(f"  {w.upper()}", WARN_COLOUR) for w in self.warnings]
         )
@@ -848,15 +1062,21 @@ class DisplayStage(Stage):
     def command(self, name: str, args: dict[str, Any]) -> Any:
         """``screenshot`` {path}: save the screen as a PNG. ``set`` {key: "display.<name>",
         value}: change one of :data:`~daemon.config.DISPLAY_RUNTIME` while running.
-        ``model`` {generation, model, engine, device, classes}: the model that results of
-        that generation come from (sent by the supervisor before a hot-swap takes over)."""
+        ``model`` {generation, model, engine, device, classes, outputs, port}: the model
+        whose results of that generation come on ``port`` (default ``results``; sent by
+        the supervisor before a hot-swap takes over)."""
         if name == "model" and self.headless is not None:
             return self.headless.command(name, args)
         if name == "model":  # a hot-swap: results of this generation come from it
-            engine = f"{args.get('engine') or 'auto'} {args.get('device') or ''}".strip()
-            classes = [ClassCard.model_validate(c) for c in args.get("classes") or ()]
-            self.models[int(args["generation"])] = (f"{engine} | {args.get('model')}", classes)
-            return {"generation": args["generation"]}
+            port = str(args.get("port") or "results")
+            if port not in self.ports:
+                raise StageError(
+                    f"the display reads no results port {port!r} (it reads "
+                    f"{', '.join(self.ports) or 'none'}): check the pipeline's wiring"
+                )
+            self.ports[port].describe(int(args["generation"]), ModelView.parse(args))
+            self.next_status = 0.0  # the status line names the model
+            return {"generation": args["generation"], "port": port}
         if name == "screenshot":
             path = self.screenshot(Path(args["path"]))
             return {"path": str(path), "frame": None if self.shown is None else self.shown.index}
@@ -888,6 +1108,8 @@ class DisplayStage(Stage):
         elif key == "m":
             self.mode = "contour" if self.mode == "filled" else "filled"
             self.overlay_on = True
+        elif key == "h":
+            self.set("heatmap", not self.settings.heatmap)
         elif key == "f":
             self.frozen = not self.frozen
         elif key == "s":
@@ -918,7 +1140,8 @@ class DisplayStage(Stage):
         spacing = self.shown.spacing[:2] if self.shown is not None else (1.0, 1.0)
         s = self.settings
         self.renderer.draw(
-            self.draw_mode(),
+            self._scene(time.monotonic()),
+            self.mode,
             (spacing[0], spacing[1]),
             s.opacity,
             s.contour_px,
@@ -957,6 +1180,8 @@ class DisplayStage(Stage):
             "stages": {name: s.summary() for name, s in self.stages.items()},
             "display_ms": {name: p.summary(50, 99) for name, p in self.cost.items()},
             "results_in": self.results_in,
+            "results_bad": self.bad,
+            "ports": {n: {"results": p.results, "bad": p.bad} for n, p in self.ports.items()},
             "withheld": withheld_figures(self.withheld, self.results_in),
             "results_unmatched": self.unmatched,
             "frames_without_inference": self.frames_without_inference,
