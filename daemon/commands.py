@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, protocol
-from daemon.config import RUNTIME_SETTINGS, ConfigError, validate_change
+from daemon.config import RUNTIME_SETTINGS, ConfigError, child, validate_change
 from daemon.paths import check_folder, check_new_file, confine
 from daemon.protocol import Parsed, ProtocolError, Role
 
@@ -69,9 +69,10 @@ class ControlCommands:
     def config_get(self, args: protocol.ConfigGetArgs, role: Role) -> Any:
         node: Any = self.sup.config.model_dump(mode="json")
         for part in [p for p in args.key.split(".") if p]:
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"no setting '{args.key}'")
-            node = node[part]
+            try:
+                node = child(node, part)  # model.1.path: the second model's
+            except (LookupError, TypeError):
+                raise ConfigError(f"no setting '{args.key}'") from None
         return node
 
     def engines(self, args: Any, role: Role) -> list[dict[str, Any]]:
