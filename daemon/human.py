@@ -119,16 +119,16 @@ def run_summary(s: dict[str, Any]) -> list[str]:
     dropped = s.get("dropped") or {}
     causes = ", ".join(f"{k} {v}" for k, v in dropped.items())
     lat = s.get("latency_ms") or {}
+    models = s.get("models") or []
+    each = [_model_line(m, s["frames_in"]) for m in models] if len(models) > 1 else []
     lines = [
+        *each,
         f"echod: {s['frames_in']} frames in = {s['frames_out']} out + "
         f"{sum(dropped.values())} dropped{f' ({causes})' if causes else ''} | "
         f"{s.get('fps') or 0:.1f} fps | latency p50 {lat.get('p50', float('nan')):.1f} ms "
         f"p99 {lat.get('p99', float('nan')):.1f} ms | {s.get('engine')} {s.get('device')}, "
         f"{s.get('model')}"
     ]
-    models = s.get("models") or []
-    if len(models) > 1:
-        lines += [_model_line(m, s["frames_in"]) for m in models]
     withheld = s.get("withheld") or {}
     if withheld.get("frames"):
         lines.append(

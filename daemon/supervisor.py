@@ -962,6 +962,7 @@ class Supervisor:
             "uptime_s": self.uptime(),
             "source": {"description": self.source.get("description"), **self.source_state},
             "mode": self.config.pipeline.mode,
+            "models": self._models(counts["models"], sink, ("fps", "latency_ms", "timings_ms")),
             "stages": {
                 name: {
                     "pid": w.pid,
@@ -975,8 +976,7 @@ class Supervisor:
             "latency_ms": sink.get("latency_ms"),
             "withheld": sink.get("withheld"),
             "display": self.display_state(),
-            **counts,
-            "models": self._models(counts["models"], sink, ("fps", "latency_ms", "timings_ms")),
+            **{k: v for k, v in counts.items() if k != "models"},
             "engine": infer.get("engine"),
             "device": infer.get("device"),
             "model": infer.get("model"),
