@@ -491,7 +491,7 @@ def _list_item_type(key: str) -> Any:
     """The item type of the list (or tuple) setting ``key``; None for anything else."""
     model: Any = Config
     annotation: Any = None
-    for name in [p for p in key.split(".") if not p.isdigit()]:
+    for name in [p for p in key.split(".") if not p.isdecimal()]:
         if model is None:
             return None
         try:
@@ -519,7 +519,7 @@ def _validated(
         try:
             for p in parents:
                 node = child(node, p, create=True)
-            if isinstance(node, list) and not leaf.isdigit():  # model.path: the first table's
+            if isinstance(node, list) and not leaf.isdecimal():  # model.path: the first table's
                 node = child(node, "0")
             if isinstance(node, list):  # model.1 = {...}
                 child(node, leaf, create=True)
@@ -545,7 +545,7 @@ def child(node: Any, part: str, create: bool = False) -> Any:
     an index (``model.1``; with ``create``, the next index adds a table), or a key of the
     first table (``model.path``). LookupError or TypeError (with the reason) if none."""
     if isinstance(node, list):
-        if part.isdigit():
+        if part.isdecimal():
             index = int(part)
             if create and index == len(node):
                 node.append({})
@@ -619,7 +619,7 @@ def _describe(e: ValidationError, loc: list[str], blame: str) -> str:
 
 def _fields_at(path: list[str]) -> list[str]:
     model: type[BaseModel] = Config
-    for name in [p for p in path if not p.isdigit()]:  # model.1.x: the tables are alike
+    for name in [p for p in path if not p.isdecimal()]:  # model.1.x: the tables are alike
         annotation = _table_type(_field(model, name).annotation)
         if annotation is None:
             return []

@@ -261,8 +261,8 @@ class Supervisor:
         self.rings["frames"] = Ring.create(
             f"{pid}-frames", slots=slots, payload_bytes=frame_bytes, max_readers=MAX_MODELS + 2
         )
+        size = capacity(tuple(shape))
         for port in pipeline.results_ports(self.config):
-            size = capacity(tuple(shape))
             self.rings[port] = Ring.create(f"{pid}-{port}", slots=slots, payload_bytes=size)
 
     def _remove_rings(self) -> None:

@@ -263,6 +263,12 @@ def test_status_shows_both_and_killing_one_infer_stage_leaves_the_other_running(
             assert m["state"] == "running" and m["device"] and m["precision"], m
             assert m["timings_ms"]["nn_inference"] > 0 and m["withheld"]["frames"] >= 0, m
         assert "infer-1" in human.render(s)
+        told = r.sup.workers["sink"].spec.params["models"]  # what the consumers learn
+        assert [(m["stage"], m["port"], m["generation"]) for m in told] == [
+            ("infer", "results", 0),
+            ("infer-1", "results-1", 0),
+        ]
+        assert all("outputs" in m and m["classes"] for m in told), told
         pids = {name: st["pid"] for name, st in s["stages"].items()}
         before = model_of(s, "infer")["frames_out"]
         os.kill(pids["infer-1"], signal.SIGKILL)
@@ -311,6 +317,7 @@ def test_a_hot_swap_of_model_1_leaves_model_0_running(
     c = r.client(timeout_s=90)
     until(lambda: min(m["frames_out"] for m in c.call("status")["models"]) >= 5, 60)
     before = c.call("status")
+    assert c.call("config.get", {"key": "model.1.engine"}) == "openvino"
     with pytest.raises(CtlError) as e:
         c.call("model.load", {"path": str(model), "index": 2})
     assert e.value.code == "bad_args" and "0 (infer), 1 (infer-1)" in e.value.message
@@ -320,6 +327,11 @@ def test_a_hot_swap_of_model_1_leaves_model_0_running(
     assert done["state"] == "switched" and done["stage"] == "infer-1", done
     s = c.call("status")
     c.close()
+    told = r.sup.workers["sink"].spec.params["models"]  # a restarted sink would draw with it
+    assert [(m["port"], m["generation"], m["engine"]) for m in told] == [
+        ("results", 0, "onnxruntime"),
+        ("results-1", 1, "onnxruntime"),
+    ]
     m0, m1 = model_of(s, "infer"), model_of(s, "infer-1")
     assert s["stages"]["infer"]["pid"] == before["stages"]["infer"]["pid"]
     assert (m0["generation"], m0["model"]) == (0, "ultrasound-seg.onnx")
