@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, protocol
-from daemon.config import RUNTIME_SETTINGS, ConfigError, validate_change
+from daemon.config import RUNTIME_SETTINGS, ConfigError, child, validate_change
 from daemon.paths import check_folder, check_new_file, confine
 from daemon.protocol import Parsed, ProtocolError, Role
 
@@ -69,9 +69,10 @@ class ControlCommands:
     def config_get(self, args: protocol.ConfigGetArgs, role: Role) -> Any:
         node: Any = self.sup.config.model_dump(mode="json")
         for part in [p for p in args.key.split(".") if p]:
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"no setting '{args.key}'")
-            node = node[part]
+            try:
+                node = child(node, part)  # model.1.path: the second model's
+            except (LookupError, TypeError):
+                raise ConfigError(f"no setting '{args.key}'") from None
         return node
 
     def engines(self, args: Any, role: Role) -> list[dict[str, Any]]:
@@ -112,8 +113,34 @@ class ControlCommands:
 
     def model_load(self, args: protocol.ModelLoadArgs, role: Role) -> Future[Any]:
         """Returns at once with the swap's id; its outcome is published on ``model``."""
+        stage = self.infer_stage(args)
         path = confine(args.path, self.roots("models"), what="model")
-        return self.sup.in_main(lambda: self.sup.begin_swap(path, args.engine, args.device))
+        return self.sup.in_main(
+            lambda: self.sup.begin_swap(path, args.engine, args.device, stage)
+        )
+
+    def infer_stage(self, args: protocol.ModelLoadArgs) -> str:
+        """The infer stage a swap replaces the model of: ``stage``, or model ``index``'s,
+        else the first model's."""
+        from daemon.pipeline import infer_stage
+
+        running = [w.spec.name for w in self.sup.infer_workers()]
+        if not running:
+            raise ProtocolError(protocol.UNAVAILABLE, "no live pipeline runs: no model to swap")
+        by_index = None if args.index is None else infer_stage(args.index)
+        if args.stage and by_index and args.stage != by_index:
+            raise ProtocolError(
+                protocol.BAD_ARGS,
+                f"index {args.index} is stage {by_index}, not {args.stage}: give one of them",
+            )
+        wanted = args.stage or by_index or running[0]
+        if wanted not in running:
+            models = ", ".join(f"{i} ({name})" for i, name in enumerate(running))
+            raise ProtocolError(
+                protocol.BAD_ARGS,
+                f"no model {args.stage or args.index} runs here; models: {models}",
+            )
+        return wanted
 
     def screenshot(self, args: protocol.ScreenshotArgs, role: Role) -> Future[Any]:
         sink = self.sup.workers["sink"]

@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
 
 from daemon import migrate
 from daemon.acquire.igtl import IgtlSettings
@@ -110,6 +119,16 @@ class ModelConfig(Section):
         description="engine options, e.g. { precision = 'fp16', fallback = 'warn', "
         "provider = 'tensorrt' } (see `echod engines` and each engine's documentation)",
     )
+
+
+# models per run: the frames ring has 8 reader entries, one per model plus the display's and
+# the recorder's (the supervisor creates it with MAX_MODELS + 2)
+MAX_MODELS = 6
+
+
+def model_key(index: int) -> str:
+    """The dotted name of model ``index``'s table: ``model`` (the first), ``model.1``, ..."""
+    return "model" if index == 0 else f"model.{index}"
 
 
 class SinkConfig(Section):
@@ -375,7 +394,13 @@ class Config(Section):
     )
     source: SourceConfig = Field(default_factory=SourceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig()],
+        alias="model",
+        description="the model: one [model] table, or [[model]] tables for several models on "
+        "the same frames (one infer stage each: infer, infer-1, ...; --set model.path is the "
+        f"first, model.1.path the second); at most {MAX_MODELS}",
+    )
     sink: SinkConfig = Field(default_factory=SinkConfig)
     record: RecordConfig = Field(default_factory=RecordConfig)
     igtl_out: IgtlOutConfig = Field(default_factory=IgtlOutConfig)
@@ -386,6 +411,36 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        """``[model]`` (one table) or ``[[model]]`` (1 to MAX_MODELS tables)."""
+        if isinstance(value, dict | BaseModel):
+            return [value]
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_MODELS:
+            raise PydanticCustomError(
+                "model_count",
+                "lists {count} models: give 1 to {most} [[model]] tables (the frames ring "
+                "has a reader entry for each)",
+                {"count": len(value), "most": MAX_MODELS},
+            )
+        return value
+
+    @model_serializer(mode="wrap")
+    def _model_as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumped as the file says it: ``model`` a table for one model, a list for several."""
+        out: dict[str, Any] = {}
+        for key, value in handler(self).items():
+            if key in ("models", "model"):
+                key, value = "model", value[0] if len(value) == 1 else value
+            out[key] = value
+        return out
+
+    @property
+    def model(self) -> ModelConfig:
+        """The first (or only) model."""
+        return self.models[0]
 
 
 def _dir(value: str, env: str, default: Path) -> Path:
@@ -468,15 +523,16 @@ def _list_item_type(key: str) -> Any:
     """The item type of the list (or tuple) setting ``key``; None for anything else."""
     model: Any = Config
     annotation: Any = None
-    for name in key.split("."):
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+    for name in [p for p in key.split(".") if not p.isdecimal()]:
+        if model is None:
             return None
-        field = model.model_fields.get(name)
-        if field is None:
+        try:
+            annotation = _field(model, name).annotation
+        except StopIteration:
             return None
-        model = annotation = field.annotation
-    if typing.get_origin(annotation) not in (list, tuple):
-        return None
+        model = _table_type(annotation)
+    if typing.get_origin(annotation) not in (list, tuple) or model is not None:
+        return None  # not a list, or a list of tables (written as TOML)
     return typing.get_args(annotation)[0]
 
 
@@ -487,29 +543,70 @@ def _validated(
     origins: Mapping[str, str],
 ) -> Config:
     """``data`` with the dotted ``overrides`` set, validated: the one way a Config is made."""
+    if not isinstance(data.get("model"), list):  # [model]: the first of [[model]]
+        data["model"] = [data.get("model", {})]  # (so --set model.1.path adds a second)
     for dotted, value in overrides.items():
-        node = data
+        node: Any = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                where = f"{origins[dotted]}: " if dotted in origins else ""
-                raise ConfigError(f"{where}no setting '{dotted}': '{p}' is a value, not a table")
-        node[leaf] = value
+        try:
+            for p in parents:
+                node = child(node, p, create=True)
+            if isinstance(node, list) and not leaf.isdecimal():  # model.path: the first table's
+                node = child(node, "0")
+            if isinstance(node, list):  # model.1 = {...}
+                child(node, leaf, create=True)
+                node[int(leaf)] = value
+            elif isinstance(node, dict):
+                node[leaf] = value
+            else:
+                raise TypeError(f"'{parents[-1]}' is a value, not a table")
+        except (LookupError, TypeError) as e:
+            where = f"{origins[dotted]}: " if dotted in origins else ""
+            raise ConfigError(f"{where}no setting '{dotted}': {e.args[0]}") from None
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e, _blame(e, overrides, source, origins))) from None
+        loc = [str(p) for p in e.errors()[0]["loc"]]
+        if loc[:2] == ["model", "0"]:  # the first model is model.path, as --set names it
+            del loc[1]
+        raise ConfigError(_describe(e, loc, _blame(loc, overrides, source, origins))) from None
+
+
+def child(node: Any, part: str, create: bool = False) -> Any:
+    """The setting ``part`` inside ``node``: a table's key; in a list of tables (``[[model]]``)
+    an index (``model.1``; with ``create``, the next index adds a table), or a key of the
+    first table (``model.path``). LookupError or TypeError (with the reason) if none."""
+    if isinstance(node, list):
+        if part.isdecimal():
+            index = int(part)
+            if create and index == len(node):
+                node.append({})
+            if index >= len(node):
+                more = f" (the next, {len(node)}, adds one)" if create else ""
+                raise LookupError(f"index {index} is past the list's {len(node)}{more}")
+            return node[index]
+        if not node or not isinstance(node[0], dict):
+            raise TypeError(f"'{part}' is not in a list of values")
+        node = node[0]
+    if not isinstance(node, dict):
+        raise TypeError(f"'{part}' is inside a value, not a table")
+    if create:
+        made = node.setdefault(part, {})
+        if not isinstance(made, dict | list):
+            raise TypeError(f"'{part}' is a value, not a table")
+        return made
+    if part not in node:
+        raise LookupError(f"no '{part}'")
+    return node[part]
 
 
 def _blame(
-    e: ValidationError,
+    loc: list[str],
     overrides: Mapping[str, Any],
     source: Path | None,
     origins: Mapping[str, str],
 ) -> str:
     """Where the first error came from: the override that set it, else the file."""
-    loc = [str(p) for p in e.errors()[0]["loc"]]
     given = [k for k in overrides if _overlap(k.split("."), loc)]
     if given:
         return origins.get(max(given, key=len), "")
@@ -532,15 +629,16 @@ def _describe_unknown(loc: list[str]) -> str:
     return f"unknown setting '{'.'.join(loc)}': {hint}"
 
 
-def _describe(e: ValidationError, blame: str) -> str:
+def _describe(e: ValidationError, loc: list[str], blame: str) -> str:
     """One line for the first error: where, what rule, what value, what to use instead."""
     err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
     field = ".".join(loc)
     where = f"{blame}: " if blame else ""
     if err["type"] == "extra_forbidden":
         return where + _describe_unknown(loc)
     value = err.get("input")
+    if err["type"] == "model_count":
+        return f"{where}setting '{field}' {err['msg']}"
     msg = f"{where}setting '{field}' {err['msg'].lower()} (got {value!r})"
     if err["type"] == "literal_error" and isinstance(value, str):
         choices = err.get("ctx", {}).get("expected", "")
@@ -553,12 +651,26 @@ def _describe(e: ValidationError, blame: str) -> str:
 
 def _fields_at(path: list[str]) -> list[str]:
     model: type[BaseModel] = Config
-    for name in path:
-        annotation = model.model_fields[name].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+    for name in [p for p in path if not p.isdecimal()]:  # model.1.x: the tables are alike
+        annotation = _table_type(_field(model, name).annotation)
+        if annotation is None:
             return []
         model = annotation
-    return list(model.model_fields)
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    """The field written ``key`` in the file (its alias, if it has one)."""
+    return next(f for name, f in model.model_fields.items() if (f.alias or name) == key)
+
+
+def _table_type(annotation: Any) -> type[BaseModel] | None:
+    """The table type of a field: a section, or the item of a list of tables."""
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
 
 
 def to_toml(config: Config) -> str:
@@ -566,16 +678,23 @@ def to_toml(config: Config) -> str:
     lines = ["# echod configuration. Every setting, its default and what it means.", ""]
 
     def emit(model: BaseModel, prefix: str) -> None:
-        nested = []
+        nested: list[tuple[str, BaseModel, list[str]]] = []  # name, table, its header lines
         for name, info in type(model).model_fields.items():
             value = getattr(model, name)
             if isinstance(value, BaseModel):
-                nested.append((name, value))
+                nested.append((name, value, [f"[{prefix}{name}]"]))
+                continue
+            if model is config and name == "models":  # [model], or [[model]] for several
+                title = "[model]" if len(value) == 1 else "[[model]]"
+                nested += [
+                    ("model", m, [f"# {info.description}"] * (i == 0) + [title])
+                    for i, m in enumerate(value)
+                ]
                 continue
             lines.append(f"# {info.description}")
             lines.append(f"{name} = {_toml_value(value)}")
-        for name, value in nested:
-            lines.extend(["", f"[{prefix}{name}]"])
+        for name, value, header in nested:
+            lines.extend(["", *header])
             emit(value, f"{prefix}{name}.")
 
     emit(config, "")

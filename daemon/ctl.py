@@ -177,19 +177,19 @@ CLIENT_PATHS = {"model.load": ("path",), "jobs.submit": ("input", "output", "mod
 
 
 def parse_args(command: str, items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (values read as TOML, else plain strings), or the one positional."""
+    """``KEY=VALUE`` pairs (values read as TOML, else plain strings), the first of them may be
+    the command's positional value (``model.load M.onnx index=1``)."""
     if command == "config.set" and len(items) == 1 and "=" in items[0]:
         key, _, raw = items[0].partition("=")
         return {"key": key, "value": config.parse_value(key, raw)}
     out: dict[str, Any] = {}
-    if len(items) == 1 and "=" not in items[0] and command in POSITIONAL:
-        out = {POSITIONAL[command]: items[0]}
-    else:
-        for item in items:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise CtlError(protocol.BAD_ARGS, f"argument {item!r}: expected KEY=VALUE")
-            out[key] = config.toml_or_str(raw)
+    if items and "=" not in items[0] and command in POSITIONAL:  # model.load M.onnx index=1
+        out, items = {POSITIONAL[command]: items[0]}, items[1:]
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CtlError(protocol.BAD_ARGS, f"argument {item!r}: expected KEY=VALUE")
+        out[key] = config.toml_or_str(raw)
     for key in CLIENT_PATHS.get(command, ()):
         if isinstance(out.get(key), str) and out[key]:
             out[key] = os.path.abspath(os.path.expanduser(out[key]))

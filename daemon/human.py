@@ -119,7 +119,10 @@ def run_summary(s: dict[str, Any]) -> list[str]:
     dropped = s.get("dropped") or {}
     causes = ", ".join(f"{k} {v}" for k, v in dropped.items())
     lat = s.get("latency_ms") or {}
+    models = s.get("models") or []
+    each = [_model_line(m, s["frames_in"]) for m in models] if len(models) > 1 else []
     lines = [
+        *each,
         f"echod: {s['frames_in']} frames in = {s['frames_out']} out + "
         f"{sum(dropped.values())} dropped{f' ({causes})' if causes else ''} | "
         f"{s.get('fps') or 0:.1f} fps | latency p50 {lat.get('p50', float('nan')):.1f} ms "
@@ -139,3 +142,17 @@ def run_summary(s: dict[str, Any]) -> list[str]:
                 "newest; in mode all every label map reaches every consumer)"
             )
     return lines
+
+
+def _model_line(m: dict[str, Any], frames_in: int) -> str:
+    """One model of several in the run summary: its counts, latency and Table 2 timings."""
+    dropped = m.get("dropped") or {}
+    lat = m.get("latency_ms") or {}
+    stages = (m.get("stages") or {}).items()
+    table2 = ", ".join(f"{name} {t.get('mean_ms', float('nan')):.1f} ms" for name, t in stages)
+    return (
+        f"echod: {m['stage']} ({m.get('model')}, {m.get('engine')} {m.get('device')}): "
+        f"{frames_in} in = {m['frames_out']} out + {sum(dropped.values())} dropped | "
+        f"{m.get('fps') or 0:.1f} fps | latency p50 {lat.get('p50', float('nan')):.1f} ms p99 "
+        f"{lat.get('p99', float('nan')):.1f} ms | {table2 or 'no timings'}"
+    )

@@ -6,9 +6,9 @@ and values as STRING, points as POINT), stamped with the source frame's ``t_sour
 (the scanner's own time for an OpenIGTLink source, so the receiver can pair them with
 the image) and named after the model's outputs (README, "OpenIGTLink output"). The
 names of classes, points and values come from the model's description: the stage's
-``params`` at start (``outputs``, for port ``results``; or ``models``: port ->
-description) and the ``model`` command of each hot-swap (``generation``, ``port``,
-``outputs``).
+``params`` at start (``models``: the supervisor's list of described models, each naming
+its port; or ``outputs`` alone, for port ``results``) and the ``model`` command of each
+hot-swap (``generation``, ``port``, ``outputs``).
 
 Server, not client: echod listens (port 18945 by default, next to a PLUS
 server's 18944) and any number of viewers connect to it, as they connect to
@@ -163,7 +163,11 @@ class IgtlOutStage(Stage):
         self.readers = {p: self.ctx.input(p) for p in ports}
         self.ended: set[str] = set()
         params = self.spec.params
-        models = params.get("models") or ({"results": params} if "outputs" in params else {})
+        # the supervisor's list of described models (each names its port), else the first
+        # model's description alone
+        models = {d["port"]: d for d in params.get("models") or ()} or (
+            {"results": params} if "outputs" in params else {}
+        )
         # port -> generation -> the model description its results of that generation have
         self.models: dict[str, dict[int, dict[str, Any]]] = {
             port: {0: dict(d)} for port, d in models.items()

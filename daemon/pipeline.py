@@ -1,5 +1,8 @@
 """The live pipeline: acquire -> ring "frames" -> infer -> ring "results" -> sink.
 
+With several models (``[[model]]``) each has its infer stage (``infer``, ``infer-1``, ...)
+on the same frames ring, writing its own results ring (``results``, ``results-1``, ...).
+
 :func:`build` lays out the stages and their rings for a configuration; the
 stage classes here are the two that every run has (sinks live in
 ``daemon.display``).
@@ -41,33 +44,55 @@ STAGES = {
 }
 
 
+def infer_stage(index: int) -> str:
+    """The infer stage of model ``index``: ``infer``, ``infer-1``, ..."""
+    return "infer" if index == 0 else f"infer-{index}"
+
+
+def results_port(index: int) -> str:
+    """The results ring model ``index`` writes, and the consumers' port that reads it:
+    ``results``, ``results-1``, ..."""
+    return "results" if index == 0 else f"results-{index}"
+
+
+def results_ports(config: Config) -> list[str]:
+    return [results_port(i) for i in range(len(config.models))]
+
+
 def build(
     config: Config, ring_names: dict[str, str], frame_shape: tuple[int, ...]
 ) -> list[StageSpec]:
-    """Stage specs, downstream first (readers must exist before the writer starts)."""
+    """Stage specs, downstream first (readers must exist before the writer starts): one
+    infer stage per model, all reading the frames ring, each writing its results ring;
+    the consumers get one input port per results ring."""
     every = config.pipeline.mode == "all"
     policy: Literal["block", "overwrite"] = "block" if every else "overwrite"
-    frames, results = ring_names["frames"], ring_names["results"]
+    frames = ring_names["frames"]
+    results = {port: ring_names[port] for port in results_ports(config)}
     # a consumer of label maps gets every one in mode "all", the newest in real time
     consumers = config.pipeline.mode
-    specs = [
-        _sink(config, frames, results, consumers),
+    specs = [_sink(config, frames, results, consumers)]
+    specs += [
         StageSpec(
-            "infer",
+            infer_stage(i),
             "infer",
             inputs={"frames": InputPort(frames, config.pipeline.mode)},
-            outputs={"results": OutputPort(results, policy)},
-            params={"frame_shape": frame_shape},
-        ),
+            outputs={"results": OutputPort(results[results_port(i)], policy)},
+            params={"frame_shape": frame_shape, "model_index": i},
+        )
+        for i in range(len(config.models))
     ]
     if config.record.enabled:
         specs.append(StageSpec("record", "record", inputs={"frames": InputPort(frames, "all")}))
     if config.igtl_out.enabled:
-        specs.append(
-            StageSpec("igtl_out", "igtl_out", inputs={"results": InputPort(results, consumers)})
-        )
+        specs.append(StageSpec("igtl_out", "igtl_out", inputs=_ports(results, consumers)))
     specs.append(StageSpec("acquire", "acquire", outputs={"frames": OutputPort(frames, policy)}))
     return specs
+
+
+def _ports(results: dict[str, str], mode: ReaderMode) -> dict[str, InputPort]:
+    """A consumer's input ports: one per results ring, named like it."""
+    return {port: InputPort(ring, mode) for port, ring in results.items()}
 
 
 def job_workers(config: Config) -> list[StageSpec]:
@@ -91,15 +116,17 @@ def screen_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or kms)
 
 
-def _sink(config: Config, frames: str, results: str, consumers: ReaderMode) -> StageSpec:
+def _sink(
+    config: Config, frames: str, results: dict[str, str], consumers: ReaderMode
+) -> StageSpec:
     """The display (the newest frame; the results as ``consumers`` reads them) when there is
     a screen, else the headless sink (every result: it measures)."""
     if config.sink.headless or not screen_available():
-        return StageSpec("sink", "headless", inputs={"results": InputPort(results, "all")})
+        return StageSpec("sink", "headless", inputs=_ports(results, "all"))
     return StageSpec(
         "sink",
         "display",
-        inputs={"frames": InputPort(frames, "newest"), "results": InputPort(results, consumers)},
+        inputs={"frames": InputPort(frames, "newest"), **_ports(results, consumers)},
     )
 
 
@@ -208,7 +235,8 @@ class InferStage(Stage):
         from daemon.engines.network import Network
         from daemon.models import default_model
 
-        cfg, m, p = self.config, self.config.model, self.spec.params
+        cfg, p = self.config, self.spec.params
+        m = cfg.models[p.get("model_index", 0)]
         model = p.get("model") or m.path
         path = Path(model) if model else default_model()
         options: dict[str, Any] = {

@@ -89,6 +89,12 @@ class ModelLoadArgs(Args):
     path: PathArg = Field(description="model file inside a configured model root")
     engine: str = ""
     device: str = ""
+    index: int | None = Field(
+        None, ge=0, description="which model to swap ([[model]] order, 0 = the first)"
+    )
+    stage: str = Field(
+        "", max_length=64, description="or its infer stage (infer, infer-1...); neither: the first"
+    )
 
 
 class ScreenshotArgs(Args):

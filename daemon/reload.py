@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from daemon import logs
-from daemon.config import DISPLAY_RUNTIME, Config
+from daemon.config import DISPLAY_RUNTIME, Config, model_key
 from daemon.errors import ConfigError, EchodError
 from daemon.notify import notify, reloading
 
@@ -79,12 +79,16 @@ def plan(running: Config, wanted: Config) -> Plan:
 
 
 def flat(model: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """Every setting by its dotted name (tables are walked, values are leaves)."""
+    """Every setting by its dotted name (tables are walked, values are leaves; the models
+    as ``model.path``, ``model.1.path``...)."""
     out: dict[str, Any] = {}
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             out.update(flat(value, f"{prefix}{name}."))
+        elif isinstance(model, Config) and name == "models":
+            for i, m in enumerate(value):
+                out.update(flat(m, f"{model_key(i)}."))
         else:
             out[f"{prefix}{name}"] = value
     return out

@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 
 from daemon import __version__, logs, pipeline, reload
-from daemon.config import NO_SOURCE, Config
+from daemon.config import MAX_MODELS, NO_SOURCE, Config
 from daemon.errors import ConfigError, EchodError, StageError, from_dict
 from daemon.events import EventBus
 from daemon.instance import InstanceLock
@@ -245,21 +245,26 @@ class Supervisor:
             src.close()
 
     def _create_rings(self, shape: tuple[int, ...], dtype: Any) -> None:
+        """The frames ring (a reader entry per model, the display's and the recorder's) and
+        a results ring per model, sized for a result record of frames of ``shape``."""
         import numpy as np
 
-        from daemon import results
+        from daemon.results import capacity
 
         frame_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        label_bytes = results.capacity(tuple(shape))
         limit = self.config.pipeline.max_frame_bytes
         if frame_bytes > limit:
             raise StageError(
                 f"frames of {shape} {np.dtype(dtype)} need {frame_bytes} bytes, more than "
                 f"pipeline.max_frame_bytes = {limit}: raise it"
             )
-        slots = self.config.pipeline.ring_slots
-        for name, size in (("frames", frame_bytes), ("results", label_bytes)):
-            self.rings[name] = Ring.create(f"{os.getpid()}-{name}", slots=slots, payload_bytes=size)
+        slots, pid = self.config.pipeline.ring_slots, os.getpid()
+        self.rings["frames"] = Ring.create(
+            f"{pid}-frames", slots=slots, payload_bytes=frame_bytes, max_readers=MAX_MODELS + 2
+        )
+        size = capacity(tuple(shape))
+        for port in pipeline.results_ports(self.config):
+            self.rings[port] = Ring.create(f"{pid}-{port}", slots=slots, payload_bytes=size)
 
     def _remove_rings(self) -> None:
         for ring in self.rings.values():
@@ -302,11 +307,16 @@ class Supervisor:
         self._await_ready(workers)
 
     def _start_live(self) -> None:
-        infer = self.workers["infer"]
-        self._spawn(infer)
-        self._await_ready([infer])
-        running = {k: infer.info.get(k) for k in ("engine", "device", "classes", "outputs")}
-        running["model"] = infer.info.get("model_path")
+        """Every model's infer stage at once (each runs one frame of the real size through
+        every step: a misfit exits 65), then the consumers, told what each model is."""
+        infers = self.infer_workers()
+        for w in infers:
+            self._spawn(w)
+        self._await_ready(infers)
+        first = infers[0].info
+        running = {k: first.get(k) for k in ("engine", "device", "classes", "outputs")}
+        running["model"] = first.get("model_path")
+        running["models"] = [_described(w) for w in infers]
         others = [
             w
             for w in self.workers.values()
@@ -599,33 +609,50 @@ class Supervisor:
         """Frames in and out, and where the others went, per reader role:
 
         - ``dropped``: frames that got no label map. ``infer``: skipped by inference in
-          mode ``newest`` (it took a newer one) or left in the ring at a stop; ``torn``:
-          overwritten while being read; ``poisoned``: a stage died on them.
+          mode ``newest`` (it took a newer one), or left in the ring or in flight (read,
+          not finished) at a stop; ``torn``: overwritten while being read; ``poisoned``: a
+          stage died on them.
         - ``skipped``: label maps a consumer reading the newest did not show or send
           (``display``, ``igtl_out``); in mode ``all`` every consumer gets every one.
 
-        ``frames_in = frames_out + sum(dropped)`` once the stream has stopped."""
+        ``frames_in = frames_out + sum(dropped)`` once the stream has stopped, for each
+        model: ``models`` has each infer stage's counts (``stage``, ``port``, ``frames_out``,
+        ``dropped``, ``skipped``); the top-level ones are the first model's."""
         if not self.rings:
-            return {"frames_in": 0, "frames_out": 0, "dropped": {}, "skipped": {}}
+            return {"frames_in": 0, "frames_out": 0, "dropped": {}, "skipped": {}, "models": []}
         frames = self.rings["frames"].stats()
-        results = self.rings["results"].stats()
-        infer = self.workers["infer"]
-        reader = frames["readers"].get("infer", {})
+        models = [self._model_counts(w, frames) for w in self.infer_workers()]
+        first = models[0]
+        return {
+            "frames_in": frames["written"],
+            **{k: first[k] for k in ("frames_out", "dropped", "skipped")},
+            "models": models,
+        }
+
+    def _model_counts(self, infer: Worker, frames: dict[str, Any]) -> dict[str, Any]:
+        """One infer stage's share of :meth:`counts` (``frames``: the frames ring's stats)."""
+        port = _port(infer)
+        results = self.rings[port].stats()
+        reader = frames["readers"].get(infer.spec.name, {})
         done = infer.done or {}
         skipped_by_ring = reader.get("dropped", 0) - infer.poisoned  # the ring counts both
         dropped = {
-            "infer": skipped_by_ring + reader.get("lag", 0) * (infer.done is not None),
+            "infer": skipped_by_ring,
             "torn": done.get("torn", 0),
             "poisoned": infer.poisoned,
             "rejected": done.get("rejected", 0),
         }
+        if infer.done is not None:  # stopped: frames left in the ring, and those in flight
+            due = reader.get("read", 0) - sum(dropped[k] for k in ("torn", "poisoned", "rejected"))
+            dropped["infer"] += reader.get("lag", 0) + max(0, due - results["written"])
         skipped = {
             ("display" if name == "sink" else name): r["dropped"]
             for name, r in results["readers"].items()
             if r["mode"] == "newest"
         }
         return {
-            "frames_in": frames["written"],
+            "stage": infer.spec.name,
+            "port": port,
             "frames_out": results["written"],
             "dropped": {k: v for k, v in dropped.items() if v},
             "skipped": skipped,
@@ -641,6 +668,19 @@ class Supervisor:
             return
         lat = live["latency_ms"]
         c = self.counts()
+        if len(c["models"]) > 1:  # each model: its inference, its frames out and dropped
+            ports = live.get("ports") or {}
+            each = " | ".join(
+                f"{m['stage']} {(ports.get(m['port']) or {}).get('inference_ms', 0.0):.1f} ms"
+                f" out {m['frames_out']} dropped {sum(m['dropped'].values())}"
+                for m in c["models"]
+            )
+            print(
+                f"echod: {live['fps']:6.1f} fps | latency p50 {lat['p50']:.1f} ms p99"
+                f" {lat['p99']:.1f} ms | frames in {c['frames_in']} | {each}",
+                flush=True,
+            )
+            return
         print(
             f"echod: {live['fps']:6.1f} fps | latency p50 {lat['p50']:.1f} ms p99"
             f" {lat['p99']:.1f} ms | inference {live['inference_ms']:.1f} ms | frames in"
@@ -711,19 +751,22 @@ class Supervisor:
 
     # -- model hot-swap -----------------------------------------------------------
 
-    def begin_swap(self, path: Path, engine: str, device: str) -> dict[str, Any]:
-        """Start a hot-swap (supervisor thread) and return at once: a successor loads and
-        warms up in standby while the current model runs on; the loop then retires the old
-        stage (it finishes what it has in flight), tells the sink the new model's classes,
-        and lets the successor take over the reader cursor (mode ``all`` loses no frame).
-        A model that fails to load is refused and the current one runs on. Each step is
-        published on the ``model`` topic."""
+    def begin_swap(
+        self, path: Path, engine: str, device: str, stage: str = "infer"
+    ) -> dict[str, Any]:
+        """Start a hot-swap of the model infer stage ``stage`` runs (supervisor thread) and
+        return at once: a successor loads and warms up in standby while the current model
+        runs on; the loop then retires the old stage (it finishes what it has in flight),
+        tells the sink the new model's description, and lets the successor take over the
+        reader cursor (mode ``all`` loses no frame). The other models run on untouched. A
+        model that fails to load is refused and the current one runs on. Each step is
+        published on the ``model`` topic; one swap runs at a time."""
         if self.swap is not None:
             raise StageError(
                 f"a model swap is already in progress ({self.swap.id}, {self.swap.phase}):"
                 " wait for it (echod ctl model.load --wait)"
             )
-        old = self.workers["infer"]
+        old = self.workers[stage]
         params = {
             **old.spec.params,
             "model": str(path),
@@ -749,6 +792,7 @@ class Supervisor:
         event = {
             "swap": sw.id,
             "state": state,
+            "stage": sw.worker.spec.name,
             "model": sw.model,
             "elapsed_s": round(time.monotonic() - sw.started, 3),
             **extra,
@@ -770,7 +814,7 @@ class Supervisor:
         sw = self.swap
         if sw is None:
             return
-        new, old = sw.worker, self.workers["infer"]
+        new, old = sw.worker, self.workers[sw.worker.spec.name]
         if sw.phase == "warming":
             if new.failure is not None:
                 self._swap_failed(new.failure["error"])
@@ -787,21 +831,20 @@ class Supervisor:
                 sw.deadline = now + CALL_TIMEOUT_S
         elif sw.phase == "retiring":
             if old.alive and now > sw.deadline:
-                log.warning("the old infer stage did not retire in time: killed")
+                log.warning("the old %s stage did not retire in time: killed", old.spec.name)
                 self._kill(old)
             if old.alive:
                 return
             new.spec = dataclasses.replace(
                 new.spec, params={**new.spec.params, "standby": False}
             )  # restarted from here on, it reads at once
-            self.workers["infer"] = new
+            self.workers[new.spec.name] = new
             sink = self.workers["sink"]
-            announce = {
-                "generation": new.spec.generation,
-                **{k: new.info.get(k) for k in ("model", "engine", "device", "classes", "outputs")},
-            }
+            announce = _described(new)
+            self._remember(sink, announce)
             sw.phase, sw.pending = "announcing", self.call(sink, "model", announce)
             if "igtl_out" in self.workers:  # names its messages after the model's outputs
+                self._remember(self.workers["igtl_out"], announce)
                 sw.told.append(self.call(self.workers["igtl_out"], "model", announce))
         elif sw.phase == "announcing":
             assert sw.pending is not None
@@ -812,6 +855,20 @@ class Supervisor:
             assert sw.pending is not None
             if sw.pending.done():
                 self._swap_event("switched", info=_brief(new.info))
+
+    def _remember(self, sink: Worker, described: dict[str, Any]) -> None:
+        """A swapped model's description in a consumer's parameters too, so that a restarted
+        consumer (the sink, igtl_out) uses it (the ``model`` command tells the running one)."""
+        models = [
+            described if m.get("stage") == described["stage"] else m
+            for m in sink.spec.params.get("models", ())
+        ]
+        first = {}
+        if described["port"] == pipeline.results_port(0):
+            first = {k: described[k] for k in ("engine", "device", "classes", "outputs")}
+            first["model"] = described["model_path"]
+        params = {**sink.spec.params, **first, "models": models}
+        sink.spec = dataclasses.replace(sink.spec, params=params)
 
     def _swap_failed(self, error: str | dict[str, str]) -> None:
         assert self.swap is not None
@@ -842,6 +899,10 @@ class Supervisor:
         self.exporter = self.dicom = None
 
     # -- SIGHUP (daemon/reload.py) and the unit's STATUS= ----------------------------------
+
+    def infer_workers(self) -> list[Worker]:
+        """The infer stages, one per model, in the models' order (``infer``, ``infer-1``...)."""
+        return [w for w in self.workers.values() if w.spec.kind == "infer"]
 
     def live_workers(self) -> list[Worker]:
         """The stages running now (a hot-swap's successor included)."""
@@ -897,6 +958,7 @@ class Supervisor:
         now = time.monotonic()
         sink = self.workers["sink"].stats if "sink" in self.workers else {}
         infer = self.workers["infer"].info if "infer" in self.workers else {}
+        counts = self.counts()
         state = self.state
         if state == "running" and self.config.source.paused:
             state = "paused"
@@ -905,6 +967,7 @@ class Supervisor:
             "uptime_s": self.uptime(),
             "source": {"description": self.source.get("description"), **self.source_state},
             "mode": self.config.pipeline.mode,
+            "models": self._models(counts["models"], sink, ("fps", "latency_ms", "timings_ms")),
             "stages": {
                 name: {
                     "pid": w.pid,
@@ -918,16 +981,47 @@ class Supervisor:
             "latency_ms": sink.get("latency_ms"),
             "withheld": sink.get("withheld"),
             "display": self.display_state(),
-            **self.counts(),
+            **{k: v for k, v in counts.items() if k != "models"},
             "engine": infer.get("engine"),
             "device": infer.get("device"),
             "model": infer.get("model"),
-            "swap": None if self.swap is None else {"id": self.swap.id, "phase": self.swap.phase},
+            "swap": None
+            if self.swap is None
+            else {
+                "id": self.swap.id,
+                "phase": self.swap.phase,
+                "stage": self.swap.worker.spec.name,
+            },
             "jobs": self.jobs.counts() if self.jobs is not None else None,
             "last_swap": self.last_swap,
             "resources": self.resources,
             "versions": {"echod": __version__, "python": platform.python_version()},
         }
+
+    def _models(
+        self, counts: list[dict[str, Any]], sink: dict[str, Any], figures: tuple[str, ...]
+    ) -> list[dict[str, Any]]:
+        """Each model's infer stage: what runs (engine, device, precision), its counts, the
+        ``figures`` the sink measured on its results port (from its ``stats`` or ``done``:
+        fps, latency, Table 2 timings) and the results the guard withheld."""
+        ports = sink.get("ports") or {"results": sink}  # a sink that measures one port
+        out = []
+        for w, c in zip(self.infer_workers(), counts, strict=False):
+            measured = ports.get(c["port"]) or {}
+            out.append(
+                {
+                    "stage": w.spec.name,
+                    "port": c["port"],
+                    "state": _stage_state(w),
+                    "restarts": w.restarts,
+                    "generation": w.spec.generation,
+                    **{k: w.info.get(k) for k in ("model", "engine", "device", "precision")},
+                    **{k: c[k] for k in ("frames_out", "dropped", "skipped")},
+                    **{k: measured.get(k) for k in figures},
+                    "withheld": measured.get("withheld"),
+                }
+            )
+        return out
 
     def display_state(self) -> dict[str, Any]:
         """The bedside display: ``open``, ``starting``, ``headless`` (none asked for or no
@@ -1006,8 +1100,11 @@ class Supervisor:
             return {"source": source["description"], "stopped_by": self.stop_reason}
         sink = self.workers["sink"].done or {}
         infer = self.workers["infer"]
+        counts = self.counts()
+        figures = ("fps", "latency_ms", "overhead_ms", "stages")
         return {
-            **self.counts(),
+            **counts,
+            "models": self._models(counts["models"], sink, figures),
             "fps": sink.get("fps", 0.0),
             "latency_ms": sink.get("latency_ms", {}),
             "overhead_ms": sink.get("overhead_ms", {}),
@@ -1073,6 +1170,25 @@ def _ready_text(info: dict[str, Any]) -> str:
         if info.get(key):
             parts.append(str(info[key]))
     return f": {', '.join(parts)}" if parts else ""
+
+
+def _port(infer: Worker) -> str:
+    """The results port (and ring) an infer stage writes."""
+    return pipeline.results_port(infer.spec.params.get("model_index", 0))
+
+
+def _described(infer: Worker) -> dict[str, Any]:
+    """What a consumer is told about the model an infer stage runs (its ``model`` command,
+    and ``params["models"]`` at start): the results port it writes and the generation its
+    results carry, and the model's description (classes, ``outputs``)."""
+    info = infer.info
+    return {
+        "stage": infer.spec.name,
+        "port": _port(infer),
+        "generation": infer.spec.generation,
+        **{k: info.get(k) for k in ("model", "model_path", "engine", "device", "classes")},
+        "outputs": info.get("outputs"),
+    }
 
 
 def _brief(info: dict[str, Any]) -> dict[str, Any]:

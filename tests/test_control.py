@@ -290,7 +290,7 @@ def test_ctl_status_reads_as_a_table(daemon: Running, capsys: pytest.CaptureFixt
     rows = {ln.split()[0]: ln.split() for ln in lines[at + 2 :] if ln.strip()}
     assert set(rows) == {"sink", "infer", "acquire", "jobs-0"}
     assert all(row[1].isdigit() for row in rows.values()), "each stage's pid"
-    assert len(lines) < 30
+    assert len(lines) < 34  # a screenful: the flat figures, the models and stages tables
 
 
 def test_ctl_without_a_daemon_says_so_at_once(

@@ -98,7 +98,7 @@ def skip_if_needed(command: str) -> None:
     for word in shlex.split(command):
         if word.startswith("../shared/data/"):
             need_data(ROOT / word)
-    if "--engine openvino" in command and not registry.probe("openvino").available:
+    if "openvino" in command and not registry.probe("openvino").available:
         pytest.skip("the openvino extra is not installed here")
 
 

@@ -739,6 +739,9 @@ class DisplayStage(Stage):
         # names of the model (generation) that made them
         names = sorted((n for n in self.spec.inputs if n.startswith("results")), key=_port_order)
         self.ports = {n: PortView(n, first if n == "results" else ModelView(n)) for n in names}
+        for d in params.get("models") or ():  # the other models, as the supervisor described them
+            if d.get("port") in self.ports and d["port"] != "results":
+                self.ports[d["port"]].describe(int(d.get("generation", 0)), ModelView.parse(d))
         self.primary = names[0] if names else None  # the port "synchronised" follows
         self.frames: RingReader | None = self.ctx.input("frames")
         self.results: dict[str, RingReader | None] = {n: self.ctx.input(n) for n in names}
