@@ -70,9 +70,11 @@ def test_a_live_run_serves_metrics_that_move_and_pass_promtool(
         while (first := scrape(url)[1]).get("echod_frames_in_total{}", 0) == 0:
             assert time.monotonic() < deadline, "no frame counted"
             time.sleep(0.1)
-        while (page := scrape(url))[1]["echod_frames_out_total{}"] <= first[
-            "echod_frames_out_total{}"
-        ] or "echod_frame_latency_seconds_count{}" not in page[1]:
+        counters = ("echod_frames_in_total{}", "echod_frames_out_total{}")
+        while not (
+            all((page := scrape(url))[1][k] > first[k] for k in counters)
+            and "echod_frame_latency_seconds_count{}" in page[1]
+        ):
             assert time.monotonic() < deadline, "the counters do not move"
             time.sleep(0.1)
         text, samples = page
