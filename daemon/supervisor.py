@@ -1001,9 +1001,10 @@ class Supervisor:
     def _models(
         self, counts: list[dict[str, Any]], sink: dict[str, Any], figures: tuple[str, ...]
     ) -> list[dict[str, Any]]:
-        """Each model's infer stage: what runs (engine, device, precision), its counts, the
-        ``figures`` the sink measured on its results port (from its ``stats`` or ``done``:
-        fps, latency, Table 2 timings) and the results the guard withheld."""
+        """Each model's infer stage: what runs (engine, device, precision, each output's name
+        and role), its counts, the ``figures`` the sink measured on its results port (from
+        its ``stats`` or ``done``: fps, latency, Table 2 timings) and the results the guard
+        withheld."""
         ports = sink.get("ports") or {"results": sink}  # a sink that measures one port
         out = []
         for w, c in zip(self.infer_workers(), counts, strict=False):
@@ -1016,6 +1017,9 @@ class Supervisor:
                     "restarts": w.restarts,
                     "generation": w.spec.generation,
                     **{k: w.info.get(k) for k in ("model", "engine", "device", "precision")},
+                    "outputs": [
+                        {"name": o["name"], "role": o["role"]} for o in w.info.get("outputs") or ()
+                    ],
                     **{k: c[k] for k in ("frames_out", "dropped", "skipped")},
                     **{k: measured.get(k) for k in figures},
                     "withheld": measured.get("withheld"),

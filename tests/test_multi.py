@@ -210,6 +210,33 @@ def test_two_models_in_mode_all_process_every_frame_each_with_its_table2(
     assert not e.segments() and not e.leftovers()
 
 
+def test_a_segmenter_and_a_classifier_on_the_same_frames_in_mode_all(
+    run_echod: type[Echod], tmp_path: Path
+) -> None:
+    """Issue 17's pair: the bundled segmentation model and a 4-class channel-last
+    classifier (fed the grey frames, replicated) each process every frame, 0 dropped,
+    with their own Table 2; the second model's description says it classifies."""
+    from tests import netmodels
+
+    cls = netmodels.classifier(tmp_path / "view.onnx")
+    n = 24
+    args = ["run", "--headless", "--json", "--mode", "all", "--set", f"source.frames={n}"]
+    settings = {"source.pace": "none", "model.warmup": 1, "model.1.path": cls, "model.1.warmup": 1}
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    e = run_echod(*args)
+    code, out = e.finish(timeout=200)
+    assert code == 0, "".join(e.stderr)
+    s = json.loads(out.strip().splitlines()[-1])
+    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, {})
+    seg, clf = s["models"]
+    for m in (seg, clf):
+        assert (m["frames_out"], m["dropped"]) == (n, {}), m
+        assert all(t["n"] == n and t["mean_ms"] > 0 for t in m["stages"].values()), m
+    assert [o["role"] for o in seg["outputs"]] == ["segmentation"]
+    assert [o["role"] for o in clf["outputs"]] == ["classification"]
+
+
 def test_counts_add_up_after_a_stop_with_a_frame_in_flight(runtime: Path) -> None:  # noqa: F811
     """Mode newest, frames faster than inference: the stage is busy when the stop comes;
     the frame it was working on counts as dropped (infer), so in = out + dropped."""
