@@ -241,6 +241,7 @@ def test_sweep_needs_a_linear_probe() -> None:
 def test_the_needle_advances_toward_the_artery_with_its_tip_at_the_end_of_the_line() -> None:
     ph = Phantom((256, 256), seed=7, kind="neck", needle=True)
     artery = next(v for v in ph.scene.vessels if v.kind == ARTERY)
+    assert ph.needle is not None
     assert ph.frame_with_truth(0)[2].tip is None, "withdrawn: the tip is beside the view"
     tips, gaps, shade = [], [], []
     for i in range(0, ph.loop_frames // 2 + 1, 6):
@@ -252,12 +253,11 @@ def test_the_needle_advances_toward_the_artery_with_its_tip_at_the_end_of_the_li
         sp = ph.spacing_mm
         col, row = ph.layout.pixel(mx, mz)
         assert (col, row) == pytest.approx((x, y)) and truth.spacing == (sp, sp)
-        gaps.append(math.hypot(mx - artery.cx, mz - artery.cz) - artery.reach())
+        sx, sz = ph.needle.tip(i / ph.fps)  # in the scene (the probe drifts over it)
+        gaps.append(math.hypot(sx - artery.cx, sz - artery.cz) - artery.reach())
         tips.append(truth.tip)
         # 2 mm below the shaft just behind the tip: its shadow; below the path ahead: none
-        needle = ph.needle
-        assert needle is not None
-        ux, uz = math.cos(needle.angle), math.sin(needle.angle)
+        ux, uz = math.cos(ph.needle.angle), math.sin(ph.needle.angle)
         k, down = np.arange(3, 12), 2.0 / sp
         behind = image[np.round(y - k * uz + down).astype(int), np.round(x - k * ux).astype(int)]
         ahead = image[np.round(y + k * uz + down).astype(int), np.round(x + k * ux).astype(int)]

@@ -441,6 +441,7 @@ class Phantom:
                 self.probe,
                 self.loop_s,
                 math.pi if sweep else 0.0,
+                abs(motion_mm[0]) + 1.0,
             )
             if needle
             else None
@@ -497,25 +498,30 @@ def _sweep_distance(vessels: Sequence[Vessel], probe: Probe) -> float:
 
 
 def _aim_needle(
-    rng: np.random.Generator, scene: Scene, probe: Probe, loop_s: float, phase: float
+    rng: np.random.Generator,
+    scene: Scene,
+    probe: Probe,
+    loop_s: float,
+    phase: float,
+    beyond: float,
 ) -> Needle:
     """A needle entering the skin beside the probe, aimed in plane at the artery (or the
-    middle of the view), whose tip advances from outside the view to 1 mm short of the
-    artery's wall and back once per loop, withdrawn at the loop's ``phase`` (radians);
-    ``scene`` gets it."""
+    middle of the view), whose tip advances from ``beyond`` mm outside the view (the
+    probe's drift and more) to 1 mm short of the artery's wall and back once per loop,
+    withdrawn at the loop's ``phase`` (radians); ``scene`` gets it."""
     x0, x1, depth = probe.extent()
     arteries = [v for v in scene.vessels if v.kind == ARTERY]
     if arteries:
         target, stop = (arteries[0].cx, arteries[0].cz), arteries[0].reach() + 1.0
     else:
         target, stop = (rng.uniform(0.3 * x0, 0.3 * x1), rng.uniform(0.4, 0.7) * depth), 0.0
-    out = rng.uniform(2.0, 6.0)  # mm beside the field of view
+    out = beyond + rng.uniform(2.0, 6.0)  # the entry, mm beside the field of view
     entries = (x0 - out, x1 + out)
     angles = [math.atan2(target[1], abs(target[0] - e)) for e in entries]
     side = int(np.argmin([abs(a - 0.55) for a in angles]))  # nearer a 30 degree insertion
     entry, angle = entries[side], angles[side]
     length = math.hypot(target[0] - entry, target[1]) - stop
-    outside = 0.6 * out / math.cos(angle)  # withdrawn: the tip still beside the view
+    outside = (out - beyond) / math.cos(angle)  # withdrawn: the tip beside the view
     needle = Needle(
         entry,
         angle if side == 0 else math.pi - angle,

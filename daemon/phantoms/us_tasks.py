@@ -63,12 +63,14 @@ def view_example(seed: int, size: int) -> Example:
 
 
 def needle_example(seed: int, size: int) -> Example:
-    """A frame with one needle whose tip is in view, or with none (about half each); a
-    third of those without show a needle's shaft crossing the view, its tip beyond it."""
+    """A frame with one needle whose tip is in view, or with none (about half each); some
+    of those without show a needle's shaft leaving the view, its tip beyond it: only in
+    tissue, whose field of view ends visibly (in water the view's edge is as black as the
+    water, and a shaft cut by it looks like one whose tip is there)."""
     rng = np.random.default_rng([seed, 19])
     if rng.random() < 0.5:
         return example(seed, _pick(rng, _WITH_NEEDLE), size, needle="tip", dark=False)
     kind = _pick(rng, _NO_NEEDLE)
-    if kind in ("neck", "abdomen", "water") and rng.random() < 0.4:
+    if kind in ("neck", "abdomen") and rng.random() < 0.4:
         return example(seed, kind, size, needle="shaft")
     return example(seed, kind, size, needle="none")
