@@ -191,6 +191,7 @@ def ultrasound_card(record: dict[str, Any], params: int) -> str:
 
 VIEW_SIZE, NEEDLE_SIZE = 128, 256  # network input sides (h = w)
 
+
 def view_fields() -> str:
     """The view classifier's card fields: its output is (1, 2) class probabilities, in
     the order of :data:`daemon.phantoms.us_tasks.VIEW_CLASSES`."""

@@ -1,4 +1,4 @@
-"""What the three training scripts share: devices, budgets, losses, ONNX export, cards.
+"""What the training scripts share: devices, budgets, losses, augmentation, ONNX export.
 
 Needs numpy, torch and onnx only (``pip install -e .[train]``); never imported by
 the daemon.
