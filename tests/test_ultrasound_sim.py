@@ -207,3 +207,100 @@ def test_depth_dependent_psf_is_narrowest_at_the_focus() -> None:
     focus_row = int(30.0 / im.dr)
     assert sig[focus_row] < sig[10] and sig[focus_row] < sig[-10]
     assert math.isclose(float(sig.min()), float(sig[focus_row]), rel_tol=0.1)
+
+
+def test_sweep_moves_the_vessels_out_of_view_and_back() -> None:
+    """The live phantom's probe sweep: frames with vessels in view and frames with none,
+    each a good share of the loop, and the truth agrees with the label maps."""
+    ph = Phantom((256, 256), seed=5, kind="neck", sweep=True)
+    views = []
+    for i in range(0, ph.loop_frames, 4):
+        _, labels, truth = ph.frame_with_truth(i)
+        views.append(truth.view)
+        assert (truth.view == 0) == (not labels.any())
+        if truth.view == 1:
+            assert truth.shown >= 0.5
+    assert views[0] == 1, "the loop starts over the vessels"
+    assert views.count(1) >= 0.3 * len(views) and views.count(0) >= 0.25 * len(views)
+    assert views.count(None) <= 0.15 * len(views)  # partly in view: the crossings only
+    still = Phantom((256, 256), seed=5, kind="neck")
+    assert all(still.frame_with_truth(i)[2].view == 1 for i in range(0, still.loop_frames, 20))
+
+
+def test_sweep_needs_a_linear_probe() -> None:
+    from pydantic import ValidationError
+
+    from daemon.acquire.synthetic import SyntheticSettings
+
+    with pytest.raises(ValueError, match=r"linear probe.*'neck'"):
+        Phantom((256, 256), kind="abdomen", sweep=True)
+    with pytest.raises(ValidationError, match="sweep slides a linear probe"):
+        SyntheticSettings(scene="abdomen", sweep=True)
+
+
+def test_the_needle_advances_toward_the_artery_with_its_tip_at_the_end_of_the_line() -> None:
+    ph = Phantom((256, 256), seed=7, kind="neck", needle=True)
+    artery = next(v for v in ph.scene.vessels if v.kind == ARTERY)
+    assert ph.needle is not None
+    assert ph.frame_with_truth(0)[2].tip is None, "withdrawn: the tip is beside the view"
+    tips, gaps, shade = [], [], []
+    for i in range(0, ph.loop_frames // 2 + 1, 6):
+        image, _, truth = ph.frame_with_truth(i)
+        if truth.tip is None or truth.tip_mm is None:
+            continue
+        x, y = truth.tip
+        mx, mz = truth.tip_mm
+        sp = ph.spacing_mm
+        col, row = ph.layout.pixel(mx, mz)
+        assert (col, row) == pytest.approx((x, y)) and truth.spacing == (sp, sp)
+        sx, sz = ph.needle.tip(i / ph.fps)  # in the scene (the probe drifts over it)
+        gaps.append(math.hypot(sx - artery.cx, sz - artery.cz) - artery.reach())
+        tips.append(truth.tip)
+        # 2 mm below the shaft just behind the tip: its shadow; below the path ahead: none
+        ux, uz = math.cos(ph.needle.angle), math.sin(ph.needle.angle)
+        k, down = np.arange(3, 12), 2.0 / sp
+        behind = image[np.round(y - k * uz + down).astype(int), np.round(x - k * ux).astype(int)]
+        ahead = image[np.round(y + k * uz + down).astype(int), np.round(x + k * ux).astype(int)]
+        shade.append(behind.mean() / ahead.mean())
+    assert len(tips) >= 6
+    assert np.median(shade) < 0.7, "the shaft's shadow ends at the tip"
+    assert gaps == sorted(gaps, reverse=True), "closer to the artery frame by frame"
+    assert 0.5 < gaps[-1] < 2.0, "stops about 1 mm short of the artery's wall"
+
+
+def test_task_examples_are_balanced_and_labelled() -> None:
+    from daemon.phantoms.us_tasks import needle_example, view_example
+
+    views = [view_example(4_000_000 + s, 128) for s in range(24)]
+    classes = [v.truth.view for v in views]
+    assert 8 <= classes.count(1) <= 16 and 8 <= classes.count(0) <= 16
+    for v in views:
+        assert v.image.shape == (128, 128)
+        assert (v.truth.view == 0) == (not v.labels.any())
+    needles = [needle_example(4_000_000 + s, 256) for s in range(24)]
+    with_tip = [n for n in needles if n.truth.tip is not None]
+    assert 8 <= len(with_tip) <= 16
+    for n in with_tip:
+        assert n.truth.tip is not None
+        x, y = n.truth.tip
+        assert 0 <= x <= 255 and 0 <= y <= 255 and n.truth.spacing is not None
+        assert n.image[round(y), round(x)] > 0, "the tip is in the field of view"
+    kinds = {n.kind for n in needles if n.truth.tip is None}
+    assert len(kinds) >= 3
+    for case in ("none", "shaft"):  # the tip beyond the view: no tip
+        assert example(4_000_100, "neck", needle=case).truth.tip is None
+    ex = example(4_000_100, "neck", needle="tip")
+    assert ex.truth.tip is not None and ex.truth.tip_mm is not None
+
+
+def test_synthetic_source_has_the_phantom_truth() -> None:
+    from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource
+
+    src = SyntheticSource(SyntheticSettings(seed=3, sweep=True, needle=True), fps=30.0)
+    assert "sweep, needle" in src.description
+    ph = Phantom((256, 256), seed=3, fps=30.0, sweep=True, needle=True)
+    for i in (0, 37):
+        frame, labels = src.frame_with_labels(i)
+        image, labels_ph, truth = ph.frame_with_truth(i)
+        assert np.array_equal(frame.image, image) and np.array_equal(labels, labels_ph)
+        assert src.truth(i) == truth

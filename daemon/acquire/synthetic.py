@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from daemon.acquire.base import DEFAULT_FPS, fps_str, shape_str
 from daemon.frame import Frame, FrameMeta
-from daemon.phantoms.ultrasound import ARTERY, VEIN, Phantom
+from daemon.phantoms.ultrasound import ARTERY, VEIN, Phantom, Truth
 
 __all__ = ["ARTERY", "VEIN", "SyntheticSettings", "SyntheticSource"]
 
@@ -71,6 +71,27 @@ class SyntheticSettings(BaseModel):
         description="Seconds after which the motion (heart beat, vein compression, probe "
         "drift) repeats; one loop of frames is rendered once and then replayed.",
     )
+    sweep: bool = Field(
+        default=False,
+        description="Slide the probe sideways once per loop, from the vessels to where none "
+        "is in view and back (something for a view classifier: 'vessels in view' / 'no "
+        "vessels'). Needs a linear probe: not with scene 'abdomen'.",
+    )
+    needle: bool = Field(
+        default=False,
+        description="A needle that advances in plane toward the artery and back once per "
+        "loop (something for a needle-tip detector); its tip is the ground truth "
+        "(SyntheticSource.truth).",
+    )
+
+    @model_validator(mode="after")
+    def _sweep_needs_linear(self) -> SyntheticSettings:
+        if self.sweep and self.scene == "abdomen":
+            raise ValueError(
+                "sweep slides a linear probe; scene 'abdomen' is imaged through a curvilinear "
+                "one: use scene 'neck', or sweep = false"
+            )
+        return self
 
 
 class SyntheticSource:
@@ -81,20 +102,27 @@ class SyntheticSource:
         self.settings = s = settings or SyntheticSettings()
         self.fps = fps or DEFAULT_FPS
         self.phantom = Phantom(
-            (s.height, s.width), seed=s.seed, kind=s.scene, fps=self.fps, loop_s=s.loop_s
+            (s.height, s.width),
+            seed=s.seed,
+            kind=s.scene,
+            fps=self.fps,
+            loop_s=s.loop_s,
+            sweep=s.sweep,
+            needle=s.needle,
         )
         self.spacing_mm = sp = self.phantom.spacing_mm
         self.heart_rate_hz = self.phantom.heart_rate_hz
         self.nominal_fps: float | None = self.fps
         self.max_shape: tuple[int, ...] = (s.height, s.width)
         self.dtype = np.dtype(np.uint8)
+        extras = "".join(f", {name}" for name in ("sweep", "needle") if getattr(s, name))
         self.description = (
             f"synthetic {s.scene} ({shape_str(self.max_shape, self.dtype)}, {fps_str(self.fps)}, "
-            f"seed {s.seed})"
+            f"seed {s.seed}{extras})"
         )
         self._transform = np.diag([sp, sp, 1.0, 1.0])
         loop = self.phantom.loop_frames
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, Truth]] | None = (
             {} if loop * 2 * s.width * s.height <= CACHE_BYTES else None
         )
         log.info(
@@ -109,15 +137,23 @@ class SyntheticSource:
             "" if self._cache is not None else " (too large to keep: rendered every time)",
         )
 
-    def frame_with_labels(self, index: int) -> tuple[Frame, np.ndarray]:
-        """Frame ``index`` and its label map (uint8: 0 background, 1 artery, 2 vein)."""
+    def _render(self, index: int) -> tuple[np.ndarray, np.ndarray, Truth]:
         key = index % self.phantom.loop_frames
         cached = self._cache.get(key) if self._cache is not None else None
         if cached is None:
-            cached = self.phantom.frame_with_labels(key)
+            cached = self.phantom.frame_with_truth(key)
             if self._cache is not None:
                 self._cache[key] = cached
-        image, labels = cached
+        return cached
+
+    def truth(self, index: int) -> Truth:
+        """What frame ``index`` shows: vessels in view or not, the needle's tip (pixels and
+        mm) when one is in view (daemon/phantoms/ultrasound.py)."""
+        return self._render(index)[2]
+
+    def frame_with_labels(self, index: int) -> tuple[Frame, np.ndarray]:
+        """Frame ``index`` and its label map (uint8: 0 background, 1 artery, 2 vein)."""
+        image, labels, _ = self._render(index)
         meta = FrameMeta.for_array(
             image,
             index=index,

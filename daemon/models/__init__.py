@@ -1,11 +1,13 @@
 """Bundled models, the model a run uses when none is named, and the model catalogue.
 
 Bundled (trained on echod's phantoms, see README.md beside this file):
-``ultrasound-seg.onnx`` (artery/vein, the live default), ``ct-nodule-seg.onnx``
-(3-D lung nodules) and ``wsi-patch-cls.onnx`` (4-class H&E patches), each with
-its card. Paper-size reference networks (random weights) are generated into
-the cache on demand (:mod:`daemon.engines.reference`) and run only when named:
-a missing or broken bundled model is an error, never replaced by random weights.
+``ultrasound-seg.onnx`` (artery/vein, the live default), ``ultrasound-view.onnx``
+(frame classifier: vessels in view or not), ``ultrasound-needle.onnx`` (needle-tip
+keypoint), ``ct-nodule-seg.onnx`` (3-D lung nodules) and ``wsi-patch-cls.onnx``
+(4-class H&E patches), each with its card. Paper-size reference networks (random
+weights) are generated into the cache on demand (:mod:`daemon.engines.reference`) and
+run only when named: a missing or broken bundled model is an error, never replaced by
+random weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ BUNDLED = Path(__file__).resolve().parent
 ULTRASOUND = "ultrasound-seg.onnx"
 CT = "ct-nodule-seg.onnx"
 WSI = "wsi-patch-cls.onnx"
+VIEW = "ultrasound-view.onnx"
+NEEDLE = "ultrasound-needle.onnx"
 
 
 def default_model() -> Path:
@@ -114,14 +118,19 @@ def describe(path: Path, origin: str) -> ModelInfo:
     n_out = out[1].dim_value if len(out) > 1 else 0
     props = {p.key: p.value for p in model.metadata_props}
     numeric = tuple(d if isinstance(d, int) else None for d in shape)
+    task: str = card.task
+    classes = tuple(c.name for c in card.class_list(max(n_out, 2)))
+    if card.outputs:  # [[outputs]]: each output's role, its classes or point/value names
+        task = "+".join(dict.fromkeys(r.role for r in card.outputs))
+        classes = tuple(n for r in card.outputs for n in (*(c.name for c in r.classes), *r.names))
     return ModelInfo(
         name=name,
         path=path,
         origin=origin,
-        task=card.task,
+        task=task,
         input_shape=shape,
         layout=card.input.layout or detect_layout(numeric),
-        classes=tuple(c.name for c in card.class_list(max(n_out, 2))),
+        classes=classes,
         parameters=sum(_numel(t.dims) for t in model.graph.initializer),
         weights=props.get("echod.weights", "unknown"),
         scores=json.loads(props.get("echod.scores", "{}")),

@@ -187,3 +187,118 @@ def ultrasound_card(record: dict[str, Any], params: int) -> str:
         evaluation["real_data"] = real
     lines += _toml_tables("evaluation", evaluation)
     return "\n".join(lines) + "\n"
+
+
+VIEW_SIZE, NEEDLE_SIZE = 128, 256  # network input sides (h = w)
+
+
+def view_fields() -> str:
+    """The view classifier's card fields: its output is (1, 2) class probabilities, in
+    the order of :data:`daemon.phantoms.us_tasks.VIEW_CLASSES`."""
+    from daemon.phantoms.us_tasks import VIEW_CLASSES
+
+    return f"""\
+task = "classification"
+
+[input]
+size = [{VIEW_SIZE}, {VIEW_SIZE}]
+layout = "NCHW"
+channels = 1
+
+[input.normalisation]
+scale = 0.00392156862745098
+
+[[outputs]]
+tensor = "view"
+role = "classification"
+activation = "softmax"
+classes = [
+  {{ name = "{VIEW_CLASSES[0]}", colour = [160, 160, 160], opacity = 0.5 }},
+  {{ name = "{VIEW_CLASSES[1]}", colour = [0, 200, 0], opacity = 0.5 }},
+]
+"""
+
+
+def needle_fields(threshold: float) -> str:
+    """The keypoint model's card fields: its output is (1, 1, 3), the tip's x and y
+    normalised to the input's extent and its score (a sigmoid probability)."""
+    return f"""\
+[input]
+size = [{NEEDLE_SIZE}, {NEEDLE_SIZE}]
+layout = "NCHW"
+channels = 1
+
+[input.normalisation]
+scale = 0.00392156862745098
+
+[[outputs]]
+tensor = "tip"
+role = "keypoints"
+format = "coordinates"
+coordinates = "normalised"
+activation = "sigmoid"
+names = ["needle tip"]
+threshold = {threshold}
+"""
+
+
+VIEW_USE = (
+    "Research and demonstration: tells live B-mode frames with a vessel in view (an artery "
+    "or vein in cross-section, at least half of it) from frames without one. Not a medical "
+    "device; not for diagnosis or guidance."
+)
+NEEDLE_USE = (
+    "Research and demonstration: marks the tip of an in-plane needle in live B-mode frames, "
+    "and nothing when no needle tip is in view. Not a medical device; not for guidance."
+)
+TASK_DATA = (
+    "Simulated frames only (daemon/phantoms/us_tasks.py over daemon/phantoms/ultrasound.py): "
+    "convolution-model B-mode images of neck and abdomen scenes with and without vessels, "
+    "water (a tank's bottom, wires), fluid collections and cysts, bone, air, blank and dark "
+    "frames, in-plane needles at 11-46 degrees; linear and curvilinear probes; plus frames of "
+    "the live phantom (probe sweep, advancing needle). No real image was used for training "
+    "or for setting any threshold."
+)
+VIEW_LIMITS = (
+    "Seen only simulated anatomy: real vessels, other anatomy and other scanners may be "
+    "missed or called vessels; an anechoic round cyst is the closest look-alike. A vessel "
+    "only partly in view (under half its lumen) belongs to neither class and is not scored. "
+    "Real-data figures are from two recordings with no vessel: they bound false 'vessels in "
+    "view' on them, they measure no sensitivity."
+)
+NEEDLE_LIMITS = (
+    "Seen only simulated needles (a straight bright shaft with a comet tail): bent or "
+    "out-of-plane needles, other bright lines and other scanners may be missed or marked. "
+    "One tip per frame. Real-data figures are from two recordings with no needle: they bound "
+    "false points on them, they measure no sensitivity."
+)
+
+
+def task_card(
+    script: str,
+    record: dict[str, Any],
+    provenance: str,
+    texts: tuple[str, str, str],
+    fields: str,
+) -> str:
+    """A trained task model's card (view classifier, needle tip) from its record:
+    the training run as comments, the texts (intended use, training data, limits),
+    ``fields`` and ``[evaluation]`` (held out, live phantom, real data)."""
+    lines = [f"# Model card (daemon/engines/card.py), written by daemon/models/train/{script}.py."]
+    lines += [f"# training {k}: {v}" for k, v in record.get("training", {}).items()]
+    lines += [f"# evaluation {k}: {v}" for k, v in record.get("evaluation", {}).items()]
+    use, data, limits = texts
+    lines += [
+        f"provenance = {json.dumps(provenance)}",
+        f"intended_use = {json.dumps(use)}",
+        f"training_data = {json.dumps(data)}",
+        f"limits = {json.dumps(limits)}",
+        "",
+        fields.rstrip("\n"),
+    ]
+    figures: dict[str, Any] = {
+        k: record[k] for k in ("held_out", "live_phantom", "real_data") if k in record
+    }
+    if figures:
+        lines += _toml_tables("evaluation", figures)
+    return "\n".join(lines) + "\n"

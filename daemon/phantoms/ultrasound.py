@@ -15,31 +15,59 @@ reverberation, needles, air). This module draws them at random:
   network's 256 x 256 exactly as the Segmenter resizes frames.
 - :class:`Phantom` is a live sequence (what ``echod run`` shows with no source): one
   scene, probe and scanner of a seed, moving periodically (heart beat, vein compression,
-  probe drift) so that frames repeat after ``loop_s``.
+  probe drift) so that frames repeat after ``loop_s``; optionally the probe sweeps the
+  vessels out of view and back (``sweep``), and a needle advances toward the artery
+  and back (``needle``).
 
-Labels follow FAST's convention: 0 background, 1 artery, 2 vein (lumens). Everything is
-deterministic by seed. Needs numpy and OpenCV only.
+Labels follow FAST's convention: 0 background, 1 artery, 2 vein (lumens). Every frame
+also has a :class:`Truth`: whether vessels are in view (``view``: the frame classifier's
+class) and where the needle's tip is, in pixels and in mm. Everything is deterministic
+by seed. Needs numpy and OpenCV only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import cv2
 import numpy as np
 
 from daemon.phantoms.us_imaging import Imager, Layout, Probe, Scanner
-from daemon.phantoms.us_scene import ARTERY, VEIN, Scene, SceneKind, draw_scene
+from daemon.phantoms.us_scene import (
+    ARTERY,
+    VEIN,
+    Air,
+    Bone,
+    Needle,
+    Scene,
+    SceneKind,
+    Vessel,
+    draw_scene,
+)
 
-__all__ = ["ARTERY", "KINDS", "NET_SIZE", "VEIN", "Example", "Phantom", "example"]
+__all__ = [
+    "ARTERY",
+    "KINDS",
+    "NET_SIZE",
+    "VEIN",
+    "Example",
+    "Phantom",
+    "Truth",
+    "example",
+    "place_needle",
+]
 
 NET_SIZE = 256  # the bundled model's input (h = w)
 ExampleKind = Literal["neck", "abdomen", "water", "fluid", "air", "blank"]
 KINDS: tuple[ExampleKind, ...] = ("neck", "abdomen", "water", "fluid", "air", "blank")
 KIND_P = (0.36, 0.30, 0.11, 0.08, 0.08, 0.07)  # how often training draws each
 MAX_LOOP_FPS = 60.0  # frames per second of motion a synthetic loop holds at most
+VIEW_SHOWN = 0.5  # vessels are "in view" when one shows at least this share of its lumen
+NEEDLE_ANGLES = (0.2, 0.8)  # radians from the horizontal, in-plane insertions
+NeedleCase = Literal["tip", "shaft", "none"]  # what example() draws of a needle
 
 
 def random_probe(rng: np.random.Generator, kind: SceneKind) -> Probe:
@@ -121,6 +149,25 @@ def annotate(rng: np.random.Generator, image: np.ndarray, fov: np.ndarray) -> No
 
 
 @dataclass(frozen=True)
+class Truth:
+    """What a frame shows besides its label map, in that frame's pixels.
+
+    ``view``: 1 vessels in view (one shows at least :data:`VIEW_SHOWN` of its lumen), 0
+    none (no vessel pixel), None between (a vessel only partly in view: not scored).
+    ``tip``: the needle's tip (x, y) in pixels (pixel centres at whole numbers), None when
+    no tip is in view (no needle, the tip outside the field of view or in a shadow);
+    ``tip_mm``: the same point (lateral, depth) in mm from the probe's centre at the skin.
+    ``spacing``: mm per pixel (rows, columns); None for a blank frame.
+    """
+
+    view: int | None = 0
+    shown: float = 0.0  # the largest share of a vessel's lumen in view
+    tip: tuple[float, float] | None = None
+    tip_mm: tuple[float, float] | None = None
+    spacing: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class Example:
     """One simulated frame at the network's size, its labels and what it shows."""
 
@@ -130,20 +177,51 @@ class Example:
     probe: str  # linear, curvilinear, or "" for a blank frame
     vessels: tuple[int, ...]  # the vessel kinds in the scene
     dark: bool = False  # the gain turned far down
+    truth: Truth = field(default_factory=Truth)
 
 
-def example(seed: int, kind: ExampleKind | None = None, size: int = NET_SIZE) -> Example:
+def example(
+    seed: int,
+    kind: ExampleKind | None = None,
+    size: int = NET_SIZE,
+    *,
+    vessels: Sequence[int] | None = None,
+    needle: NeedleCase | None = None,
+    dark: bool | None = None,
+    wide: bool = False,
+) -> Example:
     """A random frame of ``seed`` (``kind`` drawn with :data:`KIND_P` unless given), at
-    ``size`` x ``size`` as the Segmenter would feed it to the network."""
+    ``size`` x ``size`` as the Segmenter would feed it to the network.
+
+    ``vessels``: the vessel kinds of a neck or abdomen scene (None: drawn); ``needle``:
+    "tip" for exactly one needle whose tip is in view (:func:`place_needle`), "shaft" for
+    one that crosses the view with its tip beyond it, "none" for none, None as drawn (a
+    needle is one of the distractors); ``dark``: the gain turned
+    far down (no vessels then), None: drawn; ``wide``: vessels placed over a width
+    1.8 times the field of view's, so that they may be cut by its edges or outside it.
+    """
     rng = np.random.default_rng([seed, 7])
     k: ExampleKind = kind or KINDS[int(rng.choice(len(KINDS), p=KIND_P))]
     if k == "blank":
+        if needle not in (None, "none"):
+            raise ValueError("a blank frame cannot show a needle")
         return _blank(rng, size)
     probe = random_probe(rng, k)
-    dark = rng.random() < 0.08  # nothing can be seen: no vessel to find either
+    drawn_dark = rng.random() < 0.08  # nothing can be seen: no vessel to find either
+    dark = drawn_dark if dark is None else dark
     scanner = random_scanner(rng, probe, dark=dark)
     layout = random_layout(rng, probe)
-    scene = draw_scene(rng, k, probe.extent(), vessels=() if dark else None, inside=probe.contains)
+    extent = probe.extent()
+    if wide:
+        x0, x1, depth = extent
+        extent = (x0 - 0.4 * (x1 - x0), x1 + 0.4 * (x1 - x0), depth)
+    scene = draw_scene(
+        rng, k, extent, vessels=() if dark else vessels, inside=None if wide else probe.contains
+    )
+    if needle is not None:
+        scene.objects = [o for o in scene.objects if not isinstance(o, Needle)]
+        if needle != "none":
+            place_needle(rng, scene, probe, layout, tip=needle == "tip")
     imager = Imager(probe, scanner, layout, rng)
     t = rng.uniform(0.0, 10.0)
     canvas = imager.frame(scene, t, rng)
@@ -154,7 +232,10 @@ def example(seed: int, kind: ExampleKind | None = None, size: int = NET_SIZE) ->
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size
     rows, cols = np.meshgrid(centres * h - 0.5, centres * w - 0.5, indexing="ij")
     labels = imager.labels(scene, t, at=(rows, cols))
-    return Example(image, labels, k, probe.kind, tuple(v.kind for v in scene.vessels), dark)
+    spacing = (layout.pixel_mm * h / size, layout.pixel_mm * w / size)
+    truth = _truth(scene, t, probe, layout, labels, spacing, scale=(size / w, size / h))
+    kinds = tuple(v.kind for v in scene.vessels)
+    return Example(image, labels, k, probe.kind, kinds, dark, truth)
 
 
 def _blank(rng: np.random.Generator, size: int) -> Example:
@@ -168,6 +249,104 @@ def _blank(rng: np.random.Generator, size: int) -> Example:
     return Example(image, np.zeros_like(image), "blank", "", ())
 
 
+def _truth(
+    scene: Scene,
+    t: float,
+    probe: Probe,
+    layout: Layout,
+    labels: np.ndarray,
+    spacing: tuple[float, float],
+    scale: tuple[float, float] = (1.0, 1.0),
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> Truth:
+    """The :class:`Truth` of a frame whose ``labels`` have ``spacing``; ``scale``: the
+    frame's pixels per display pixel (x, y); ``offset``: where the probe has moved over
+    the scene (mm, lateral and axial)."""
+    shown = vessels_shown(scene.vessels, t, labels, spacing[0] * spacing[1])
+    view = 0 if shown == 0 else 1 if shown >= VIEW_SHOWN else None
+    tip_mm = visible_tip(scene, t, probe, offset)
+    tip = None
+    if tip_mm is not None:
+        col, row = layout.pixel(*tip_mm)
+        x, y = (col + 0.5) * scale[0] - 0.5, (row + 0.5) * scale[1] - 0.5
+        h, w = labels.shape
+        if 0 <= x <= w - 1 and 0 <= y <= h - 1:
+            tip = (x, y)
+    return Truth(view, shown, tip, tip_mm if tip else None, spacing)
+
+
+def vessels_shown(
+    vessels: Sequence[Vessel], t: float, labels: np.ndarray, pixel_mm2: float
+) -> float:
+    """The largest share of a vessel's lumen (at time ``t``) that ``labels`` show."""
+    out = 0.0
+    for v in vessels:
+        a, b, _ = v.axes(t)
+        out = max(out, np.count_nonzero(labels == v.kind) * pixel_mm2 / (math.pi * a * b))
+    return min(out, 1.0)
+
+
+def visible_tip(
+    scene: Scene, t: float, probe: Probe, offset: tuple[float, float] = (0.0, 0.0)
+) -> tuple[float, float] | None:
+    """The tip (x, z; mm, from the probe at ``offset`` over the scene) of the first needle
+    whose tip is in the field of view with no bone or air above it on its beam."""
+    blockers = [o for o in scene.objects if isinstance(o, Bone | Air)]
+    for needle in (o for o in scene.objects if isinstance(o, Needle)):
+        sx, sz = needle.tip(t)
+        x, z = np.array([sx - offset[0]]), np.array([sz - offset[1]])
+        if not probe.contains(x, z)[0]:
+            continue
+        line, r = probe.to_beam(x, z)
+        above = np.linspace(0.0, max(float(r[0]) - 0.5, 0.0), 48)
+        bx, bz = probe.position(np.full_like(above, line[0]), above)
+        if any(o.blocks(bx + offset[0], bz + offset[1]).any() for o in blockers):
+            continue
+        return float(x[0]), float(z[0])
+    return None
+
+
+def place_needle(
+    rng: np.random.Generator, scene: Scene, probe: Probe, layout: Layout, tip: bool = True
+) -> Needle:
+    """Add a needle to ``scene`` (painted over everything) whose tip lies in the field of
+    view and on the display, at least 1 mm inside; bone and air that would shadow the
+    tip are taken out of the scene. ``tip`` False: the tip beyond the view's side or
+    bottom, the shaft crossing the view."""
+    h, w = layout.shape
+    for _ in range(100):
+        if tip:
+            line = rng.uniform(0.06, 0.94) * (probe.lines - 1)
+            r = rng.uniform(0.06, 0.88) * probe.depth
+        else:
+            below = rng.random() < 0.3
+            side = rng.uniform(1.03, 1.3) if rng.random() < 0.5 else rng.uniform(-0.3, -0.03)
+            line = (rng.uniform(0.1, 0.9) if below else side) * (probe.lines - 1)
+            r = (rng.uniform(1.03, 1.2) if below else rng.uniform(0.1, 0.8)) * probe.depth
+        tx, tz = (float(v[0]) for v in probe.position(np.array([line]), np.array([r])))
+        col, row = layout.pixel(tx, tz)
+        if not tip or (
+            1.0 / layout.pixel_mm <= col <= w - 1 - 1.0 / layout.pixel_mm and 0 <= row < h - 2
+        ):
+            break
+    angle = rng.uniform(*NEEDLE_ANGLES)
+    from_left = rng.random() < 0.5
+    if not tip and not 0 <= line <= probe.lines - 1:  # beyond a side: from the other one
+        from_left = line > 0
+    run = tz / math.tan(angle)
+    needle = Needle(
+        tx - run if from_left else tx + run,
+        angle if from_left else math.pi - angle,
+        tz / math.sin(angle),
+        rng.uniform(0.4, 1.0),
+        int(rng.integers(2, 8)),
+    )
+    scene.objects.append(needle)
+    if visible_tip(scene, 0.0, probe) is None:  # shadowed: take the shadows away
+        scene.objects = [o for o in scene.objects if not isinstance(o, Bone | Air)]
+    return needle
+
+
 class Phantom:
     """A live scene: one seed's scene, probe and scanner, imaged at ``shape`` (h, w) with
     the field of view filling it (square pixels).
@@ -178,6 +357,13 @@ class Phantom:
     once). Blood
     speckle is drawn from the frame's place in the loop, so frame ``i`` and frame
     ``i + loop`` are identical (a source may cache one loop).
+
+    ``sweep`` (a linear probe): the probe also slides sideways once per loop, from the
+    vessels to where none is in view (about a third of the loop) and back. ``needle``: a
+    needle enters beside the probe, advances in plane toward the artery (the scene's
+    middle when there is none), stops short of its wall and is withdrawn, once per loop;
+    its tip is out of view at the start of the loop (with ``sweep``: half-way through,
+    while the probe is away from the vessels).
     """
 
     def __init__(
@@ -188,6 +374,8 @@ class Phantom:
         fps: float = 30.0,
         loop_s: float = 4.0,
         motion_mm: tuple[float, float] = (1.5, 0.5),
+        sweep: bool = False,
+        needle: bool = False,
     ) -> None:
         rng = np.random.default_rng([seed, 11])
         # a loop holds at most MAX_LOOP_FPS frames a second of motion: a source paced faster
@@ -206,6 +394,11 @@ class Phantom:
         else:
             self.probe = Probe(
                 "linear", depth=rng.uniform(38.0, 45.0), lines=128, width=rng.uniform(36.0, 42.0)
+            )
+        if sweep and self.probe.kind != "linear":
+            raise ValueError(
+                f"sweep slides a linear probe; scene {kind!r} is imaged through a "
+                "curvilinear one: use scene 'neck' (or sweep off)"
             )
         base = random_scanner(rng, self.probe)
         self.scanner = Scanner(
@@ -238,7 +431,21 @@ class Phantom:
         if self.probe.kind != "linear":
             motion_mm = (0.0, 0.0)  # a sector's lines are not parallel: no drift
         self._drift = (motion_mm, self._drift[1])
-        self.imager = Imager(self.probe, self.scanner, self.layout, rng, motion_mm)
+        self.sweep_mm = _sweep_distance(self.scene.vessels, self.probe) if sweep else 0.0
+        margin = (abs(motion_mm[0]) + abs(self.sweep_mm), motion_mm[1])
+        self.imager = Imager(self.probe, self.scanner, self.layout, rng, margin)
+        self.needle = (
+            _aim_needle(
+                np.random.default_rng([seed, 23]),
+                self.scene,
+                self.probe,
+                self.loop_s,
+                math.pi if sweep else 0.0,
+                abs(motion_mm[0]) + 1.0,
+            )
+            if needle
+            else None
+        )
         self.seed = seed
 
     @property
@@ -246,16 +453,84 @@ class Phantom:
         return self.layout.pixel_mm
 
     def shift(self, t: float) -> tuple[float, float]:
-        """Probe drift (mm) at time ``t``: lateral and axial, periodic over the loop."""
+        """Probe drift (mm) at time ``t``: lateral and axial, periodic over the loop; the
+        sweep's travel added to the lateral."""
         (ax, az), (px, pz) = self._drift
         w = 2 * math.pi / self.loop_s
-        return ax * math.sin(w * t + px), az * math.sin(2 * w * t + pz)
+        lateral = ax * math.sin(w * t + px)
+        if self.sweep_mm:
+            s = min(max((0.5 - 0.5 * math.cos(w * t) - 0.25) / 0.5, 0.0), 1.0)
+            lateral += self.sweep_mm * s * s * (3 - 2 * s)  # smoothstep: a third out of view
+        return lateral, az * math.sin(2 * w * t + pz)
 
-    def frame_with_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frame ``index`` (uint8) and its labels; a pure function of the index."""
+    def frame_with_truth(self, index: int) -> tuple[np.ndarray, np.ndarray, Truth]:
+        """Frame ``index`` (uint8), its labels and its :class:`Truth`; a pure function of
+        the index."""
         i = index % self.loop_frames
         t = i / self.fps
         step = self.imager.step_of(self.shift(t))
         rng = np.random.default_rng([self.seed, 13, i])
         image = self.imager.frame(self.scene, t, rng, step)
-        return image, self.imager.labels(self.scene, t, step)
+        labels = self.imager.labels(self.scene, t, step)
+        sp = self.layout.pixel_mm
+        offset = self.imager.offset_mm(step)
+        return (
+            image,
+            labels,
+            _truth(self.scene, t, self.probe, self.layout, labels, (sp, sp), offset=offset),
+        )
+
+    def frame_with_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame ``index`` (uint8) and its labels; a pure function of the index."""
+        image, labels, _ = self.frame_with_truth(index)
+        return image, labels
+
+
+def _sweep_distance(vessels: Sequence[Vessel], probe: Probe) -> float:
+    """How far (mm, signed: + to the right) the probe slides until no vessel is in view:
+    the shorter way; half the width when there is no vessel."""
+    x0, x1, _ = probe.extent()
+    if not vessels:
+        return (x1 - x0) / 2
+    right = max(v.cx + v.reach() for v in vessels) - x0 + 1.0
+    left = x1 - min(v.cx - v.reach() for v in vessels) + 1.0
+    return right if right <= left else -left
+
+
+def _aim_needle(
+    rng: np.random.Generator,
+    scene: Scene,
+    probe: Probe,
+    loop_s: float,
+    phase: float,
+    beyond: float,
+) -> Needle:
+    """A needle entering the skin beside the probe, aimed in plane at the artery (or the
+    middle of the view), whose tip advances from ``beyond`` mm outside the view (the
+    probe's drift and more) to 1 mm short of the artery's wall and back once per loop,
+    withdrawn at the loop's ``phase`` (radians); ``scene`` gets it."""
+    x0, x1, depth = probe.extent()
+    arteries = [v for v in scene.vessels if v.kind == ARTERY]
+    if arteries:
+        target, stop = (arteries[0].cx, arteries[0].cz), arteries[0].reach() + 1.0
+    else:
+        target, stop = (rng.uniform(0.3 * x0, 0.3 * x1), rng.uniform(0.4, 0.7) * depth), 0.0
+    out = beyond + rng.uniform(2.0, 6.0)  # the entry, mm beside the field of view
+    entries = (x0 - out, x1 + out)
+    angles = [math.atan2(target[1], abs(target[0] - e)) for e in entries]
+    side = int(np.argmin([abs(a - 0.55) for a in angles]))  # nearer a 30 degree insertion
+    entry, angle = entries[side], angles[side]
+    length = math.hypot(target[0] - entry, target[1]) - stop
+    outside = (out - beyond) / math.cos(angle)  # withdrawn: the tip beside the view
+    needle = Needle(
+        entry,
+        angle if side == 0 else math.pi - angle,
+        length,
+        rng.uniform(0.5, 0.9),
+        int(rng.integers(3, 7)),
+        advance_mm=max(length - outside, 0.0),
+        advance_hz=1.0 / loop_s,
+        advance_phase=phase,
+    )
+    scene.objects.append(needle)
+    return needle

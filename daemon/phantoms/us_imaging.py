@@ -97,6 +97,14 @@ class Probe:
             return np.full(r.shape, self.width / (self.lines - 1), np.float32)
         return ((self.radius + r) * self.sector / (self.lines - 1)).astype(np.float32)
 
+    def position(self, line: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points (x, z) in mm at (fractional) ``line`` and range ``r``: :meth:`to_beam`
+        inverted."""
+        if self.kind == "linear":
+            return -self.width / 2 + self.width * line / (self.lines - 1), r
+        th = (line / (self.lines - 1) - 0.5) * self.sector
+        return (self.radius + r) * np.sin(th), (self.radius + r) * np.cos(th) - self.radius
+
     def to_beam(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fractional line index, range mm) of points (x, z): the scan conversion."""
         if self.kind == "linear":
@@ -154,6 +162,10 @@ class Layout:
     def points(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions (x, z) in mm of (fractional) pixel coordinates."""
         return (cols - self.col0) * self.pixel_mm, (rows - self.row0) * self.pixel_mm
+
+    def pixel(self, x: float, z: float) -> tuple[float, float]:
+        """(column, row) of the point (x, z) mm: :meth:`points` inverted."""
+        return x / self.pixel_mm + self.col0, z / self.pixel_mm + self.row0
 
 
 class Imager:
@@ -242,6 +254,11 @@ class Imager:
         ml, mk = self._margin[0], self._mk
         dl, dk = round(shift_mm[0] / self._pitch), round(shift_mm[1] / self.dr)
         return max(-ml, min(ml, dl)), max(-mk, min(mk, dk))
+
+    def offset_mm(self, step: tuple[int, int]) -> tuple[float, float]:
+        """How far (lateral, axial; mm) a ``step`` moves the probe over the scene (linear
+        probes: their lines are parallel)."""
+        return step[0] * self._pitch, step[1] * self.dr
 
     def canvas(self, scene: Scene, t: float, step: tuple[int, int] = (0, 0)) -> Canvas:
         """The scene's acoustic fields on the beam grid at time ``t``, the probe moved
@@ -375,7 +392,8 @@ class Imager:
         else:
             x, z = self.layout.points(*at)
             fov = self.probe.contains(x, z)
-        lab = scene.labels(x + step[0] * self._pitch, z + step[1] * self.dr, t)
+        dx, dz = self.offset_mm(step)
+        lab = scene.labels(x + dx, z + dz, t)
         lab[~fov] = 0
         return lab
 

@@ -340,6 +340,11 @@ class Bone:
         xc = 0.5 * (self.x0 + self.x1)
         return self.z0 + self.curve * (x - xc) ** 2
 
+    def blocks(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Where sound does not pass (the bone below its surface)."""
+        out: np.ndarray = (x > self.x0) & (x < self.x1) & (z >= self.surface(x))
+        return out
+
     def paint(self, c: Canvas, t: float) -> None:
         inside_x = (c.x > self.x0) & (c.x < self.x1)
         top = self.surface(c.x)
@@ -356,20 +361,37 @@ class Bone:
 @dataclass
 class Needle:
     """A steel needle in plane: a bright line from the skin at ``angle`` (radians from
-    the horizontal), a comet tail of decaying echoes beneath, a faint shadow."""
+    the horizontal), a comet tail of decaying echoes beneath, a faint shadow.
+
+    ``advance_mm`` > 0 moves it: withdrawn by that much at t = 0 (at the phase
+    ``advance_phase``, radians), pushed in to ``length`` and back once every
+    ``1 / advance_hz`` seconds."""
 
     x_entry: float
     angle: float
     length: float
     diameter: float
     tail: int
+    advance_mm: float = 0.0
+    advance_hz: float = 0.0
+    advance_phase: float = 0.0
+
+    def inserted(self, t: float) -> float:
+        """Length in the tissue (mm) at time ``t``."""
+        back = 0.5 + 0.5 * math.cos(2 * math.pi * self.advance_hz * t + self.advance_phase)
+        return self.length - self.advance_mm * back
+
+    def tip(self, t: float) -> tuple[float, float]:
+        """Where the tip is (x, z; mm) at time ``t``."""
+        n = self.inserted(t)
+        return self.x_entry + n * math.cos(self.angle), n * math.sin(self.angle)
 
     def paint(self, c: Canvas, t: float) -> None:
         ca, sa = math.cos(self.angle), math.sin(self.angle)
         dx, dz = c.x - self.x_entry, c.z
         along = dx * ca + dz * sa
         across = -dx * sa + dz * ca  # positive below the shaft
-        on = (along > 0) & (along < self.length)
+        on = (along > 0) & (along < self.inserted(t))
         inc = c.incidence(np.full_like(c.x, -sa), np.full_like(c.x, ca), power=4.0)
         strength = math.sqrt(db(28.0)) * (0.15 + 0.85 * inc)
         shaft = on & (np.abs(across) < 0.5 * self.diameter)
@@ -389,6 +411,11 @@ class Air:
     x0: float
     x1: float
     depth: float
+
+    def blocks(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Where sound does not pass (the air and its face)."""
+        out: np.ndarray = (x > self.x0) & (x < self.x1) & (z >= self.depth)
+        return out
 
     def paint(self, c: Canvas, t: float) -> None:
         inside_x = (c.x > self.x0) & (c.x < self.x1)

@@ -1,4 +1,4 @@
-"""What the three training scripts share: devices, budgets, losses, ONNX export, cards.
+"""What the training scripts share: devices, budgets, losses, augmentation, ONNX export.
 
 Needs numpy, torch and onnx only (``pip install -e .[train]``); never imported by
 the daemon.
@@ -187,18 +187,27 @@ class Softmax(nn.Module):
         return out
 
 
-def export(net: nn.Module, example: torch.Tensor, path: Path, props: dict[str, Any]) -> int:
+def export(
+    net: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    props: dict[str, Any],
+    output: str = "probabilities",
+    softmax: bool = True,
+) -> int:
     """ONNX (opset 17, dynamic batch, BatchNorm folded) at ``path`` with ``props`` as
-    metadata (``echod.*`` keys, JSON values); returns the parameter count in the file."""
+    metadata (``echod.*`` keys, JSON values); returns the parameter count in the file.
+    The input is ``image``, the output ``output``: ``net``'s, after a softmax over axis 1
+    unless ``softmax`` is False."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = Softmax(net).cpu().float().eval()
+    model = (Softmax(net) if softmax else net).cpu().float().eval()
     torch.onnx.export(
         model,
         (example.cpu().float(),),
         str(path),
         input_names=["image"],
-        output_names=["probabilities"],
-        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        output_names=[output],
+        dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}},
         opset_version=OPSET,
         do_constant_folding=True,
         dynamo=False,
@@ -296,3 +305,105 @@ def training_record(
         "hardware": hardware(dev),
         "training_seconds": round(seconds, 1),
     }
+
+
+def render(fn: Callable[[int], Any], seeds: Sequence[int], workers: int) -> list[Any]:
+    """``fn(seed)`` for every seed, in ``workers`` processes (spawned: the phantoms are
+    numpy and OpenCV, which fork badly under a GPU process)."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            out = pool.map(fn, seeds, chunksize=16)
+    else:
+        out = [fn(s) for s in seeds]
+    log.info(
+        "rendered %d frames in %.1f s (%d workers)", len(out), time.perf_counter() - t0, workers
+    )
+    return out
+
+
+def augment(
+    x: torch.Tensor, points: torch.Tensor | None = None, degrees: float = 10.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random horizontal flip, rotation (+-``degrees``), scale (0.85-1.15) and shift (+-8 %)
+    with black beyond the frame, gain and gamma, of images ``x`` (N, 1, H, W) in 0..1;
+    ``points`` (N, 2) x, y in pixels (NaN: none) move with them, NaN once outside."""
+    n, dev = x.shape[0], x.device
+    h, w = x.shape[2:]
+    ang = (torch.rand(n, device=dev) - 0.5) * (2 * np.radians(degrees))
+    scale = 0.85 + 0.3 * torch.rand(n, device=dev)
+    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+    shift = (torch.rand(n, 2, device=dev) - 0.5) * 0.16
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    m = torch.stack([torch.stack([cos * flip, -sin], 1), torch.stack([sin * flip, cos], 1)], 1)
+    theta = torch.cat([m, shift[:, :, None]], 2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, device=dev)
+    gamma = torch.exp((torch.rand(n, 1, 1, 1, device=dev) - 0.5) * 0.5)
+    x = (x.clamp(0, 1) ** gamma * gain).clamp(0, 1)
+    if points is None:
+        return x, None
+    size = torch.tensor([w, h], device=dev, dtype=x.dtype)
+    unit = (2 * points + 1) / size - 1  # grid coordinates of the input
+    moved = torch.linalg.solve(m, (unit - shift)[:, :, None])[:, :, 0]
+    out = ((moved + 1) * size - 1) / 2
+    inside = ((out >= 0) & (out <= size - 1)).all(1, keepdim=True)
+    return x, torch.where(inside, out, torch.full_like(out, float("nan")))
+
+
+def start_from(net: nn.Module, path: Path) -> None:
+    """Load an exported model's weights (:func:`export` folded each BatchNorm into the
+    convolution before it) into ``net``: the file's Conv and Gemm weights in order into
+    ``net``'s Conv2d and Linear layers, each folded bias into the layer's bias or, where
+    a BatchNorm follows a bias-free convolution, into that BatchNorm, set to the
+    identity and frozen (eval mode, no statistics kept): ``net`` computes what the file
+    does, and training goes on from there."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    modules = list(net.modules())
+    layers = [(i, m) for i, m in enumerate(modules) if isinstance(m, nn.Conv2d | nn.Linear)]
+    if len(nodes) != len(layers):
+        raise SystemExit(f"{path}: {len(nodes)} Conv/Gemm layers, the network has {len(layers)}")
+    with torch.no_grad():
+        for node, (i, layer) in zip(nodes, layers, strict=True):
+            w = weights[node.input[1]]
+            trans = next((a.i for a in node.attribute if a.name == "transB"), 1)
+            if node.op_type == "Gemm" and not trans:
+                w = w.T
+            layer.weight.copy_(torch.from_numpy(np.array(w)))
+            b = torch.from_numpy(np.array(weights[node.input[2]]))
+            if layer.bias is not None:
+                layer.bias.copy_(b)
+                continue
+            norm = next(m for m in modules[i + 1 :] if isinstance(m, nn.BatchNorm2d))
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(b)
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+    freeze_norms(net)
+    log.info("started from %s (%d layers)", path, len(layers))
+
+
+def freeze_norms(net: nn.Module) -> None:
+    """Every BatchNorm normalises with its running statistics and keeps them."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+def provenance_of(model: Path) -> str:
+    """One line on how an exported model was trained (its ``echod.training`` record)."""
+    proto = onnx.load(str(model), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    t = json.loads(props.get("echod.training", "{}"))
+    return (
+        f"{model.name}: {t.get('steps', '?')} steps of {t.get('batch', '?')} in "
+        f"{t.get('training_seconds', '?')} s on {t.get('hardware', '?')} "
+        f"({t.get('data', '?').split(':')[0]}; {t.get('command', '?')})"
+    )
