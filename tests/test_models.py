@@ -165,7 +165,7 @@ def test_echod_models_lists_bundled_and_cached(
     assert rows["ultrasound-view"]["task"] == "classification"
     assert rows["ultrasound-view"]["classes"] == list(VIEW_CLASSES)
     assert rows["ultrasound-view"]["scores"]["accuracy_live"] >= 0.95
-    assert rows["ultrasound-view"]["scores"]["accuracy"] >= 0.9  # below the gate: see its card
+    assert rows["ultrasound-view"]["scores"]["accuracy"] >= 0.95
     assert rows["ultrasound-needle"]["task"] == "keypoints"
     assert rows["ultrasound-needle"]["classes"] == ["needle tip"]
     assert rows["ultrasound-needle"]["scores"]["tip_error_mm"] <= 2.0
@@ -211,11 +211,10 @@ def test_training_scripts_write_into_the_package_only_when_asked() -> None:
 
 
 def test_view_classifier_on_fresh_frames() -> None:
-    """The bundled frame classifier on frames it never saw: a live-phantom sweep of a
-    fresh seed meets the gate (accuracy >= 0.95); 60 random simulator frames (seeds from
-    1,000,000) are harder, with anechoic cysts drawn to look like vessels, and stay
-    below it (0.94 on the card's 990 held-out frames, from ``python -m
-    daemon.models.train.view evaluate``; this is the same measure on fewer frames)."""
+    """The bundled frame classifier meets the gate (accuracy >= 0.95) on frames it never
+    saw: a live-phantom sweep of a fresh seed, and 60 random simulator frames (seeds from
+    1,000,000; the harder set, with anechoic cysts drawn to look like vessels; 0.963 on
+    the card's 990 held-out frames from ``python -m daemon.models.train.view evaluate``)."""
     with Runner(BUNDLED / VIEW) as run:
         frames = [view_example(FRESH + i, VIEW_SIZE) for i in range(60)]
         held = [(run(e.image)[0], e.truth.view) for e in frames if e.truth.view is not None]
@@ -227,7 +226,7 @@ def test_view_classifier_on_fresh_frames() -> None:
         ]
     assert {c for _, c in held} == {0, 1} and {c for _, c in live} == {0, 1}
     assert view.scores(live)["accuracy"] >= 0.95, view.scores(live)
-    assert view.scores(held)["accuracy"] >= 0.9, view.scores(held)
+    assert view.scores(held)["accuracy"] >= 0.95, view.scores(held)
 
 
 def test_needle_tip_on_fresh_frames() -> None:
