@@ -100,7 +100,11 @@ class PipelineConfig(Section):
 
 
 class ModelConfig(Section):
-    path: str = Field("", description="model file; empty = the bundled ultrasound model")
+    path: str = Field(
+        "",
+        description="model file; empty = the bundled ultrasound model; a bundled model's file "
+        "name alone (ultrasound-view.onnx, ultrasound-needle.onnx: `echod models`) = that model",
+    )
     engine: str = Field("", description="engine name; empty = best available for `device`")
     device: str = Field(
         "cpu",

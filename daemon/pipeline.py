@@ -15,7 +15,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -233,12 +232,12 @@ class InferStage(Stage):
 
     def setup(self) -> dict[str, Any]:
         from daemon.engines.network import Network
-        from daemon.models import default_model
+        from daemon.models import model_path
 
         cfg, p = self.config, self.spec.params
         m = cfg.models[p.get("model_index", 0)]
         model = p.get("model") or m.path
-        path = Path(model) if model else default_model()
+        path = model_path(model)
         options: dict[str, Any] = {
             **m.options,
             "mode": cfg.pipeline.mode,

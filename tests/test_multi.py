@@ -237,6 +237,26 @@ def test_a_segmenter_and_a_classifier_on_the_same_frames_in_mode_all(
     assert [o["role"] for o in clf["outputs"]] == ["classification"]
 
 
+def test_the_three_bundled_models_run_together_out_of_the_box(run_echod: type[Echod]) -> None:
+    """config/examples/three-models.toml: segmentation, the view classifier and the
+    needle-tip model (named by their bundled file names) on the phantom's sweep and
+    needle, every frame through all three."""
+    example = Path(__file__).resolve().parent.parent / "config/examples/three-models.toml"
+    n = 12
+    e = run_echod("run", "--config", str(example), "--headless", "--json", "--mode", "all",
+                  "--frames", str(n), "--set", "model.warmup=1")  # fmt: skip
+    code, out = e.finish(timeout=300)
+    assert code == 0, "".join(e.stderr)
+    s = json.loads(out.strip().splitlines()[-1])
+    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, {})
+    got = [(m["model"], [o["role"] for o in m["outputs"]], m["frames_out"]) for m in s["models"]]
+    assert got == [
+        ("ultrasound-seg.onnx", ["segmentation"], n),
+        ("ultrasound-view.onnx", ["classification"], n),
+        ("ultrasound-needle.onnx", ["keypoints"], n),
+    ]
+
+
 def test_counts_add_up_after_a_stop_with_a_frame_in_flight(runtime: Path) -> None:  # noqa: F811
     """Mode newest, frames faster than inference: the stage is busy when the stop comes;
     the frame it was working on counts as dropped (infer), so in = out + dropped."""

@@ -781,8 +781,10 @@ class DisplayStage(Stage):
 
     def _model_path(self) -> Path | None:
         """The model the infer stage runs (the supervisor passes on what it reported)."""
+        from daemon.models import model_path
+
         named = self.spec.params.get("model") or self.config.model.path
-        return Path(named) if named else None
+        return model_path(named) if named else None
 
     def _classes(self, model: Path | None) -> list[ClassCard]:
         """``params["classes"]``, else the model card's classes (empty: default palette)."""

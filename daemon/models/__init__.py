@@ -45,6 +45,18 @@ def default_model() -> Path:
     return bundled
 
 
+def model_path(setting: str) -> Path:
+    """The model a ``model.path`` setting names: "" is the bundled ultrasound model; a
+    bare file name that is not a file here but is a bundled model's (``ultrasound-view.onnx``)
+    is that bundled model; anything else is the path as given."""
+    if not setting:
+        return default_model()
+    path = Path(setting)
+    if path.name == setting and not path.exists() and (BUNDLED / setting).is_file():
+        return BUNDLED / setting
+    return path
+
+
 def _unusable(path: Path) -> str:
     """What makes ``path`` unusable as the default model, or ""."""
     import onnx
