@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from daemon.acquire import FrameSource, open_source, paced
+from daemon.batching import SKIPPED, Batcher
 from daemon.config import Config, SourceConfig
 from daemon.engines.base import Pending
 from daemon.errors import ModelError
@@ -26,6 +27,8 @@ from daemon.ring import ReaderMode
 from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
 log = logging.getLogger(__name__)
+
+Taken = tuple[np.ndarray, FrameMeta, float]  # a prepared frame: input, meta, start time
 
 STANDBY_POLL_S = 0.001
 
@@ -225,6 +228,14 @@ class InferStage(Stage):
         self.rejected = 0
         self._refused: set[tuple[tuple[int, ...], str]] = set()
         self.inflight: deque[tuple[Pending, FrameMeta, float, float, np.ndarray]] = deque()
+        every = cfg.pipeline.mode == "all"
+        self.batcher: Batcher[Taken] = Batcher(
+            self.seg,
+            cfg.pipeline.max_batch if every else 1,
+            cfg.pipeline.max_batch_delay_ms / 1e3,
+        )
+        if self.batcher.max_batch > 1 and m.warmup and self.seg.engine.per_batch_size:
+            self.batcher.warmup(shape)  # every batch size (CUDA graphs are made per size)
         self.withheld = 0
         self.doubt = ""  # why the last frame was withheld ("" when it was not)
         self.active = False
@@ -248,28 +259,38 @@ class InferStage(Stage):
             self.ctx.stop.wait(STANDBY_POLL_S)  # a successor in standby: commands come soon
             return True
         # with inferences in flight, never sleep on the reader: finish one instead
-        f = self.reader.read(timeout=0.0 if self.inflight else POLL_S)
-        if f is None:
+        taken = self.batcher.gather(self._take, 0.0 if self.inflight else POLL_S)
+        if not taken:
             if self.inflight:
                 self._finish_oldest()
             return True
+        t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
+        pending = self.batcher.submit([x for x, _, _ in taken])
+        for p, (x, meta, t0) in zip(pending, taken, strict=True):
+            self.inflight.append((p, meta, t0, t1, x))
+        # in order; at most `depth` in flight; a finished one goes out at once (latency)
+        while self.inflight and (
+            len(self.inflight) >= self.batcher.depth or self.inflight[0][0].done()
+        ):
+            self._finish_oldest()
+        return True
+
+    def _take(self, timeout: float) -> Taken | object | None:
+        """The next frame prepared (input, meta, start time), None when none came within
+        ``timeout``, SKIPPED when it was refused or torn."""
+        f = self.reader.read(timeout=timeout)
+        if f is None:
+            return None
         t0 = time.perf_counter()
         try:
             x = self.seg.prepare(f.image)  # reads the slot in place (zero-copy)
         except ModelError as e:  # this frame does not fit the model: refuse it, go on
             self._refuse(f.image, e)
-            return True
+            return SKIPPED
         if not f.valid():  # overwritten while we read it: "newest" mode under load
             self.torn += 1
-            return True
-        t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
-        self.inflight.append((self.seg.submit(x), f.meta, t0, t1, x))
-        # in order; at most `depth` in flight; a finished one goes out at once (latency)
-        while self.inflight and (
-            len(self.inflight) >= self.seg.depth or self.inflight[0][0].done()
-        ):
-            self._finish_oldest()
-        return True
+            return SKIPPED
+        return x, f.meta, t0
 
     def _finish_oldest(self) -> None:
         pending, meta, t0, t1, x = self.inflight.popleft()
@@ -310,4 +331,5 @@ class InferStage(Stage):
             "torn": self.torn,
             "rejected": self.rejected,
             "withheld": self.withheld,
+            **self.batcher.summary(),
         }

@@ -1013,6 +1013,8 @@ class Supervisor:
             "precision": infer.info.get("precision"),
             "precision_reason": infer.info.get("precision_reason"),
             "mode": self.config.pipeline.mode,
+            # dynamic batching in mode "all": batches, mean and largest size
+            "batching": {k: v for k, v in (infer.done or {}).items() if k.startswith("batch")},
             "source": source["description"],
             "restarts": {w.spec.name: w.restarts for w in self.workers.values() if w.restarts},
             "source_stats": (self.workers["acquire"].done or {}).get("source"),

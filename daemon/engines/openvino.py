@@ -219,6 +219,12 @@ class OpenVinoEngine(Engine):
     def depth(self) -> int:
         return max(1, len(self._requests))
 
+    @property
+    def max_batch(self) -> int:
+        """1: the THROUGHPUT hint already runs requests side by side (streams; on GPUs it
+        batches them itself), and a new batch size reshapes the model."""
+        return 1
+
     def _live(self) -> None:
         if self._compiled is None:
             raise EngineError("openvino: run() before load() or after close()")
