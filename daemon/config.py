@@ -71,11 +71,12 @@ class PipelineConfig(Section):
     )
     ring_slots: int = Field(8, ge=2, le=1024, description="slots per shared-memory ring")
     max_batch: int = Field(
-        8,
-        ge=1,
+        0,
+        ge=0,
         le=256,
         description="mode 'all': frames waiting in the ring go to the engine together, up to this"
-        " many (1: one at a time; the engine may allow fewer; at most ring_slots wait)",
+        " many; 0: 8 on a GPU, 1 on a CPU (where batches are no faster); the engine may take"
+        " fewer; at most ring_slots wait",
     )
     max_batch_delay_ms: float = Field(
         0.0,

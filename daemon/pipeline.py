@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from daemon.acquire import FrameSource, open_source, paced
-from daemon.batching import SKIPPED, Batcher
+from daemon.batching import SKIPPED, Batcher, batch_size
 from daemon.config import Config, SourceConfig
 from daemon.engines.base import Pending
 from daemon.errors import ModelError
@@ -228,11 +228,9 @@ class InferStage(Stage):
         self.rejected = 0
         self._refused: set[tuple[tuple[int, ...], str]] = set()
         self.inflight: deque[tuple[Pending, FrameMeta, float, float, np.ndarray]] = deque()
-        every = cfg.pipeline.mode == "all"
+        size = batch_size(cfg.pipeline.max_batch, cfg.pipeline.mode, p.get("device") or m.device)
         self.batcher: Batcher[Taken] = Batcher(
-            self.seg,
-            cfg.pipeline.max_batch if every else 1,
-            cfg.pipeline.max_batch_delay_ms / 1e3,
+            self.seg, size, cfg.pipeline.max_batch_delay_ms / 1e3
         )
         if self.batcher.max_batch > 1 and m.warmup and self.seg.engine.per_batch_size:
             self.batcher.warmup(shape)  # every batch size (CUDA graphs are made per size)
@@ -270,7 +268,7 @@ class InferStage(Stage):
             self.inflight.append((p, meta, t0, t1, x))
         # in order; at most `depth` in flight; a finished one goes out at once (latency)
         while self.inflight and (
-            len(self.inflight) >= self.batcher.depth or self.inflight[0][0].done()
+            self.batcher.saturated(len(self.inflight)) or self.inflight[0][0].done()
         ):
             self._finish_oldest()
         return True

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_engines import graph_model, save
 
-from daemon.batching import SKIPPED, Batcher
+from daemon.batching import GPU_BATCH, SKIPPED, Batcher, batch_size
 from daemon.config import Config
 from daemon.engines.onnxruntime import OnnxRuntimeEngine
 from daemon.engines.segmenter import Segmenter
@@ -192,3 +192,9 @@ def test_gather_waits_for_more_frames_only_within_its_delay(tmp_path: Path) -> N
         with pytest.raises(EndOfStream):
             patient.gather(arrivals, wait=1.0)
         assert now.gather(Arrivals(10), wait=0.0) == []
+
+
+def test_batch_size_auto_is_eight_on_a_gpu_one_on_a_cpu_and_in_mode_newest() -> None:
+    assert batch_size(0, "all", "cuda:1") == batch_size(0, "all", "GPU.0") == GPU_BATCH == 8
+    assert batch_size(0, "all", "cpu") == batch_size(16, "newest", "cuda") == 1
+    assert batch_size(4, "all", "cpu") == 4

@@ -413,7 +413,7 @@ class PyTorchEngine(Engine):
         """On CUDA: the images go straight into a pinned buffer (no stacking copy) and
         through the CUDA graph of that batch size; the outputs are views of the pinned
         buffer, valid until :attr:`depth` more submissions."""
-        if self._stream is None or (len(batch) == 1 and self._depth == 1):
+        if self._stream is None:
             return super().submit_batch(batch)
         if not 0 < len(batch) <= self._max_batch:
             raise EngineError(
