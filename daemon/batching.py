@@ -111,7 +111,7 @@ class Batcher(Generic[T]):
         """One blank batch of each size up to ``max_batch`` through the engine (an engine
         that captures a CUDA graph per batch size does it here, not on the first frames)."""
         x = self.seg.prepare(np.zeros(frame_shape, np.uint8))
-        for n in range(2, self.max_batch + 1):
+        for n in range(self.max_batch, 1, -1):  # the largest first: buffers are made once
             for p in self.seg.submit_batch([x] * n):
                 self.seg.result(p)
         log.info("%s warmed up for batches of 2 to %d", self.seg.model.name, self.max_batch)

@@ -28,7 +28,7 @@ from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 
 log = logging.getLogger(__name__)
 
-Taken = tuple[np.ndarray, FrameMeta, float]  # a prepared frame: input, meta, start time
+Taken = tuple[np.ndarray, FrameMeta, float, float]  # a prepared frame, when it started, ended
 
 STANDBY_POLL_S = 0.001
 
@@ -262,9 +262,8 @@ class InferStage(Stage):
             if self.inflight:
                 self._finish_oldest()
             return True
-        t1 = time.perf_counter()  # before submit: a synchronous engine runs inside it
-        pending = self.batcher.submit([x for x, _, _ in taken])
-        for p, (x, meta, t0) in zip(pending, taken, strict=True):
+        pending = self.batcher.submit([x for x, _, _, _ in taken])
+        for p, (x, meta, t0, t1) in zip(pending, taken, strict=True):
             self.inflight.append((p, meta, t0, t1, x))
         # in order; at most `depth` in flight; a finished one goes out at once (latency)
         while self.inflight and (
@@ -274,8 +273,10 @@ class InferStage(Stage):
         return True
 
     def _take(self, timeout: float) -> Taken | object | None:
-        """The next frame prepared (input, meta, start time), None when none came within
-        ``timeout``, SKIPPED when it was refused or torn."""
+        """The next frame prepared (input, meta, start and end of its preparation), None
+        when none came within ``timeout``, SKIPPED when it was refused or torn. A frame's
+        inference time runs from the end of its preparation (a synchronous engine runs
+        inside submit; a batch waits for its last frame)."""
         f = self.reader.read(timeout=timeout)
         if f is None:
             return None
@@ -288,7 +289,7 @@ class InferStage(Stage):
         if not f.valid():  # overwritten while we read it: "newest" mode under load
             self.torn += 1
             return SKIPPED
-        return x, f.meta, t0
+        return x, f.meta, t0, time.perf_counter()
 
     def _finish_oldest(self) -> None:
         pending, meta, t0, t1, x = self.inflight.popleft()
