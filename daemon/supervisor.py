@@ -1123,7 +1123,7 @@ def _process_main(
     except EchodError as e:
         events.put({"stage": spec.name, "event": "failed", "error": e.to_dict(), "fatal": True})
         sys.exit(e.exit_code)
-    code = run_stage(cls, spec, config, events, stop, commands)
+    code = run_stage(cls, spec, config, events, stop, commands, freeze_gc=True)
     events.close()
     sys.exit(code)
 
