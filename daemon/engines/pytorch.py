@@ -271,9 +271,6 @@ class PyTorchEngine(Engine):
             tf32 = precision != "fp32"
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            # shapes are fixed per CUDA graph: cuDNN times its algorithms once per shape
-            # (in the warm-up before each capture) and keeps the fastest
-            torch.backends.cudnn.benchmark = True
             # live frames ahead of offline jobs on a shared GPU (lower number: higher priority)
             priority = -1 if opts.priority == "live" else 0
             self._stream = torch.cuda.Stream(dev, priority=priority)
