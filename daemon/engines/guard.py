@@ -170,14 +170,16 @@ def probabilities(planes: np.ndarray | Sequence[np.ndarray], activation: str) ->
 def finding_confidence(probs: np.ndarray) -> tuple[float, int]:
     """(mean max-probability over the pixels whose most probable class is not 0, their
     count) for class probabilities (C, h, w); (1.0, 0) when there is no such pixel."""
-    best = probs.max(axis=0)
     # a pixel's most probable class is not 0 (ties go to the first, as argmax) exactly
-    # where class 0 is below the best: one compare instead of an argmax over the classes
-    found = probs[0] < best
-    n = int(found.sum())
+    # where the best of the other classes beats class 0, and that best is its maximum
+    other = probs[1]
+    for plane in probs[2:]:
+        other = cv2.max(other, plane)
+    found = other > probs[0]
+    n = int(np.count_nonzero(found))
     if n == 0:
         return 1.0, 0
-    return float(best[found].mean()), n
+    return float(other[found].mean()), n
 
 
 @dataclass(frozen=True)
