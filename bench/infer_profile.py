@@ -12,6 +12,8 @@ microseconds) makes everything but inference visible. In one run:
   infer stage under cProfile, its top functions by own time.
 
 Alternate runs (``--repeat``) and read the load it prints: the machine may be shared.
+``--unet`` profiles the reference U-Net instead, ``--engine``/``--device`` another engine
+(``--engine pytorch --device cuda --unet``: the GPU pipeline), ``--set`` adds settings.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 from daemon import config as config_mod
 from daemon import supervisor
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource
+from daemon.config import Config
+from daemon.engines.reference import ensure_reference
 from daemon.engines.segmenter import Segmenter
 from daemon.frame import FrameMeta
 from daemon.record import SequenceWriter
@@ -82,8 +86,10 @@ def phantom_recording(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def engine_rate(model: Path, frames: list[np.ndarray], n: int) -> float:
-    with Segmenter.open(model, engine="onnxruntime", mode="all") as seg:
+def engine_rate(
+    model: Path, frames: list[np.ndarray], n: int, engine: str = "onnxruntime", device: str = "cpu"
+) -> float:
+    with Segmenter.open(model, engine=engine, device=device, mode="all") as seg:
         xs = [seg.prepare(frames[i % 64]) for i in range(n)]
         for _ in seg.engine.run_many({seg.input.name: x} for x in xs[:50]):
             pass
@@ -94,7 +100,14 @@ def engine_rate(model: Path, frames: list[np.ndarray], n: int) -> float:
 
 
 def pipeline(
-    model: Path, folder: Path, n: int, runtime: Path, workers: str
+    model: Path,
+    folder: Path,
+    n: int,
+    runtime: Path,
+    workers: str,
+    engine: str = "onnxruntime",
+    device: str = "cpu",
+    settings: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Summary of one run, and (threads) the infer stage's profile (top by own time)."""
     stats = io.StringIO()
@@ -119,10 +132,12 @@ def pipeline(
             "pipeline.mode": "all",
             "pipeline.workers": workers,
             "model.path": str(model),
-            "model.engine": "onnxruntime",
+            "model.engine": engine,
+            "model.device": device,
             "sink.headless": True,
             "paths.runtime_dir": str(runtime),
             "paths.state_dir": str(runtime / "state"),
+            **(settings or {}),
         },
     )
     supervisor._thread_main = profiled
@@ -138,24 +153,48 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=3000)
     p.add_argument("--repeat", type=int, default=2, help="alternating engine/pipeline rounds")
     p.add_argument("--profile", action="store_true", help="print the infer stage's profile")
+    p.add_argument("--engine", default="onnxruntime")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--unet", action="store_true", help="the reference U-Net, not the probe")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE for the pipeline")
     a = p.parse_args()
+    settings = {k: config_mod.toml_or_str(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = probe_network(Path(tmp) / "probe.onnx")
+        if a.unet:
+            fmt = "pt2" if a.engine == "pytorch" else "onnx"
+            model = ensure_reference("unet2d-256", Config().paths.cache(), fmt=fmt)
+        else:
+            model = probe_network(Path(tmp) / "probe.onnx")
         folder = Path(tmp) / "frames.igs.mha"
         frames = phantom_recording(folder)
         os.chmod(tmp, 0o700)
         for i in range(a.repeat):
-            rate = engine_rate(model, frames, a.frames)
-            summary, _ = pipeline(model, folder, a.frames, Path(tmp) / f"p{i}", "processes")
+            rate = engine_rate(model, frames, a.frames, a.engine, a.device)
+            summary, _ = pipeline(
+                model,
+                folder,
+                a.frames,
+                Path(tmp) / f"p{i}",
+                "processes",
+                a.engine,
+                a.device,
+                settings,
+            )
             fps = float(summary.get("fps") or 0.0)
+            print(f"round {i}: batches {summary.get('batching')}, stages {summary.get('stages')}")
             rounds.append({"engine_fps": round(rate, 1), "pipeline_fps": fps,
                            "ratio": round(fps / rate, 3), "load": os.getloadavg()})  # fmt: skip
             print(f"round {i}: engine {rate:.0f} frames/s, pipeline {fps:.0f} frames/s, "
                   f"ratio {fps / rate:.3f}, load {os.getloadavg()[0]:.1f}")  # fmt: skip
         if a.profile:
-            summary, profile = pipeline(model, folder, a.frames, Path(tmp) / "t", "threads")
-            print(f"threads: pipeline {summary.get('fps')} frames/s; infer stage:\n{profile}")
+            summary, profile = pipeline(
+                model, folder, a.frames, Path(tmp) / "t", "threads", a.engine, a.device, settings
+            )
+            print(
+                f"threads: pipeline {summary.get('fps')} frames/s, {summary.get('batching')};"
+                f" infer stage:\n{profile}"
+            )
     write_result("infer_profile", {"frames": a.frames, "rounds": rounds})
 
 

@@ -9,7 +9,8 @@
   engine rate: p50 latency (GPU target <= 2 ms).
 
 ``--engine pytorch --device cuda`` runs it on an NVIDIA GPU (the model is converted to
-an ExportedProgram first).
+an ExportedProgram first). ``--set KEY=VALUE`` passes settings to every run (e.g.
+``pipeline.max_batch=1`` turns dynamic batching off); ``--tag`` names the result file.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--engine", default="", help="engine name (default: best for the device)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", type=Path, help="default: the paper-size reference 2-D U-Net")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run")
+    ap.add_argument("--tag", default="", help="suffix of the result file")
     args = ap.parse_args()
     cache = Config().paths.cache()
     fmt = "pt2" if args.engine == "pytorch" else "onnx"
@@ -84,6 +87,8 @@ def main() -> None:
               "--set", "source.synthetic.loop_s=0.25"]  # fmt: skip
     if args.engine:
         common += ["--engine", args.engine]
+    for kv in args.set:
+        common += ["--set", kv]
     eng = engine_rate(model, args.engine or None, args.device, min(args.frames, 500))
     thr = pipeline(args.frames, common, "--mode", "all", "--pace", "none")
     lat = pipeline(
@@ -112,8 +117,10 @@ def main() -> None:
         "engine": thr["engine"],
         "device": thr["device"],
         "engine_alone": eng,
+        "settings": args.set,
         "pipeline_all": {
-            k: thr[k] for k in ("fps", "frames_out", "dropped", "latency_ms", "stages")
+            k: thr.get(k)
+            for k in ("fps", "frames_out", "dropped", "latency_ms", "stages", "batching")
         },
         "throughput_ratio": thr["fps"] / eng["fps"],
         "paced_all_latency_ms": lat["latency_ms"],
@@ -131,6 +138,7 @@ def main() -> None:
     )
     for name, s in thr["stages"].items():
         print(f"  {name:<14} {s['mean_ms']:7.3f} ms  sd {s['sd_ms']:.3f}")
+    print(f"  batches: {thr.get('batching')}")
     print(
         f"all, paced at {eng['fps'] / 2:.1f} fps: latency p50 {lat['latency_ms']['p50']:.2f}"
         f" p99 {lat['latency_ms']['p99']:.2f} ms; p99 - inference "
@@ -141,7 +149,7 @@ def main() -> None:
         f"{new['latency_ms']['p50']:.2f} p99 {new['latency_ms']['p99']:.2f} ms, "
         f"{sum(new['dropped'].values())} of {new['frames_in']} dropped"
     )
-    write_result(f"live_pipeline_{args.device.replace(':', '')}", result)
+    write_result(f"live_pipeline_{args.device.replace(':', '')}{args.tag}", result)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ can (echod: ``--mode all --pace none``). Rounds alternate pyFAST and echod at ea
 precision, so a shared machine's load hits them alike; the best round of each counts.
 Writes ``bench/results/us_table1.json`` and ``.md``.
 
+``--baseline DIR`` adds, in the same rounds, echod from another checkout at its default
+precision (``before``: e.g. ``git archive main | tar -x -C DIR``); ``--probe`` runs both
+on the 1x1-conv probe network of ``bench/infer_profile.py`` instead (framework overhead).
+
 Setup (once): pyFAST in a folder of its own, with Debian's PoCL and libusb::
 
     apt-get install pocl-opencl-icd libusb-1.0-0
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, machine, write_result
+from infer_profile import probe_network
 
 from daemon.frame import FrameMeta
 from daemon.models import BUNDLED, ULTRASOUND
@@ -56,49 +62,56 @@ def write_frames(folder: Path, n: int) -> tuple[Path, str]:
     return rec, str(folder / "frame_#.mhd")
 
 
-def echod(rec: Path, precision: str, runtime: Path) -> dict[str, Any]:
+def echod(
+    rec: Path, precision: str, runtime: Path, model: Path | None, root: Path = ROOT
+) -> dict[str, Any]:
     args = [sys.executable, "-m", "daemon", "run", "--source", str(rec), "--mode", "all",
             "--pace", "none", "--engine", "openvino", "--device", "cpu", "--headless", "--json",
             "--set", f"paths.runtime_dir={runtime}",
             "--set", f"paths.state_dir={runtime}/state"]  # fmt: skip
     if precision != "auto":
         args += ["--set", f'model.options={{ precision = "{precision}" }}']
-    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if model is not None:
+        args += ["--model", str(model)]
+    p = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise SystemExit(f"echod failed ({p.returncode}): {p.stderr.strip()[-500:]}")
     s = json.loads(p.stdout.strip().splitlines()[-1])
     return {k: s.get(k) for k in ("fps", "frames_out", "precision", "precision_reason", "stages")}
 
 
-def pyfast(pattern: str, target: Path) -> dict[str, Any]:
+def pyfast(pattern: str, target: Path, model: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(target)}
-    p = subprocess.run(
-        [sys.executable, str(HERE / "_pyfast_us.py"), pattern, str(BUNDLED / ULTRASOUND),
-         "OpenVINO"], capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    cmd = [sys.executable, str(HERE / "_pyfast_us.py"), pattern, str(model), "OpenVINO"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if p.returncode != 0:
         raise SystemExit(f"pyFAST failed ({p.returncode}): {p.stderr.strip()[-500:]}")
     return dict(json.loads(p.stdout.strip().splitlines()[-1]))
 
 
-def table(best: dict[str, dict[str, Any]], load: list[float]) -> str:
-    ref = best["pyfast"]["fps"]
+def table(runs: dict[str, list[dict[str, Any]]], load: list[float]) -> str:
+    best = {k: max(r["fps"] for r in v) for k, v in runs.items()}
+    median = {k: statistics.median(r["fps"] for r in v) for k, v in runs.items()}
     lines = [
-        "| run | precision | frames/s | x pyFAST |",
-        "| --- | --- | --- | --- |",
-        f"| pyFAST {best['pyfast'].get('fast', '')} (OpenVINO, FAST's default) | FAST's default "
-        f"| {ref:.1f} | 1.00 |",
+        "| run | precision | frames/s (best) | x pyFAST | frames/s (median) | x pyFAST |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name, r in best.items():
-        if name != "pyfast":
-            lines.append(
-                f"| echod `{name}` | {r['precision']} | {r['fps']:.1f} | {r['fps'] / ref:.2f} |"
-            )
+    for name, rs in runs.items():
+        what = (
+            f"pyFAST {rs[0].get('fast', '')} (OpenVINO, FAST's default)"
+            if name == "pyfast"
+            else f"echod `{name}`"
+        )
+        prec = "FAST's default" if name == "pyfast" else rs[0]["precision"]
+        lines.append(
+            f"| {what} | {prec} | {best[name]:.1f} | {best[name] / best['pyfast']:.2f} "
+            f"| {median[name]:.1f} | {median[name] / median['pyfast']:.2f} |"
+        )
     m = machine()
     return (
         "\n".join(lines)
         + f"\n\n{m['cpu']}, {m['cores']} cores, {m['when']}; load average during the "
-        f"rounds {min(load):.1f}-{max(load):.1f}. Best of each; rounds alternate.\n"
+        f"rounds {min(load):.1f}-{max(load):.1f}; {len(load)} rounds, alternating.\n"
     )
 
 
@@ -108,24 +121,38 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=171)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precisions", default="auto,fp32,bf16")
+    p.add_argument("--baseline", type=Path, help="another echod checkout, run as 'before'")
+    p.add_argument("--probe", action="store_true", help="the 1x1-conv probe network")
     a = p.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {}
     load: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o700)
         rec, pattern = write_frames(Path(tmp), a.frames)
+        model = probe_network(Path(tmp) / "probe.onnx") if a.probe else None
         for r in range(a.rounds):
             print(f"round {r}: pyFAST", flush=True)
-            runs.setdefault("pyfast", []).append(pyfast(pattern, a.pyfast))
+            runs.setdefault("pyfast", []).append(
+                pyfast(pattern, a.pyfast, model or BUNDLED / ULTRASOUND)
+            )
+            if a.baseline:
+                print(f"round {r}: echod before", flush=True)
+                rt = Path(tmp) / f"rt{r}before"
+                runs.setdefault("before", []).append(echod(rec, "auto", rt, model, a.baseline))
             for prec in a.precisions.split(","):
                 print(f"round {r}: echod {prec}", flush=True)
-                runs.setdefault(prec, []).append(echod(rec, prec, Path(tmp) / f"rt{r}{prec}"))
+                rt = Path(tmp) / f"rt{r}{prec}"
+                runs.setdefault(prec, []).append(echod(rec, prec, rt, model))
             load.append(os.getloadavg()[0])
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]['fps']:.1f}" for k, v in runs.items()))
     best = {k: max(v, key=lambda x: x["fps"]) for k, v in runs.items()}
-    write_result("us_table1", {"frames": a.frames, "runs": runs, "best": best, "load": load})
-    md = RESULTS / "us_table1.md"
-    md.write_text("# Case 1: echod and pyFAST, OpenVINO CPU, mode all\n\n" + table(best, load))
+    name = "us_table1_probe" if a.probe else "us_table1"
+    write_result(name, {"frames": a.frames, "runs": runs, "best": best, "load": load})
+    md = RESULTS / f"{name}.md"
+    what = "the 1x1-conv probe network" if a.probe else "the bundled U-Net"
+    md.write_text(
+        f"# Case 1: echod and pyFAST, {what}, OpenVINO CPU, mode all\n\n" + table(runs, load)
+    )
     print(md.read_text())
 
 

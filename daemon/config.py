@@ -79,6 +79,21 @@ class PipelineConfig(Section):
         "processes", description="each stage in its own process, or threads of one (tests)"
     )
     ring_slots: int = Field(8, ge=2, le=1024, description="slots per shared-memory ring")
+    max_batch: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="mode 'all': frames waiting in the ring go to the engine together, up to this"
+        " many; 0: 8 on a GPU, 1 on a CPU (where batches are no faster); the engine may take"
+        " fewer; at most ring_slots wait",
+    )
+    max_batch_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="mode 'all': how long a batch's first frame waits for more to fill it"
+        " (0: the frames waiting now)",
+    )
     max_frame_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest frame a ring slot holds (bytes)"
     )

@@ -75,6 +75,42 @@ def agree(y: np.ndarray, ref: np.ndarray, atol: float, flips: float) -> None:
     assert differ <= flips, f"{differ:.3%} of labels differ"
 
 
+def test_pytorch_cuda_batches_in_flight(
+    cache: Path, batch: np.ndarray, cpu_out: np.ndarray
+) -> None:
+    """Batches of every size up to 4, several in flight (a CUDA graph per size, copies on
+    their own streams): each comes back in order with the values of its images."""
+    need_cuda()
+    from daemon.engines.pytorch import PyTorchEngine
+
+    eng = PyTorchEngine()
+    eng.load(ensure_reference("unet2d-256", cache, "pt2"), "cuda", mode="all")
+    assert eng.max_batch >= 4 and eng.per_batch_size and eng.depth > 1
+    sizes = [1, 3, 2, 4, 4, 1, 2, 3, 1, 1, 4, 2] * 4
+    pending: list[tuple[Any, list[int]]] = []
+    got: list[np.ndarray] = []
+    want: list[np.ndarray] = []
+    for k, n in enumerate(sizes):
+        rows = [(k + j) % 4 for j in range(n)]
+        if len(pending) >= eng.depth:  # views stay valid for `depth` more submissions
+            p, r = pending.pop(0)
+            got.append(np.array(p.wait()["probabilities"]))
+            want.append(cpu_out[r])
+        p = eng.submit_batch([{"image": batch[i : i + 1]} for i in rows])
+        pending.append((p, rows))
+    for p, r in pending:
+        got.append(np.array(p.wait()["probabilities"]))
+        want.append(cpu_out[r])
+    assert [g.shape[0] for g in got] == sizes
+    agree(np.concatenate(got), np.concatenate(want), FP16_ATOL, FP16_FLIPS)
+    one = PyTorchEngine()  # mode newest: one at a time, on one stream
+    one.load(ensure_reference("unet2d-256", cache, "pt2"), "cuda")
+    out = one.submit_batch([{"image": batch[2:3]}]).wait()["probabilities"]
+    agree(out, cpu_out[2:3], FP16_ATOL, FP16_FLIPS)
+    eng.close()
+    one.close()
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
 def test_pytorch_cuda_fp16_cuda_graphs(
     fmt: str, cache: Path, batch: np.ndarray, cpu_out: np.ndarray

@@ -19,7 +19,14 @@ import pytest
 
 from daemon.acquire.metaimage import MetaImageSequence
 from daemon.engines.card import load_card
-from daemon.engines.guard import FEATURES, Guard, domain_features, finding_confidence
+from daemon.engines.guard import (
+    FEATURES,
+    Guard,
+    as_plane,
+    domain_features,
+    finding_confidence,
+    probabilities,
+)
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import ModelError
 from daemon.models import BUNDLED, ULTRASOUND
@@ -227,3 +234,107 @@ def test_finding_confidence_is_the_argmax_definition_ties_included() -> None:
         expected = (float(p.max(axis=0)[found].mean()), int(found.sum()))
         assert finding_confidence(p) == expected
     assert finding_confidence(np.full((3, 4, 4), 1 / 3, np.float32)) == (1.0, 0)
+
+
+# -- the cheap guard against the reference (the guard as first written) ---------------------
+
+
+def reference_field_of_view(image: np.ndarray) -> np.ndarray:
+    above = (cv2.blur(image, (9, 9)) > 0.02).view(np.uint8)
+    mask = cv2.morphologyEx(above, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return mask.astype(bool)
+    biggest = 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
+    inside = cv2.morphologyEx(
+        (comp == biggest).view(np.uint8), cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8)
+    )
+    return inside.astype(bool)
+
+
+def reference_top_sag(fov: np.ndarray) -> float:
+    cols = np.nonzero(fov.any(axis=0))[0]
+    if len(cols) < 10:
+        return 0.0
+    h = fov.shape[0]
+    top = fov[:, cols].argmax(axis=0)
+    near = cols[top <= top.min() + 0.08 * h]
+    t = top[np.isin(cols, near)].astype(np.float32)
+    if len(t) < 9:
+        return 0.0
+    third = len(t) // 3
+    ends = np.concatenate([t[:third], t[-third:]])
+    return float(np.median(t[third:-third]) - np.median(ends)) / h
+
+
+def reference_features(image: np.ndarray) -> dict[str, float]:
+    fov = reference_field_of_view(image)
+    n = int(fov.sum())
+    out = dict.fromkeys(FEATURES, 0.0)
+    out["fov_fraction"] = n / fov.size
+    if n < 256:
+        return out
+    v = image[fov]
+    out["fov_mean"] = float(v.mean())
+    out["fov_std"] = float(v.std())
+    pair = fov[:, 1:] & fov[:, :-1]
+    a, b = image[:, 1:][pair], image[:, :-1][pair]
+    sa, sb = float(a.std()), float(b.std())
+    if sa > 1e-6 and sb > 1e-6:
+        out["neighbour_corr"] = float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb))
+    mean = cv2.blur(image, (5, 5))
+    sq = cv2.blur(image * image, (5, 5))
+    local = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+    inner = cv2.erode(fov.view(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if inner.any():
+        out["local_std"] = float(np.median(local[inner]))
+    out["top_sag"] = reference_top_sag(fov)
+    return out
+
+
+def reference_verdict(guard: Guard, image: np.ndarray, probs: np.ndarray) -> tuple[bool, str]:
+    conf, _ = finding_confidence(probs)
+    f = reference_features(image)
+    for name, (lo, hi) in guard.domain.items():
+        if not lo <= f[name] <= hi:
+            return False, f"out of domain: {name} {f[name]:.3f} not in [{lo:.3f}, {hi:.3f}]"
+    if conf < guard.min_confidence:
+        return False, f"low confidence {conf:.3f} < {guard.min_confidence:.3f}"
+    return True, ""
+
+
+def judged_frames() -> list[tuple[str, np.ndarray]]:
+    """Fresh simulator frames of every kind, the real recordings (every 8th water-tank
+    frame) and the frames that are not ultrasound."""
+    out = [(f"seed {s}", example(s).image) for s in range(FRESH + 700, FRESH + 760)]
+    for name in RECORDINGS:
+        path = DATA / "us" / name
+        if path.is_file():
+            source = MetaImageSequence(path)
+            try:
+                out += [
+                    (f"{name} {i}", f.image) for i, f in enumerate(source.frames()) if i % 8 == 0
+                ]
+            finally:
+                source.close()
+    return out + wrong_frames()
+
+
+def test_cheap_guard_judges_as_the_reference(seg: Segmenter) -> None:
+    """Same statistics (within float rounding: sums in float64 instead of float32) and the
+    same verdict, with the bundled card's thresholds, on every frame; frames of each
+    verdict are among them."""
+    need_data(DATA / "us" / RECORDINGS[0])
+    assert seg.guard is not None
+    reasons = set()
+    for what, image in judged_frames():
+        x = seg.prepare(image)
+        plane, out = as_plane(x), seg.infer(x)
+        got, ref = domain_features(plane), reference_features(plane)
+        for k in FEATURES:
+            assert got[k] == pytest.approx(ref[k], abs=1e-5), f"{what}: {k}"
+        verdict = seg.judge(x, out)
+        expected = reference_verdict(seg.guard, plane, probabilities(out[0], "softmax"))
+        assert (verdict.confident, verdict.reason) == expected, what
+        reasons.add(verdict.reason[:3])
+    assert reasons == {"", "out", "low"}, reasons

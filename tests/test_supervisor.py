@@ -7,6 +7,7 @@ engines come in through the real ``echod.engines`` entry points (tests/plugin_en
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -367,3 +368,27 @@ def test_scanner_state_is_reported_and_published(
     finally:
         c.close()
         r.stop()
+
+
+def test_job_workers_are_ready_before_the_source_starts(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A job worker's start (a process importing echod) must not take the CPU from the
+    first live frames: it is ready before the source is started."""
+    cfg = config.load(
+        None,
+        {
+            "source.frames": 5,
+            "source.pace": "none",
+            "pipeline.mode": "all",
+            "model.warmup": 1,
+            "offline.workers": 1,
+            "sink.headless": True,
+            "paths.state_dir": str(tmp_path / "state"),
+            "paths.runtime_dir": str(tmp_path / "run"),
+        },
+    )
+    with caplog.at_level(logging.INFO, logger="daemon.supervisor"):
+        Supervisor(cfg).run()
+    ready = [r.args[0] for r in caplog.records if r.msg.startswith("stage %s ready")]
+    assert "jobs-0" in ready and ready.index("jobs-0") < ready.index("acquire"), ready

@@ -11,6 +11,10 @@ besides its own, and has an asynchronous path: :meth:`Engine.submit` returns a
 :class:`Pending` at once and up to :attr:`Engine.depth` of them are worth
 keeping in flight; :meth:`Engine.run_many` pipelines a stream of inputs with it.
 The base class runs ``submit`` synchronously (``depth`` 1).
+
+Several frames go through one call with :meth:`Engine.submit_batch` (up to
+:attr:`Engine.max_batch`: 1 where the model's batch is fixed at one); the base class
+stacks them along axis 0 and submits the stack.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import importlib
 import re
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -203,6 +207,10 @@ def import_library(module: str) -> tuple[ModuleType | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+MAX_BATCH = 64
+"""The largest batch an engine takes by default when the model's batch is dynamic."""
+
+
 class Pending:
     """One submitted inference; :meth:`wait` gives its outputs (once, then cached)."""
 
@@ -269,6 +277,35 @@ class Engine(ABC):
     def depth(self) -> int:
         """Inferences worth keeping in flight through :meth:`submit` (1: it runs at once)."""
         return 1
+
+    @property
+    def max_batch(self) -> int:
+        """The most one-image inputs :meth:`submit_batch` takes in one call: 1 unless every
+        input's batch dimension (axis 0) is dynamic, then :data:`MAX_BATCH` (engines that
+        know a tighter limit say it)."""
+        if self.inputs and all(s.shape and s.shape[0] is None for s in self.inputs):
+            return MAX_BATCH
+        return 1
+
+    @property
+    def per_batch_size(self) -> bool:
+        """True where each batch size is prepared on its first use (a CUDA graph each):
+        worth a blank batch of each size at start."""
+        return False
+
+    def submit_batch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> Pending:
+        """Start one inference on several one-image inputs (each as :meth:`submit` takes
+        it, batch dimension 1), at most :attr:`max_batch`; the outputs have the batch
+        dimension ``len(batch)``, in the order given; they may be views of the engine's
+        buffers, valid until :attr:`depth` more submissions. Here: the inputs stacked
+        along axis 0 and submitted."""
+        if len(batch) == 1:
+            return self.submit(batch[0])
+        if not 0 < len(batch) <= self.max_batch:
+            raise EngineError(
+                f"{self.name}: a batch of {len(batch)} (this model takes 1 to {self.max_batch})"
+            )
+        return self.submit({k: np.concatenate([b[k] for b in batch]) for k in batch[0]})
 
     def submit(self, inputs: Mapping[str, np.ndarray]) -> Pending:
         """Start one inference and return at once where the engine can (here: synchronous).

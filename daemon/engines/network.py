@@ -467,6 +467,17 @@ class Network:
         """Start inference on ``x`` (left unchanged until the result)."""
         return self.engine.submit({self.input.name: x})
 
+    def submit_batch(self, xs: list[np.ndarray]) -> list[Pending]:
+        """One engine call for several prepared frames (at most ``engine.max_batch``); a
+        Pending per frame, in order, for :meth:`result` (its outputs may be views of the
+        engine's buffers: use them before ``depth`` more submissions)."""
+        batch = self.engine.submit_batch([{self.input.name: x} for x in xs])
+
+        def row(i: int) -> Pending:
+            return Pending(lambda: {k: v[i : i + 1] for k, v in batch.wait().items()}, batch.done)
+
+        return [row(i) for i in range(len(xs))]
+
     def result(self, pending: Pending) -> dict[str, np.ndarray]:
         """The model's outputs for a :meth:`submit`; waits for them."""
         return pending.wait()

@@ -10,12 +10,14 @@ tensors (else the program's own names are used).
 
 On CUDA: ``precision`` ``"auto"``/``"fp16"`` runs in half precision (inputs and
 outputs stay float32 at the interface), ``"bf16"`` in bfloat16; CUDA graphs
-(option ``cuda_graphs``, default on) are captured once per input shape and
-replayed, so one inference is a few launches; the weights are kept channels-last
-(cuDNN's fast layout; inputs and outputs keep the model's layout). With mode ``"all"``,
-:meth:`PyTorchEngine.submit` queues copy-in, replay and copy-out to pinned host
-buffers on a CUDA stream and returns at once (``depth`` inferences in flight), so
-the caller prepares the next frame while the GPU works. On the CPU it runs in
+(option ``cuda_graphs``, default on) are captured once per input shape (a batch size
+is a shape: :meth:`PyTorchEngine.submit_batch`) and replayed, so one inference is a few
+launches; the weights are kept channels-last (cuDNN's fast layout; inputs and outputs
+keep the model's layout). With mode ``"all"``, :meth:`PyTorchEngine.submit` queues
+copy-in (from pinned host buffers), replay and copy-out (to pinned host buffers) and
+returns at once (``depth`` inferences in flight), so the caller prepares the next frame
+while the GPU works; the copies run on streams of their own, overlapping the compute of
+the neighbouring inferences. On the CPU it runs in
 float32 (``"bf16"`` on request) and ``threads`` sets torch's intra-op threads.
 
 Own options: ``cuda_graphs`` (bool, default True).
@@ -27,7 +29,7 @@ import json
 import logging
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +87,12 @@ def _specs_from_json(text: str, where: Path) -> tuple[list[TensorSpec], list[Ten
 
 
 class _Runner:
-    """The model on CUDA for one set of input shapes: static device tensors, an optional
-    captured CUDA graph, and ``slots`` pinned host buffers for inputs and outputs, so
-    one inference is copy-in, replay, copy-out on the stream with no allocation."""
+    """The model on CUDA for one set of input shapes (one batch size): static device
+    inputs and outputs and an optional captured CUDA graph (replayed on the caller's
+    stream, so one inference is a few launches)."""
 
     def __init__(
-        self, torch: Any, module: Any, example: list[Any], dtype: Any, slots: int, graph: bool
+        self, torch: Any, module: Any, example: list[Any], dtype: Any, graph: bool, pool: Any
     ) -> None:
         self.torch, self.module, self.dtype = torch, module, dtype
         # static inputs keep the interface's dtype: the host-to-device copies are plain
@@ -103,46 +105,54 @@ class _Runner:
                 outs = self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = None
-        if graph:
+        if graph:  # graphs share one memory pool: they never run at the same time
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=pool):
                 outs = self._forward()
         self.outputs = outs
-        self.host_in = [
-            [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in example]
-            for _ in range(slots)
-        ]
-        self.host_out = [
-            [torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs]
-            for _ in range(slots)
-        ]
-        self.in_views = [[t.numpy() for t in slot] for slot in self.host_in]
-        self.out_views = [[t.numpy() for t in slot] for slot in self.host_out]
-        self.next = 0
 
     def _forward(self) -> list[Any]:
         xs = [x.to(self.dtype) if x.is_floating_point() else x for x in self.inputs]
         outs = _as_list(self.module(*xs))
         return [o.float() if o.is_floating_point() else o for o in outs]
 
-    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Queue one inference on the current stream; numpy views of the pinned outputs
-        (valid once the stream reaches this point, until ``slots`` more calls)."""
-        slot = self.next
-        self.next = (slot + 1) % len(self.host_in)
-        for a, view, pinned, static in zip(
-            arrays, self.in_views[slot], self.host_in[slot], self.inputs, strict=True
-        ):
-            np.copyto(view, a, casting="same_kind")
-            static.copy_(pinned, non_blocking=True)
+    def __call__(self) -> list[Any]:
+        """Run on the current stream on what :attr:`inputs` hold; the outputs (static
+        tensors with a graph: overwritten by the next call)."""
         if self.graph is not None:
             self.graph.replay()
-            outs = self.outputs
-        else:
-            outs = self._forward()
-        for h, o in zip(self.host_out[slot], outs, strict=True):
-            h.copy_(o, non_blocking=True)
-        return self.out_views[slot]
+            return list(self.outputs)
+        return self._forward()
+
+
+class _Staging:
+    """``slots`` sets of buffers for inferences in flight of up to ``rows`` images of one
+    shape: pinned host inputs and outputs, device copies of both, and per slot the events
+    that order the three streams. A slot's inference is: pinned input -> device (copy-in
+    stream) | device -> the runner's static inputs, replay, outputs -> device slot
+    (compute stream) | device slot -> pinned output (copy-out stream): the copies of one
+    batch overlap the compute of its neighbours."""
+
+    def __init__(
+        self, torch: Any, dev: Any, inputs: list[Any], outputs: list[Any], rows: int, slots: int
+    ) -> None:
+        def alloc(like: list[Any], **kw: Any) -> list[list[Any]]:
+            return [
+                [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, **kw) for t in like]
+                for _ in range(slots)
+            ]
+
+        self.rows = rows
+        self.host_in = alloc(inputs, pin_memory=True)
+        self.host_out = alloc(outputs, pin_memory=True)
+        self.dev_in = alloc(inputs, device=dev)
+        self.dev_out = alloc(outputs, device=dev)
+        self.in_views = [[t.numpy() for t in slot] for slot in self.host_in]
+        self.out_views = [[t.numpy() for t in slot] for slot in self.host_out]
+        self.copied_in = [torch.cuda.Event() for _ in range(slots)]
+        self.computed = [torch.cuda.Event() for _ in range(slots)]
+        self.copied_out = [torch.cuda.Event() for _ in range(slots)]
+        self.next = 0
 
 
 def _as_list(out: Any) -> list[Any]:
@@ -167,9 +177,14 @@ class PyTorchEngine(Engine):
         self._dtype: Any = None  # the compute dtype of floating inputs
         self._graphs = False
         self._runners: dict[tuple[tuple[int, ...], ...], _Runner] = {}
-        self._stream: Any = None
+        self._staging: dict[tuple[tuple[int, ...], ...], _Staging] = {}
+        self._pool: Any = None
+        self._stream: Any = None  # compute
+        self._copy_in: Any = None
+        self._copy_out: Any = None
         self._inflight: deque[Pending] = deque()
         self._depth = 1
+        self._max_batch = 1
 
     @classmethod
     def probe(cls) -> Probe:
@@ -257,9 +272,17 @@ class PyTorchEngine(Engine):
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
             # live frames ahead of offline jobs on a shared GPU (lower number: higher priority)
-            self._stream = torch.cuda.Stream(dev, priority=-1 if opts.priority == "live" else 0)
+            priority = -1 if opts.priority == "live" else 0
+            self._stream = torch.cuda.Stream(dev, priority=priority)
             self._depth = _DEPTH if opts.mode == "all" else 1
+            # in flight, copies get streams of their own to overlap the compute; one at a
+            # time, one stream is the shortest way
+            overlap = self._depth > 1
+            self._copy_in = torch.cuda.Stream(dev, priority=priority) if overlap else self._stream
+            self._copy_out = torch.cuda.Stream(dev, priority=priority) if overlap else self._stream
+            self._pool = torch.cuda.graph_pool_handle()
         self.inputs, self.outputs = inputs, outputs
+        self._max_batch = super().max_batch
         self.version = str(torch.__version__)
         self.device = f"{dev} {str(dtype).removeprefix('torch.')}" + (
             " cuda-graphs" if self._graphs else ""
@@ -270,16 +293,30 @@ class PyTorchEngine(Engine):
     def depth(self) -> int:
         return self._depth
 
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    @property
+    def per_batch_size(self) -> bool:
+        return self._graphs
+
     def _arrays(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         missing = [s.name for s in self.inputs if s.name not in inputs]
         if missing:
             raise EngineError(f"pytorch: input {missing[0]!r} missing (got {', '.join(inputs)})")
         return [np.asarray(inputs[s.name]) for s in self.inputs]
 
-    def _queue(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Queue one inference on the engine's CUDA stream (see _Runner)."""
+    def _queue(self, items: list[list[np.ndarray]]) -> tuple[list[np.ndarray], Any]:
+        """Queue one inference on CUDA of ``items`` (each: the arrays of one submission,
+        stacked along axis 0; see _Staging): numpy views of the pinned outputs, valid
+        once the returned event is reached and until ``depth`` more calls."""
         torch = self._torch
-        key = tuple(a.shape for a in arrays)
+        rows = sum(int(it[0].shape[0]) for it in items)
+        image = tuple(a.shape[1:] for a in items[0])
+        if any(tuple(a.shape[1:] for a in it) != image for it in items[1:]):
+            raise EngineError("pytorch: the images of one batch must have the same shape")
+        key = tuple((rows, *shape) for shape in image)
         runner = self._runners.get(key)
         if runner is None:
             log.info(
@@ -287,25 +324,66 @@ class PyTorchEngine(Engine):
                 "a CUDA graph" if self._graphs else "buffers",
                 [list(k) for k in key],
             )
-            example = [torch.from_numpy(np.ascontiguousarray(a)).to(self._dev) for a in arrays]
-            runner = _Runner(
-                torch, self._module, example, self._dtype, self._depth + 1, self._graphs
-            )
+            example = [
+                torch.from_numpy(np.concatenate([it[k] for it in items])).to(self._dev)
+                for k in range(len(image))
+            ]
+            self._drain()  # nothing in flight while it warms up and captures
+            runner = _Runner(torch, self._module, example, self._dtype, self._graphs, self._pool)
+            torch.cuda.synchronize(self._dev)
             self._runners[key] = runner
-        return runner(arrays)
+        staging = self._staging.get(image)
+        if staging is None or staging.rows < rows:  # grows to the largest batch seen
+            self._drain()
+            staging = _Staging(
+                torch, self._dev, runner.inputs, runner.outputs, rows, self._depth + 1
+            )
+            self._staging[image] = staging
+        s = staging.next
+        staging.next = (s + 1) % len(staging.host_in)
+        staging.copied_out[s].synchronize()  # its last inference is out: the slot is free
+        r = 0
+        for it in items:
+            n = int(it[0].shape[0])
+            for view, a in zip(staging.in_views[s], it, strict=True):
+                np.copyto(view[r : r + n], a, casting="same_kind")
+            r += n
+        with torch.cuda.stream(self._copy_in):
+            for d, h in zip(staging.dev_in[s], staging.host_in[s], strict=True):
+                d[:rows].copy_(h[:rows], non_blocking=True)
+            staging.copied_in[s].record(self._copy_in)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(staging.copied_in[s])
+            for static, d in zip(runner.inputs, staging.dev_in[s], strict=True):
+                static.copy_(d[:rows], non_blocking=True)
+            for d, o in zip(staging.dev_out[s], runner(), strict=True):
+                d[:rows].copy_(o, non_blocking=True)
+            staging.computed[s].record(self._stream)
+        with torch.cuda.stream(self._copy_out):
+            self._copy_out.wait_event(staging.computed[s])
+            for h, d in zip(staging.host_out[s], staging.dev_out[s], strict=True):
+                h[:rows].copy_(d[:rows], non_blocking=True)
+            staging.copied_out[s].record(self._copy_out)
+        return [v[:rows] for v in staging.out_views[s]], staging.copied_out[s]
 
-    def _named(self, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _named(self, outs: list[np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
         if len(outs) != len(self.outputs):
             raise EngineError(
                 f"pytorch: model gave {len(outs)} outputs, expected {len(self.outputs)}"
             )
-        return {spec.name: np.array(o) for spec, o in zip(self.outputs, outs, strict=True)}
+        return {
+            spec.name: np.array(o) if copy else o
+            for spec, o in zip(self.outputs, outs, strict=True)
+        }
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._inflight.popleft().wait()
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._module is None:
             raise EngineError("pytorch: run() before load() or after close()")
-        while self._inflight:
-            self._inflight.popleft().wait()
+        self._drain()
         torch = self._torch
         arrays = self._arrays(inputs)
         try:
@@ -317,9 +395,8 @@ class PyTorchEngine(Engine):
                     return self._named(
                         [o.float().numpy() if o.is_floating_point() else o.numpy() for o in outs]
                     )
-                with torch.cuda.stream(self._stream):
-                    host = self._queue(arrays)
-                self._stream.synchronize()
+                host, event = self._queue([arrays])
+                event.synchronize()
                 return self._named(host)
         except EngineError:
             raise
@@ -330,21 +407,35 @@ class PyTorchEngine(Engine):
         """On CUDA in mode "all": queue the inference and return at once; else run it now."""
         if self._stream is None or self._depth == 1:
             return super().submit(inputs)
-        if len(self._inflight) >= self._depth:
+        return self._submit([self._arrays(inputs)], copy=True)
+
+    def submit_batch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> Pending:
+        """On CUDA: the images go straight into a pinned buffer (no stacking copy) and
+        through the CUDA graph of that batch size; the outputs are views of the pinned
+        buffer, valid until :attr:`depth` more submissions."""
+        if self._stream is None:
+            return super().submit_batch(batch)
+        if not 0 < len(batch) <= self._max_batch:
+            raise EngineError(
+                f"pytorch: a batch of {len(batch)} (this model takes 1 to {self._max_batch})"
+            )
+        return self._submit([self._arrays(b) for b in batch], copy=False)
+
+    def _submit(self, items: list[list[np.ndarray]], copy: bool) -> Pending:
+        while len(self._inflight) >= self._depth:
             self._inflight.popleft().wait()
         torch = self._torch
-        arrays = self._arrays(inputs)
         try:
-            with torch.inference_mode(), torch.cuda.stream(self._stream):
-                host = self._queue(arrays)
-                event = torch.cuda.Event()
-                event.record(self._stream)
+            with torch.inference_mode():
+                host, event = self._queue(items)
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError(f"pytorch submit failed: {type(exc).__name__}: {exc}") from exc
 
         def wait() -> dict[str, np.ndarray]:
             event.synchronize()
-            return self._named(host)  # copies out of the pinned slot
+            return self._named(host, copy)
 
         pending = Pending(wait, event.query)
         self._inflight.append(pending)
@@ -352,10 +443,12 @@ class PyTorchEngine(Engine):
 
     def close(self) -> None:
         if self._stream is not None:
-            self._stream.synchronize()
+            torch = self._torch
+            torch.cuda.synchronize(self._dev)
         self._inflight.clear()
         self._runners = {}
-        self._module = self._stream = None
+        self._staging = {}
+        self._module = self._stream = self._copy_in = self._copy_out = self._pool = None
         super().close()
 
 

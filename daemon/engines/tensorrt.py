@@ -216,6 +216,7 @@ class TensorRtEngine(Engine):
         self._stream: Any = None
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self._monitor: Any = None  # the build's progress monitor: must outlive the builder
+        self._max_batch = 1
 
     @classmethod
     def probe(cls) -> Probe:
@@ -303,6 +304,8 @@ class TensorRtEngine(Engine):
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
         self.version = str(trt.__version__)
+        first = shapes.get(self.inputs[0].name) if self.inputs else None
+        self._max_batch = min(first[2][0], super().max_batch) if first else super().max_batch
         self.device = f"cuda:{index} {gpu} (sm {cc}) {precision}"
         log.info("tensorrt %s: %s ready on %s", self.version, model, self.device)
 
@@ -376,6 +379,11 @@ class TensorRtEngine(Engine):
             self._buffers[name] = (ptr, nbytes)
             self._context.set_tensor_address(name, ptr)
         return ptr
+
+    @property
+    def max_batch(self) -> int:
+        """The optimisation profile's largest batch (option ``max_batch``)."""
+        return self._max_batch
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._context is None:
