@@ -31,19 +31,24 @@ RERUN = {  # how to produce each result (the module docstrings say more)
     "jobs_live": "python bench/jobs_live.py",
 }
 STEP_KEYS = ("stages", "ms_per_patch", "per_patch_ms", "table2_ms")
+STEPS = ("generator", "wait", "nn_input", "nn_inference", "nn_output", "record", "stitcher")
 PERCENTILES = ("p50", "p90", "p95", "p99", "p99.9", "max")
 
 
 def step_times(data: Any, path: str = "") -> Iterator[tuple[str, dict[str, float]]]:
     """(contender, {step: ms}) for every per-step timing table found in ``data``: a dict
-    under one of ``STEP_KEYS`` whose values are numbers, ``{"mean_ms": x}`` or
-    ``{"mean": x}``; the contender is named by the nearest "row"/"system" or the path."""
+    under one of ``STEP_KEYS``, or one with at least two of ``STEPS``, whose values are
+    numbers, ``{"mean_ms": x}``, ``{"mean": x}`` or ``{"p50": x}``; the contender is named
+    by the nearest "row"/"system" or the path."""
     if isinstance(data, dict):
         label = str(data.get("row") or data.get("system") or path or "run")
         for key in STEP_KEYS:
             steps = _ms(data.get(key))
             if steps:
                 yield label, steps
+        if sum(k in STEPS for k in data) >= 2:  # the steps themselves, e.g. one role's
+            yield label, _ms({k: v for k, v in data.items() if k in STEPS})
+            return
         for key, value in data.items():
             if key not in STEP_KEYS:
                 yield from step_times(value, f"{path}.{key}" if path else str(key))
@@ -59,7 +64,7 @@ def _ms(table: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     for step, v in table.items():
         if isinstance(v, dict):
-            v = v.get("mean_ms", v.get("mean"))
+            v = v.get("mean_ms", v.get("mean", v.get("p50")))
         if isinstance(v, int | float) and not isinstance(v, bool) and step != "total":
             out[str(step)] = float(v)
     return out if len(out) >= 2 else {}
@@ -122,6 +127,17 @@ def plot_latency(name: str, series: list[tuple[str, dict[str, float]]], out: Pat
     return path
 
 
+def rerun(name: str) -> str:
+    """The command that makes result ``name``: from :data:`RERUN`, else the benchmark
+    whose file name begins it (``roles-onnxruntime`` -> ``bench/roles.py``)."""
+    known = next((cmd for key, cmd in RERUN.items() if name.startswith(key)), None)
+    if known:
+        return known
+    scripts = sorted((p.stem for p in HERE.glob("[!_]*.py")), key=len, reverse=True)
+    script = next((s for s in scripts if name.startswith(s)), name)
+    return f"python bench/{script}.py"
+
+
 def section(name: str, data: dict[str, Any], out: Path) -> str:
     m = data.get("machine", {})
     lines = [f"## {name}", ""]
@@ -150,8 +166,7 @@ def section(name: str, data: dict[str, Any], out: Path) -> str:
             cells = " | ".join(f"{points[p]:.2f}" if p in points else "" for p in PERCENTILES)
             lines.append(f"| {label} | {cells} |")
         lines += ["", f"![latency]({plot_latency(name, lat, out).name})", ""]
-    rerun = next((cmd for key, cmd in RERUN.items() if name.startswith(key)), None)
-    lines += [f"Rerun: `{rerun or f'python bench/{name}.py'}`", ""]
+    lines += [f"Rerun: `{rerun(name)}`", ""]
     return "\n".join(lines)
 
 

@@ -27,6 +27,9 @@ def test_results_page_has_each_benchmarks_steps_latency_and_rerun(tmp_path: Path
     table2 = {"table2_ms": [], "rows": [{"row": "ORT fp32", "ms_per_patch": {"a": 1, "b": 2}}]}
     (tmp_path / "live_pipeline_cpu.json").write_text(json.dumps(live))
     (tmp_path / "ct_table3.json").write_text(json.dumps(table2))
+    seg = {"output": [1, 3], "nn_input": {"p50": 1}, "nn_inference": {"p50": 2}}
+    roles = {"roles": {"seg": seg}}
+    (tmp_path / "roles-cpu.json").write_text(json.dumps(roles))
     (tmp_path / "broken.json").write_text("{not json")
     assert report.main(["--results", str(tmp_path)]) == 0
     page = (tmp_path / "README.md").read_text()
@@ -34,7 +37,9 @@ def test_results_page_has_each_benchmarks_steps_latency_and_rerun(tmp_path: Path
     assert "| pipeline_all | 0.50 | 7.25 | 7.75 |" in page
     assert "| newest | 1.50 |  |  | 3.00 |  | 9.00 |" in page
     assert "| ORT fp32 | 1.00 | 2.00 | 3.00 |" in page
+    assert "| roles.seg | 1.00 | 2.00 | 3.00 |" in page
     assert "python bench/live_pipeline.py" in page and "python bench/ct_table3.py" in page
+    assert "Rerun: `python bench/roles.py`" in page  # the script whose name begins the result
     for png in ("live_pipeline_cpu-stages.png", "live_pipeline_cpu-latency.png",
                 "ct_table3-stages.png"):  # fmt: skip
         assert (tmp_path / png).read_bytes().startswith(PNG)
