@@ -557,6 +557,29 @@ def test_synchronised_mode_shows_the_frame_the_overlay_was_computed_on(
     assert r.stage.shown.index == 5
 
 
+def test_synchronised_other_ports_draw_no_result_of_a_later_frame_than_the_one_shown(
+    rig: Callable[..., Rig],
+) -> None:
+    """A faster second model's results arrive ahead of the first model's: with the frame
+    of the first model's result on screen, the second draws its result of that frame (or
+    an earlier one), never one of a later frame (its mark would be off the shown image)."""
+    r = rig(sync="synchronised", ports=("results", "results-1"))
+    r.stage.setup()
+    for i in range(6):
+        r.frame(20 + 30 * i)
+        r.step_until(lambda: len(r.stage.history) == r.index)
+    tip = np.array([[10.0, 12.0, 0.9]], np.float32)
+    for index in (1, 2, 4):  # the fast model, ahead of the slow one
+        r.send(index, record(None, Output("keypoints", "tip", tip + index)), "results-1")
+        r.step_until(lambda index=index: r.stage.ports["results-1"].results == index - index // 4)
+    r.result(2, square(r.shape))
+    r.step_until(lambda: r.stage.shown is not None and r.stage.shown.index == 2)
+    assert r.stage.ports["results-1"].index == 2, "its result of the frame shown"
+    r.result(5, square(r.shape))
+    r.step_until(lambda: r.stage.shown is not None and r.stage.shown.index == 5)
+    assert r.stage.ports["results-1"].index == 4, "its newest result up to the frame shown"
+
+
 def test_after_a_hot_swap_each_overlay_has_the_colours_of_the_model_that_made_it(
     rig: Callable[..., Rig],
 ) -> None:

@@ -44,7 +44,7 @@ import statistics
 import time
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -749,6 +749,10 @@ class DisplayStage(Stage):
         self.overlay_on = s.overlay != "off"
         self.frozen = False
         self.history: deque[tuple[np.ndarray, FrameMeta]] = deque(maxlen=s.sync_history)
+        # synchronised: the other ports' results (copies) until a frame of theirs is shown
+        self.waiting: dict[str, deque[tuple[np.ndarray, FrameMeta]]] = {
+            n: deque(maxlen=s.sync_history) for n in names if n != self.primary
+        }
         self.shown: FrameMeta | None = None  # the frame on screen
         self.status_text = ""
         self.warnings: list[str] = []
@@ -880,8 +884,9 @@ class DisplayStage(Stage):
         self, frame: RingFrame | None, results: dict[str, RingFrame], now: float
     ) -> FrameMeta | None:
         """Show a frame only with the primary port's result computed on it, or, once
-        inference has stopped, the newest frame without an overlay. Other ports' results
-        are drawn as they come."""
+        inference has stopped, the newest frame without an overlay. Each other port draws
+        its newest result computed on that frame or an earlier one, never on a later one
+        (a faster model's mark would be where things will be, not where they are shown)."""
         if frame is not None:
             try:
                 self.history.append(frame.copy())
@@ -889,7 +894,10 @@ class DisplayStage(Stage):
                 self.torn += 1
         for name, other in results.items():
             if name != self.primary:
-                self._ingest(name, other)
+                try:
+                    self.waiting[name].append(other.copy())
+                except FrameOverwritten:
+                    self.torn += 1
         result = results.get(self.primary or "")
         if result is not None:
             index = result.meta.index
@@ -900,6 +908,7 @@ class DisplayStage(Stage):
                 image, meta = self.history[match]
                 for _ in range(match + 1):
                     self.history.popleft()
+                self._catch_up(index)
                 self.renderer.upload_image(image)
                 self.shown = meta
                 return meta
@@ -909,6 +918,16 @@ class DisplayStage(Stage):
             self.shown = meta
             return meta
         return None
+
+    def _catch_up(self, index: int) -> None:
+        """Synchronised: each other port takes its newest waiting result of frame
+        ``index`` or earlier (those after it wait for their frames)."""
+        for name, waiting in self.waiting.items():
+            due = None
+            while waiting and waiting[0][1].index <= index:
+                due = waiting.popleft()
+            if due is not None:
+                self._accept(name, *due, lambda: True)  # a copy: never torn
 
     def _note(self, name: str, meta: FrameMeta, now: float) -> None:
         """Count a result that came on port ``name`` (the primary port's Table-2 timings)."""
@@ -925,12 +944,18 @@ class DisplayStage(Stage):
     def _ingest(self, name: str, result: RingFrame) -> bool:
         """Upload and keep what the result on port ``name`` draws; False when it was torn
         or is not a result record (counted; nothing of that port is drawn until the next)."""
+        return self._accept(name, result.image, result.meta, result.valid)
+
+    def _accept(
+        self, name: str, payload: np.ndarray, meta: FrameMeta, valid: Callable[[], bool]
+    ) -> bool:
+        """:meth:`_ingest` of a payload (a ring slot, or a copy) whose slot ``valid`` checks."""
         port = self.ports[name]
         try:
-            if port.take(result.image, result.meta, self.renderer, self.settings, result.valid):
+            if port.take(payload, meta, self.renderer, self.settings, valid):
                 return True
         except RecordError as e:
-            if result.valid():
+            if valid():
                 port.clear()
                 port.bad += 1
                 self.bad += 1
