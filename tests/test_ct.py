@@ -9,9 +9,7 @@ import hashlib
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from daemon.phantoms.ct import (
     write_image,
 )
 from tests.conftest import DATA, need_data
+from tests.jobctx import Ctx
 
 REAL = DATA / "ct" / "ct-3slice"
 FRESH = 1_000_300  # phantom seeds >= 1,000,000: never seen in training
@@ -39,45 +38,21 @@ class Stop(Exception):
     """Raised from progress to interrupt a run."""
 
 
-@dataclass
-class Ctx:
-    """A JobContext of real folders; done/mark backed by a set; progress recorded."""
+def stop_after(n: int) -> Callable[[Ctx, int, int, str], None]:
+    """An ``on_progress`` that interrupts the run at its ``n``-th progress call."""
 
-    input: Path
-    output: Path
-    work: Path
-    options: Any
-    model: Path | None = None
-    engine: str | None = "onnxruntime"
-    device: str = "cpu"
-    threads: int = 0
-    marked: set[str] = field(default_factory=set)
-    calls: list[tuple[int, int, str]] = field(default_factory=list)
-    phases: list[str] = field(default_factory=list)
-    stop_after: int | None = None
-
-    def done(self, unit: str) -> bool:
-        return unit in self.marked
-
-    def mark(self, unit: str) -> None:
-        self.marked.add(unit)
-
-    def progress(self, done: int, total: int, what: str) -> None:
-        self.calls.append((done, total, what))
-        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+    def stop(ctx: Ctx, done: int, total: int, what: str) -> None:
+        if len(ctx.calls) >= n:
             raise Stop
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.phases.append(name)
-        yield
+    return stop
 
 
 def make_ctx(tmp: Path, source: Path, name: str = "run", **options: Any) -> Ctx:
     out, work = tmp / name / "out", tmp / name / "work"
     out.mkdir(parents=True)
     work.mkdir(parents=True, exist_ok=True)
-    return Ctx(input=source, output=out, work=work, options=CtOptions(**options))
+    return Ctx(source, out, work, CtOptions(**options), engine="onnxruntime")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -324,7 +299,7 @@ def test_an_interrupted_job_resumes_to_the_same_output(
     slab_run: tuple[Ctx, dict], slab_series: Path, tmp_path: Path
 ) -> None:
     ctx = make_ctx(tmp_path, slab_series, overlap=0.5)
-    ctx.stop_after = 2
+    ctx.on_progress = stop_after(2)
     with pytest.raises(Stop):
         CtJob().run(ctx)
     assert ctx.marked == {"batch-00000", "batch-00001"}
@@ -332,7 +307,7 @@ def test_an_interrupted_job_resumes_to_the_same_output(
     assert set(saved) == {"batch-00000.npy", "batch-00001.npy"}
     shutil.rmtree(ctx.output)  # the job system gives each attempt a fresh output folder
     ctx.output.mkdir()
-    ctx.stop_after, ctx.calls = None, []
+    ctx.on_progress, ctx.calls = None, []
     CtJob().run(ctx)
     assert {p.name: p.stat().st_mtime_ns for p in ctx.work.iterdir() if p.name in saved} == saved
     assert ctx.marked == {"batch-00000", "batch-00001", "batch-00002"}

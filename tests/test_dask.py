@@ -12,8 +12,6 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from daemon.offline.ct import CtJob, CtOptions
 from daemon.offline.echo_volume import EchoVolume, EchoVolumeOptions
 from daemon.offline.kind import Cancelled, KindOptions, UnitKind
 from tests.conftest import Echod
+from tests.jobctx import Ctx, in_folders
 from tests.test_jobs import Appliance, tiny_model, volume
 
 distributed = pytest.importorskip("distributed")
@@ -32,43 +31,8 @@ from daemon.offline.dask_executor import DaskExecutor  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 
-@dataclass
-class Ctx:
-    """A JobContext of real folders: units in a set; ``on_progress`` sees each call."""
-
-    input: Path
-    output: Path
-    work: Path
-    options: KindOptions
-    model: Path | None = None
-    engine: str | None = None
-    device: str = "cpu"
-    threads: int = 1
-    marked: set[str] = field(default_factory=set)
-    on_progress: Any = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-    phases: list[str] = field(default_factory=list)
-
-    def done(self, unit: str) -> bool:
-        return unit in self.marked
-
-    def mark(self, unit: str) -> None:
-        self.marked.add(unit)
-
-    def progress(self, done: int, total: int, what: str) -> None:
-        if self.on_progress is not None:
-            self.on_progress(self, done, total)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.phases.append(name)
-        yield
-
-
 def context(root: Path, input: Path, options: KindOptions, model: Path | None = None) -> Ctx:
-    (root / "out").mkdir(parents=True)
-    (root / "work").mkdir()
-    return Ctx(input, root / "out", root / "work", options, model)
+    return in_folders(root, input, options, model=model, threads=1)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -171,7 +135,7 @@ def test_a_ct_job_started_here_is_finished_on_dask(
     CtJob().run(reference)
     ctx = context(tmp_path / "job", ct_series, ct_options(), model)
 
-    def stop_after_three(c: Ctx, done: int, total: int) -> None:
+    def stop_after_three(c: Ctx, done: int, total: int, what: str) -> None:
         if done >= 3:
             raise Cancelled("the appliance went down")
 
@@ -246,7 +210,7 @@ def test_a_dask_worker_killed_mid_job_gives_the_same_output(
     ctx = context(tmp_path / "dask", *args)
     killed: list[int] = []
 
-    def kill_one(c: Ctx, done: int, total: int) -> None:
+    def kill_one(c: Ctx, done: int, total: int, what: str) -> None:
         if done and not killed:  # units came back, more are on the workers
             assert done < total
             nanny = next(iter(local_cluster.workers.values()))
@@ -292,7 +256,7 @@ def test_cancel_cancels_the_jobs_tasks_on_the_cluster(
     )
     seen: list[int] = []
 
-    def cancel_once_submitted(c: Ctx, done: int, total: int) -> None:
+    def cancel_once_submitted(c: Ctx, done: int, total: int, what: str) -> None:
         seen.append(_tasks(executor))
         if len(seen) == 2:  # the first call is before the units are submitted
             raise Cancelled("cancelled by the test")

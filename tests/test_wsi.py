@@ -9,9 +9,7 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from daemon.offline.kind import Cancelled, JobInputError
 from daemon.offline.wsi import OUTPUTS, WsiJob, WsiOptions
 from daemon.phantoms.wsi import CLASSES, GLASS, Slide, write_slide
 from tests.conftest import DATA, need_data
+from tests.jobctx import Ctx
 
 openslide = pytest.importorskip("openslide")
 
@@ -35,37 +34,14 @@ CMU = DATA / "wsi" / "CMU-1-Small-Region.svs"
 SMALL = (3072, 2560, 21)  # width, height, seed: a few dozen patches of 512
 
 
-@dataclass
-class Ctx:
-    """A JobContext of real folders: units in a set, progress calls recorded."""
+def cancel_after_batches(n: int) -> Callable[[Ctx, int, int, str], None]:
+    """An ``on_progress`` that cancels the run once ``n`` batches are marked."""
 
-    input: Path
-    output: Path
-    work: Path
-    options: WsiOptions
-    model: Path | None = None
-    engine: str | None = None
-    device: str = "cpu"
-    threads: int = 0
-    marked: set[str] = field(default_factory=set)
-    calls: list[tuple[int, int, str]] = field(default_factory=list)
-    stop_after_batches: int | None = None  # raise Cancelled once this many batches are marked
-
-    def done(self, unit: str) -> bool:
-        return unit in self.marked
-
-    def mark(self, unit: str) -> None:
-        self.marked.add(unit)
-
-    def progress(self, done: int, total: int, what: str) -> None:
-        self.calls.append((done, total, what))
-        batches = sum(u.startswith("batch-") for u in self.marked)
-        if self.stop_after_batches is not None and batches >= self.stop_after_batches:
+    def cancel(ctx: Ctx, done: int, total: int, what: str) -> None:
+        if sum(u.startswith("batch-") for u in ctx.marked) >= n:
             raise Cancelled("stopped by the test")
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        yield
+    return cancel
 
 
 def context(path: Path, root: Path, work: Path | None = None, **options: Any) -> Ctx:
@@ -161,7 +137,7 @@ def test_an_interrupted_job_resumes_and_gives_the_same_outputs(
     assert reference["patches"]["tissue"] > 6  # more than three batches
 
     first = context(phantom, tmp_path / "first", batch=2)
-    first.stop_after_batches = 2
+    first.on_progress = cancel_after_batches(2)
     with pytest.raises(Cancelled):
         WsiJob().run(first)
     assert sum(u.startswith("batch-") for u in first.marked) == 2
