@@ -395,7 +395,9 @@ class InferStage(Stage):
         meta.timings_ms[Timing.NN_INFERENCE] = (t2 - t1) * 1e3
         meta.timings_ms[Timing.NN_OUTPUT] = (t3 - t2) * 1e3
         meta.generation = self.spec.generation
-        slot = self.ctx.claim("results", (results.nbytes(outputs),), np.uint8)
+        # the slot's payload is the record: described so, publish need not copy the meta
+        meta.shape, meta.dtype = (results.nbytes(outputs),), "u1"
+        slot = self.ctx.claim("results", meta.shape, np.uint8)
         if slot is None:  # stopped while a slow reader held the ring
             return
         results.pack_into(slot, outputs)
