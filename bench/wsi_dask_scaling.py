@@ -26,9 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,37 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import write_result
 
 from daemon.offline.dask_executor import DaskExecutor
+from daemon.offline.kind import FolderContext
 from daemon.offline.wsi import WsiJob, WsiOptions
 from daemon.phantoms.wsi import write_slide
-
-
-@dataclass
-class Ctx:
-    input: Path
-    output: Path
-    work: Path
-    options: WsiOptions
-    device: str
-    model: Path | None = None
-    engine: str | None = None
-    threads: int = 1
-    marked: set[str] = field(default_factory=set)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def done(self, unit: str) -> bool:
-        return unit in self.marked
-
-    def mark(self, unit: str) -> None:
-        self.marked.add(unit)
-
-    def progress(self, done: int, total: int, what: str) -> None:
-        pass
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def main() -> None:
@@ -93,8 +62,10 @@ def main() -> None:
     work = root / "work"
     work.mkdir()
 
-    def context(name: str, marked: set[str]) -> Ctx:
-        ctx = Ctx(slide, root / name, work, opts, args.device, args.model, args.engine)
+    def context(name: str, marked: set[str]) -> FolderContext:
+        ctx = FolderContext(
+            slide, root / name, work, opts, args.model, args.engine, args.device, threads=1
+        )
         ctx.marked = set(marked)
         ctx.output.mkdir()
         return ctx

@@ -33,10 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,49 +46,19 @@ from _common import write_result
 
 from daemon.models import BUNDLED, WSI
 from daemon.offline import slides
+from daemon.offline.kind import FolderContext
 from daemon.offline.wsi import WsiJob, WsiOptions
 
 STAGES = ("generator", "wait", "nn_input", "inference", "nn_output", "stitcher", "total")
-
-
-@dataclass
-class BenchContext:
-    """A JobContext of temporary folders (no job system)."""
-
-    input: Path
-    output: Path
-    work: Path
-    options: WsiOptions
-    model: Path | None = None
-    engine: str | None = None
-    device: str = "cpu"
-    threads: int = 0
-    marked: set[str] = field(default_factory=set)
-    phases: dict[str, float] = field(default_factory=dict)
-
-    def done(self, unit: str) -> bool:
-        return unit in self.marked
-
-    def mark(self, unit: str) -> None:
-        self.marked.add(unit)
-
-    def progress(self, done: int, total: int, what: str) -> None:
-        pass
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.phases[name] = round(time.perf_counter() - t0, 3)
 
 
 def run_echod(slide: Path, root: Path, batch: int, readers: int, engine: str | None) -> dict:
     out, work = root / "out", root / "work"
     out.mkdir(parents=True)
     work.mkdir()
-    ctx = BenchContext(slide, out, work, WsiOptions(batch=batch, readers=readers), engine=engine)
+    ctx = FolderContext(slide, out, work, WsiOptions(batch=batch, readers=readers), engine=engine)
     manifest = WsiJob().run(ctx)
-    manifest["phases_s"] = ctx.phases
+    manifest["phases_s"] = {k: round(v, 3) for k, v in ctx.seconds.items()}
     return manifest
 
 

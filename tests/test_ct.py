@@ -19,6 +19,7 @@ import pytest
 
 from daemon.offline import volumes
 from daemon.offline.ct import CtJob, CtOptions, resize3
+from daemon.offline.kind import FolderContext as Ctx
 from daemon.offline.kind import JobInputError
 from daemon.phantoms.ct import (
     PAPER_SHAPE,
@@ -28,7 +29,6 @@ from daemon.phantoms.ct import (
     write_image,
 )
 from tests.conftest import DATA, need_data
-from tests.jobctx import Ctx
 
 REAL = DATA / "ct" / "ct-3slice"
 FRESH = 1_000_300  # phantom seeds >= 1,000,000: never seen in training

@@ -21,8 +21,8 @@ from daemon.cli import main as cli_main
 from daemon.offline.ct import CtJob, CtOptions
 from daemon.offline.echo_volume import EchoVolume, EchoVolumeOptions
 from daemon.offline.kind import Cancelled, KindOptions, UnitKind
+from daemon.offline.kind import FolderContext as Ctx
 from tests.conftest import Echod
-from tests.jobctx import Ctx, in_folders
 from tests.test_jobs import Appliance, tiny_model, volume
 
 distributed = pytest.importorskip("distributed")
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def context(root: Path, input: Path, options: KindOptions, model: Path | None = None) -> Ctx:
-    return in_folders(root, input, options, model=model, threads=1)
+    return Ctx.under(root, input, options, model=model, threads=1)
 
 
 def digest(folder: Path) -> dict[str, str]:

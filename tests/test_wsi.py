@@ -23,10 +23,10 @@ from daemon.errors import ModelError
 from daemon.models import BUNDLED, ULTRASOUND
 from daemon.offline import slides
 from daemon.offline.kind import Cancelled, JobInputError
+from daemon.offline.kind import FolderContext as Ctx
 from daemon.offline.wsi import OUTPUTS, WsiJob, WsiOptions
 from daemon.phantoms.wsi import CLASSES, GLASS, Slide, write_slide
 from tests.conftest import DATA, need_data
-from tests.jobctx import Ctx
 
 openslide = pytest.importorskip("openslide")
 

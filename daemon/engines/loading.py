@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -157,3 +157,40 @@ def fit(
         f"model {model.name} cannot take frames of {frame_text(frame_shape)}: {reason}"
         + (tried if probe else "")
     ) from None
+
+
+class _Runner(Protocol):
+    precision: precision.Choice
+
+    def __init__(
+        self,
+        engine: Engine,
+        card: ModelCard,
+        model: Path,
+        skipped: list[str] | None = ...,
+        prepare: opencl.Prepare = ...,
+        prepare_info: tuple[str, str] = ...,
+    ) -> None: ...
+
+
+R = TypeVar("R", bound=_Runner)
+
+
+def open_runner(cls: type[R], model: Path, engine: str | None, device: str, **options: Any) -> R:
+    """:func:`open_model`, then ``cls`` (Network, Segmenter) around what was opened; the
+    engine is closed if ``cls`` refuses the model."""
+    opened = open_model(model, engine, device, **options)
+    try:
+        runner = cls(
+            opened.engine,
+            opened.card,
+            opened.model,
+            opened.skipped,
+            opened.prepare,
+            opened.prepare_info,
+        )
+    except BaseException:
+        opened.engine.close()
+        raise
+    runner.precision = opened.precision
+    return runner

@@ -133,21 +133,7 @@ class Network:
         """Load ``model`` with its card on ``engine`` (None: the best available on
         ``device``); ``preprocess`` ("cpu", "opencl", "auto") picks the pre-processing,
         the other ``options`` go to the engine (daemon/engines/loading.py)."""
-        opened = loading.open_model(model, engine, device, **options)
-        try:
-            net = cls(
-                opened.engine,
-                opened.card,
-                opened.model,
-                opened.skipped,
-                opened.prepare,
-                opened.prepare_info,
-            )
-        except BaseException:
-            opened.engine.close()
-            raise
-        net.precision = opened.precision
-        return net
+        return loading.open_runner(cls, model, engine, device, **options)
 
     # -- the model's input --------------------------------------------------------------
 

@@ -102,21 +102,7 @@ class Segmenter:
         """Load ``model`` with its card on ``engine`` (None: the best available on ``device``);
         the option ``preprocess`` is "cpu" (default), "opencl" or "auto" (see
         ``opencl.choose``); the other ``options`` go to the engine's ``load``."""
-        opened = loading.open_model(model, engine, device, **options)
-        try:
-            seg = cls(
-                opened.engine,
-                opened.card,
-                opened.model,
-                opened.skipped,
-                opened.prepare,
-                opened.prepare_info,
-            )
-        except BaseException:
-            opened.engine.close()
-            raise
-        seg.precision = opened.precision
-        return seg
+        return loading.open_runner(cls, model, engine, device, **options)
 
     def _validate(self) -> None:
         """Card against model, for a 4-D image input with a known layout."""

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -86,6 +87,56 @@ class JobContext(Protocol):
     def progress(self, done: int, total: int, what: str) -> None: ...
 
     def phase(self, name: str) -> AbstractContextManager[None]: ...
+
+
+@dataclass
+class FolderContext:
+    """A :class:`JobContext` of plain folders, without the job system: runs a kind
+    directly (benchmarks, tests). Units done are a set; each ``progress`` call is
+    recorded in ``calls`` and handed to ``on_progress`` (which may raise to stop the
+    run); ``phases`` lists the phases in order and ``seconds`` times each."""
+
+    input: Path
+    output: Path
+    work: Path
+    options: Any
+    model: Path | None = None
+    engine: str | None = None
+    device: str = "cpu"
+    threads: int = 0
+    marked: set[str] = field(default_factory=set)
+    calls: list[tuple[int, int, str]] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    on_progress: Callable[[FolderContext, int, int, str], None] | None = None
+
+    @classmethod
+    def under(cls, root: Path, input: Path, options: Any, **kw: Any) -> FolderContext:
+        """A context whose ``out`` and ``work`` folders are made under ``root``."""
+        (root / "out").mkdir(parents=True)
+        (root / "work").mkdir(exist_ok=True)
+        return cls(input, root / "out", root / "work", options, **kw)
+
+    def done(self, unit: str) -> bool:
+        return unit in self.marked
+
+    def mark(self, unit: str) -> None:
+        self.marked.add(unit)
+
+    def progress(self, done: int, total: int, what: str) -> None:
+        self.calls.append((done, total, what))
+        if self.on_progress is not None:
+            self.on_progress(self, done, total, what)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.phases.append(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 class JobKind(ABC):

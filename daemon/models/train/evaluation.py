@@ -7,8 +7,10 @@ Tests use it too (tests/test_models.py): the gates are measured one way.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -119,3 +121,46 @@ def write_record(
     tmp.replace(model)
     model.with_suffix(".toml").write_text(card(record, params))
     log.info("wrote %s and its card", model)
+
+
+def task_main(
+    argv: list[str] | None,
+    doc: str | None,
+    name: str,
+    *,
+    evaluate: Callable[[Path, int, range, Path], None],
+    train: Callable[[argparse.Namespace], None],
+    val_frames: int,
+    live_val: range,
+    batch: int,
+    seed0: int,
+) -> None:
+    """The command line of a task model's training script (view, needle): ``evaluate
+    MODEL`` (CPU, no torch) or training (``common.arguments`` and the task's own)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        p = argparse.ArgumentParser(prog=f"{name} evaluate")
+        p.add_argument("model", type=Path)
+        p.add_argument("--frames", type=int, default=val_frames)
+        p.add_argument("--live", type=int, default=len(live_val), help="live phantom seeds")
+        p.add_argument("--data", type=Path, default=REAL_DATA)
+        a = p.parse_args(argv[1:])
+        evaluate(a.model, a.frames, live_val[: a.live], a.data)
+        return
+    from daemon.models.train import common
+
+    p = common.arguments(doc, epochs=1000, minutes=2.5)
+    p.add_argument("--frames", type=int, default=10_000, help="training frames (default 10000)")
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument(
+        "--total", type=float, default=60.0, help="minutes for the whole run, rendering included"
+    )
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="go on from an exported model's weights (BatchNorm folded and frozen)",
+    )
+    p.add_argument("--seed0", type=int, default=seed0, help="first training seed")
+    train(p.parse_args(argv))

@@ -289,33 +289,17 @@ def card(record: dict[str, Any], params: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["evaluate"]:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        p = argparse.ArgumentParser(prog="needle evaluate")
-        p.add_argument("model", type=Path)
-        p.add_argument("--frames", type=int, default=VAL_FRAMES)
-        p.add_argument("--live", type=int, default=len(LIVE_VAL), help="live phantom seeds")
-        p.add_argument("--data", type=Path, default=evaluation.REAL_DATA)
-        a = p.parse_args(argv[1:])
-        evaluate(a.model, a.frames, LIVE_VAL[: a.live], a.data)
-        return
-    from daemon.models.train import common
-
-    p = common.arguments(__doc__, epochs=1000, minutes=2.5)
-    p.add_argument("--frames", type=int, default=10_000, help="training frames (default 10000)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    p.add_argument(
-        "--total", type=float, default=60.0, help="minutes for the whole run, rendering included"
+    evaluation.task_main(
+        argv,
+        __doc__,
+        "needle",
+        evaluate=evaluate,
+        train=train,
+        val_frames=VAL_FRAMES,
+        live_val=LIVE_VAL,
+        batch=64,
+        seed0=TRAIN_SEED0,
     )
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument(
-        "--init",
-        type=Path,
-        help="go on from an exported model's weights (BatchNorm folded and frozen)",
-    )
-    p.add_argument("--seed0", type=int, default=TRAIN_SEED0, help="first training seed")
-    train(p.parse_args(argv))
 
 
 if __name__ == "__main__":
