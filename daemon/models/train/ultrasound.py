@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from daemon.models.train import evaluation
+
 log = logging.getLogger(__name__)
 
 NAME = "ultrasound-seg"
@@ -268,7 +270,7 @@ def calibrate(model: Path, frames: int) -> None:
     scores["withheld_with_vessels"] = round(1.0 - float(np.mean(shown)), 4)
     log.info("held-out scores: %s", scores)
     log.info("guard: min_confidence %.4f, domain %s", min_conf, domain)
-    record = _record(model)
+    record = evaluation.read_record(model)
     record.pop("real_data", None)  # measured with other thresholds: measure again
     record["scores"] = scores
     record["guard"] = {"min_confidence": min_conf, "domain": domain}
@@ -291,7 +293,7 @@ def measure(model: Path, data: Path) -> None:
     if card.guard is None:
         raise SystemExit(f"{model}: calibrate it first (its card has no [guard])")
     guard = Guard(card.guard.min_confidence, card.guard.domain)
-    record = _record(model)
+    record = evaluation.read_record(model)
     figures: dict[str, float] = {}
     for path in sorted(data.glob("*.mha")):
         source = MetaImageSequence(path)
@@ -314,21 +316,6 @@ def measure(model: Path, data: Path) -> None:
         log.info("%s: %s", path.name, {k: v for k, v in figures.items() if k.startswith(key)})
     record["real_data"] = figures
     _write(model, record)
-
-
-def _record(model: Path) -> dict[str, Any]:
-    """What the ONNX file's metadata says (``echod.*``), JSON values decoded."""
-    import onnx
-
-    proto = onnx.load(str(model), load_external_data=False)
-    out: dict[str, Any] = {}
-    for p in proto.metadata_props:
-        if p.key.startswith("echod."):
-            try:
-                out[p.key[6:]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[6:]] = p.value
-    return out
 
 
 def _write(model: Path, record: dict[str, Any]) -> None:
