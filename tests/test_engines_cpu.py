@@ -145,8 +145,9 @@ def test_openvino_modes_cache_and_async(unet: dict[str, Path], cache: Path) -> N
     tput.load(unet["onnx"], "cpu", mode="all", cache_dir=cache, requests=3)
     assert tput.depth == 3
     assert any((cache / "openvino").iterdir()), "no compiled model in the cache"
-    # run_many keeps several requests in flight; results come back in order
-    got = list(tput.run_many({"image": xi} for xi in x))
+    # run_many keeps several requests in flight; results come back in order, each a view
+    # of its request's output valid until the next is asked for: kept here as copies
+    got = [{k: v.copy() for k, v in o.items()} for o in tput.run_many({"image": xi} for xi in x)]
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a["probabilities"], b, atol=ATOL)
     # more submissions than requests: the oldest is collected first, nothing is lost

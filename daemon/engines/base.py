@@ -229,8 +229,17 @@ class Pending:
         """True when :meth:`wait` would not block."""
         return self._result is not None or self._done()
 
+    def detach(self) -> None:
+        """Before the engine reuses this submission's buffers: outputs nobody has collected
+        yet are collected now, as copies (submitting past ``depth`` loses nothing);
+        collected ones were the caller's to use in time (:meth:`Engine.submit`)."""
+        if self._result is None:
+            self._result = {k: np.array(v) for k, v in self.wait().items()}
+
     def wait(self) -> dict[str, np.ndarray]:
-        """Block until the outputs are there; output name -> array (owned by the caller)."""
+        """Block until the outputs are there; output name -> array. From :meth:`Engine.run`
+        the arrays are the caller's; from ``submit`` they may be views of the engine's
+        buffers, valid until :attr:`Engine.depth` more submissions."""
         if self._result is None:
             assert self._wait is not None
             self._result, self._wait = self._wait(), None
@@ -312,14 +321,17 @@ class Engine(ABC):
 
         ``inputs`` must stay unchanged until the result is waited for. Results
         come back in submission order; submitting more than :attr:`depth`
-        without waiting makes ``submit`` wait for the oldest first.
+        without waiting makes ``submit`` wait for the oldest first. The outputs may be
+        views of the engine's buffers (no copy per frame), valid until :attr:`depth`
+        more submissions: use or copy them before.
         """
         return Pending.completed(self.run(inputs))
 
     def run_many(
         self, batches: Iterable[Mapping[str, np.ndarray]]
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Outputs for each of ``batches``, in order, with up to :attr:`depth` in flight."""
+        """Outputs for each of ``batches``, in order, with up to :attr:`depth` in flight;
+        each valid until the next is asked for (see :meth:`submit`)."""
         pending: deque[Pending] = deque()
         for inputs in batches:
             if len(pending) >= self.depth:

@@ -232,9 +232,11 @@ class OpenVinoEngine(Engine):
         if self._compiled is None:
             raise EngineError("openvino: run() before load() or after close()")
 
-    def _outputs(self, request: Any) -> dict[str, np.ndarray]:
+    def _outputs(self, request: Any, copy: bool = True) -> dict[str, np.ndarray]:
+        """The request's outputs: copies, or views of its tensors (``copy=False``: valid
+        until the request runs again)."""
         return {
-            spec.name: np.array(request.get_output_tensor(i).data, copy=True)
+            spec.name: np.array(request.get_output_tensor(i).data, copy=copy)
             for i, spec in enumerate(self.outputs)
         }
 
@@ -252,7 +254,7 @@ class OpenVinoEngine(Engine):
         if not self._requests:
             return super().submit(inputs)
         if len(self._inflight) >= len(self._requests):
-            self._inflight.popleft().wait()  # the oldest request's outputs move to its Pending
+            self._inflight.popleft().detach()  # its request runs again below
         request = self._requests[self._next]
         self._next = (self._next + 1) % len(self._requests)
         feed = dict(inputs)
@@ -268,7 +270,7 @@ class OpenVinoEngine(Engine):
                 request.wait()
             except Exception as exc:
                 raise EngineError(f"openvino run failed: {_first_line(exc)}") from exc
-            return self._outputs(request)
+            return self._outputs(request, copy=False)  # the request runs again `depth` later
 
         pending = Pending(wait, lambda: bool(request.wait_for(0)))
         self._inflight.append(pending)

@@ -407,7 +407,7 @@ class PyTorchEngine(Engine):
         """On CUDA in mode "all": queue the inference and return at once; else run it now."""
         if self._stream is None or self._depth == 1:
             return super().submit(inputs)
-        return self._submit([self._arrays(inputs)], copy=True)
+        return self._submit([self._arrays(inputs)])
 
     def submit_batch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> Pending:
         """On CUDA: the images go straight into a pinned buffer (no stacking copy) and
@@ -419,11 +419,11 @@ class PyTorchEngine(Engine):
             raise EngineError(
                 f"pytorch: a batch of {len(batch)} (this model takes 1 to {self._max_batch})"
             )
-        return self._submit([self._arrays(b) for b in batch], copy=False)
+        return self._submit([self._arrays(b) for b in batch])
 
-    def _submit(self, items: list[list[np.ndarray]], copy: bool) -> Pending:
+    def _submit(self, items: list[list[np.ndarray]]) -> Pending:
         while len(self._inflight) >= self._depth:
-            self._inflight.popleft().wait()
+            self._inflight.popleft().detach()  # its pinned buffer is reused below
         torch = self._torch
         try:
             with torch.inference_mode():
@@ -435,7 +435,7 @@ class PyTorchEngine(Engine):
 
         def wait() -> dict[str, np.ndarray]:
             event.synchronize()
-            return self._named(host, copy)
+            return self._named(host, copy=False)
 
         pending = Pending(wait, event.query)
         self._inflight.append(pending)
