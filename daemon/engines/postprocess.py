@@ -64,7 +64,8 @@ def labels(
 
 def _argmax(p: np.ndarray | list[np.ndarray]) -> np.ndarray:
     """Per-pixel index of the largest plane (about 20x numpy's argmax over axis 0)."""
-    best = np.array(p[0], np.float32)
+    # the running maximum is written only with three classes or more: a copy only then
+    best = np.array(p[0], np.float32) if len(p) > 2 else np.asarray(p[0], np.float32)
     lab = np.zeros(best.shape, np.uint8)
     for c in range(1, len(p)):
         plane = np.asarray(p[c], np.float32)
