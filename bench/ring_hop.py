@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result
 
+from daemon import wakeup
 from daemon.frame import FrameMeta
 from daemon.ring import PREFIX, SHM_DIR, EndOfStream, Ring
 from daemon.wakeup import AtomicWord, Futex
@@ -91,8 +92,9 @@ def _floor_reader(path: str, ready: Any, out: Connection) -> None:
     out.send(np.array(lat))
 
 
-def _hop_reader(ring_name: str, ready: Any, out: Connection) -> None:
+def _hop_reader(ring_name: str, ready: Any, out: Connection, spin_s: float = 0.0) -> None:
     """Read every frame; send back (hop to read() return, hop incl. meta) in ns."""
+    wakeup.set_spin(spin_s)  # poll this long before sleeping (``pipeline.spin_us``)
     ring = Ring.attach(ring_name)
     reader = ring.reader("bench")
     ready.set()
@@ -133,10 +135,10 @@ def _throughput_reader(ring_name: str, ready: Any, out: Connection) -> None:
     out.send((frames, invalid, t_end))
 
 
-def _start(ctx: Any, target: Any, ring: Ring) -> tuple[Any, Connection]:
+def _start(ctx: Any, target: Any, ring: Ring, *args: Any) -> tuple[Any, Connection]:
     ready = ctx.Event()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(ring.name, ready, send), daemon=True)
+    proc = ctx.Process(target=target, args=(ring.name, ready, send, *args), daemon=True)
     proc.start()
     if not ready.wait(TIMEOUT_S):
         raise RuntimeError("reader process did not start")
@@ -186,13 +188,13 @@ def _pct(a: np.ndarray) -> dict[str, float]:
 
 
 def hop(
-    ctx: Any, shape: tuple[int, int], frames: int, rate_hz: float, warmup: int
+    ctx: Any, shape: tuple[int, int], frames: int, rate_hz: float, warmup: int, spin_us: int = 0
 ) -> dict[str, Any]:
-    """Paced frames to a sleeping reader in another process."""
+    """Paced frames to a reader in another process, asleep (or polling: ``spin_us``)."""
     img = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
     ring = Ring.create(f"{os.getpid()}-hop", slots=SLOTS, payload_bytes=img.nbytes)
     try:
-        proc, recv = _start(ctx, _hop_reader, ring)
+        proc, recv = _start(ctx, _hop_reader, ring, spin_us / 1e6)
         writer = ring.writer("overwrite")  # a scanner's policy; the reader keeps up anyway
         period = 1.0 / rate_hz
         write_ns = []
@@ -216,6 +218,7 @@ def hop(
     return {
         "frames": frames,
         "rate_hz": rate_hz,
+        "spin_us": spin_us,
         "bytes": img.nbytes,
         "dropped": dropped,
         "hop": _pct(read_ns[warmup:]),
@@ -289,6 +292,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     ap.add_argument("--rate", type=float, default=500.0, help="paced frame rate (Hz)")
+    ap.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        help="also the hops with the reader polling this long before it sleeps "
+        "(pipeline.spin_us; longer than the frame period: it never sleeps)",
+    )
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     n_hop, n_big, rounds, warmup = (200, 50, 1, 10) if args.quick else (1000, 200, 3, 50)
@@ -299,8 +309,11 @@ def main() -> None:
     print(
         f"{'floor: futex wake-up':<28}{p['p50_us']:>10.1f}{p['p99_us']:>10.1f}{p['max_us']:>10.1f}"
     )
-    for label, shape in HOP_SHAPES.items():
-        r = hop(ctx, shape, n_hop, args.rate, warmup)
+    cases = [(label, shape, 0) for label, shape in HOP_SHAPES.items()]
+    if args.spin_us:
+        cases += [(f"{label} poll", shape, args.spin_us) for label, shape in HOP_SHAPES.items()]
+    for label, shape, spin in cases:
+        r = hop(ctx, shape, n_hop, args.rate, warmup, spin)
         results["hop"][label] = r
         for key in ("hop", "hop_with_meta", "write"):
             p = r[key]

@@ -28,6 +28,7 @@ class Timing(IntEnum):
     NN_INPUT = 1
     NN_INFERENCE = 2
     NN_OUTPUT = 3
+    QUEUE = 4  # in the frames ring: acquisition to the infer stage's read
 
 
 N_TIMINGS = 8

@@ -5,8 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,23 +36,79 @@ class RunningStats:
 
 
 class Percentiles:
-    """The most recent ``window`` samples, for p50/p99 without unbounded memory."""
+    """The most recent ``window`` samples, for percentiles without unbounded memory.
+
+    A numpy ring: :meth:`add` is one store, and a once-a-second :meth:`recent` sorts only
+    that second's samples (over a full window of 100,000 a percentile takes milliseconds,
+    a stall the display or the sink would show as a hitch every second)."""
 
     def __init__(self, window: int = 100_000) -> None:
-        self._samples: deque[float] = deque(maxlen=window)
+        self._ring = np.empty(window, np.float64)
+        self._n = 0  # samples ever added
+        self._mark = 0  # ``_n`` at the last recent()
 
     def add(self, x: float) -> None:
-        self._samples.append(x)
+        self._ring[self._n % len(self._ring)] = x
+        self._n += 1
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return min(self._n, len(self._ring))
+
+    def last(self, n: int) -> np.ndarray:
+        """The ``n`` newest samples (at most the window), oldest first."""
+        n = min(n, len(self))
+        end = self._n % len(self._ring)
+        if n <= end:
+            return self._ring[end - n : end]
+        return np.concatenate([self._ring[len(self._ring) - (n - end) :], self._ring[:end]])
 
     def summary(self, *qs: float) -> dict[str, float]:
-        qs = qs or (50.0, 99.0)
-        if not self._samples:
-            return {f"p{q:g}": math.nan for q in qs}
-        values = np.percentile(np.fromiter(self._samples, float), qs)
-        return {f"p{q:g}": round(float(v), 4) for q, v in zip(qs, values, strict=True)}
+        """Percentiles ``qs`` (default p50, p99) of the window's samples."""
+        return percentiles(self.last(len(self)), qs)
+
+    def recent(self, *qs: float) -> dict[str, float]:
+        """Percentiles of the samples added since the previous call (the last interval)."""
+        n, self._mark = self._n - self._mark, self._n
+        return percentiles(self.last(n), qs)
+
+
+def percentiles(values: np.ndarray, qs: Iterable[float] = ()) -> dict[str, float]:
+    """``{"p50": ..., "p99": ...}`` of ``values`` (NaN where there are none)."""
+    qs = tuple(qs) or (50.0, 99.0)
+    if not len(values):
+        return {f"p{q:g}": math.nan for q in qs}
+    got = np.percentile(values, qs)
+    return {f"p{q:g}": round(float(v), 4) for q, v in zip(qs, got, strict=True)}
+
+
+class LatencyParts:
+    """Where each frame's latency went: a row per frame of the latency and its parts
+    (``names``, in the order they happen), for the run's summary: each part's p50 and p99,
+    and each part's mean over the slowest frames (latency at or above its p99): what the
+    tail is made of."""
+
+    def __init__(self, names: Sequence[str], window: int = 100_000) -> None:
+        self.names = tuple(names)
+        self._rows = np.empty((window, 1 + len(self.names)), np.float32)
+        self._n = 0
+
+    def add(self, latency: float, parts: Sequence[float]) -> None:
+        row = self._rows[self._n % len(self._rows)]
+        row[0] = latency
+        row[1:] = parts
+        self._n += 1
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        rows = self._rows[: min(self._n, len(self._rows))]
+        if not len(rows):
+            return {}
+        p50, p99 = np.percentile(rows, (50, 99), axis=0)
+        slow = rows[rows[:, 0] >= p99[0]].mean(axis=0)
+        names = ("latency", *self.names)
+        return {
+            label: {n: round(float(v), 4) for n, v in zip(names, values, strict=True)}
+            for label, values in (("p50", p50), ("p99", p99), ("slowest_1pct", slow))
+        }
 
 
 class RateMeter:

@@ -345,6 +345,9 @@ class InferStage(Stage):
         if f is None:
             return None
         t0 = time.perf_counter()
+        meta = f.meta
+        if meta.t_acquired_ns:
+            meta.timings_ms[Timing.QUEUE] = (time.monotonic_ns() - meta.t_acquired_ns) / 1e6
         try:
             x = self._input(f)  # reads the slot(s) in place (zero-copy)
         except ModelError as e:  # this frame does not fit the model: refuse it, go on
@@ -353,7 +356,7 @@ class InferStage(Stage):
         if x is None:  # overwritten while we read it: "newest" mode under load
             self.torn += 1
             return SKIPPED
-        return x, f.meta, t0, time.perf_counter()
+        return x, meta, t0, time.perf_counter()
 
     def _input(self, f: RingFrame) -> np.ndarray | None:
         """The network input for frame ``f`` (None: torn): the frame prepared, or the

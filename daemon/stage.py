@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from daemon import logs
+from daemon import logs, wakeup
 from daemon.config import Config
 from daemon.errors import EchodError, StageError
 from daemon.frame import FrameMeta
@@ -223,6 +224,19 @@ def progress(note: str) -> None:
         ctx.report("progress", note=note)
 
 
+SPIN_AUTO_US, SPIN_AUTO_CORES = 1000, 8
+COMMAND_POLL_S = 0.002
+"""How often a running stage looks for the supervisor's commands: a look is a system call
+(``poll``), too dear per frame at thousands of frames a second."""
+
+
+def spin_seconds(setting: int | str) -> float:
+    """``pipeline.spin_us`` in seconds, "auto" resolved for this machine's cores."""
+    if setting == "auto":
+        return SPIN_AUTO_US / 1e6 if len(os.sched_getaffinity(0)) >= SPIN_AUTO_CORES else 0.0
+    return int(setting) / 1e6
+
+
 def run_stage(
     stage_cls: type[Stage],
     spec: StageSpec,
@@ -243,6 +257,7 @@ def run_stage(
     stage leaves its reader cursors and output streams open for its successor.
     """
     ctx = StageContext(spec, events, stop, commands)
+    wakeup.set_spin(spin_seconds(config.pipeline.spin_us))
     stage: Stage | None = None
     finished = False
     try:
@@ -256,9 +271,12 @@ def run_stage(
             gc.collect()
             gc.freeze()
         ctx.report("ready", **facts)
+        next_poll = 0.0
         while not stop.is_set():
-            if commands is not None and _serve_commands(stage, ctx, commands):
-                return 0  # retired: `finished` stays False
+            if commands is not None and (now := time.monotonic()) >= next_poll:
+                next_poll = now + COMMAND_POLL_S
+                if _serve_commands(stage, ctx, commands):
+                    return 0  # retired: `finished` stays False
             try:
                 if not stage.step():
                     break

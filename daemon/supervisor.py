@@ -1110,13 +1110,14 @@ class Supervisor:
         sink = self.workers["sink"].done or {}
         infer = self.workers["infer"]
         counts = self.counts()
-        figures = ("fps", "latency_ms", "overhead_ms", "stages")
+        figures = ("fps", "latency_ms", "overhead_ms", "latency_parts_ms", "stages")
         return {
             **counts,
             "models": self._models(counts["models"], sink, figures),
             "fps": sink.get("fps", 0.0),
             "latency_ms": sink.get("latency_ms", {}),
             "overhead_ms": sink.get("overhead_ms", {}),
+            "latency_parts_ms": sink.get("latency_parts_ms", {}),  # what the tail is made of
             "withheld": sink.get("withheld"),  # overlays the guard held back
             "stages": sink.get("stages", {}),
             "engine": infer.info.get("engine"),

@@ -10,8 +10,11 @@ threads of one process:
   32-bit word of the segment (shared, not ``FUTEX_PRIVATE``: the kernel keys it
   by the page, so it works across processes);
 - :class:`Futex`, a wake-up channel built from two such words: a sleeper waits
-  for a condition without spinning, a notifier wakes it, and the system call is
-  skipped while nobody sleeps.
+  for a condition, a notifier wakes it, and the system call is skipped while
+  nobody sleeps. A waiter may first poll the condition for a while
+  (:func:`set_spin`): where cores are plenty and system calls dear (a sandboxed
+  kernel such as gVisor: a futex hop of ~150 us), a poll catches the next frame
+  without either side entering the kernel.
 """
 
 from __future__ import annotations
@@ -216,6 +219,26 @@ class AtomicWord:
         self.close()
 
 
+_spin_s = 0.0
+
+
+def set_spin(seconds: float) -> None:
+    """How long every :meth:`Futex.wait` of this process polls before it sleeps (0: never).
+    The poll yields the CPU and the GIL between checks (``sched_yield``)."""
+    global _spin_s
+    _spin_s = max(0.0, seconds)
+
+
+def _poll(ready: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``ready()`` came true within ``seconds`` of polling."""
+    end = time.perf_counter() + seconds
+    while not ready():
+        if time.perf_counter() >= end:
+            return False
+        os.sched_yield()
+    return True
+
+
 class Futex:
     """A wake-up channel in shared memory: a 32-bit futex word and a count of sleepers.
 
@@ -248,10 +271,14 @@ class Futex:
         """Sleep once, unless ``ready()`` holds, until notified or ``deadline``
         (``time.monotonic()``; ``None``: no limit). ``False`` if the deadline had
         passed; ``True`` otherwise, also after a spurious wake-up: re-check."""
-        remaining = None
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        if _spin_s:
+            if _poll(ready, _spin_s if remaining is None else min(_spin_s, remaining)):
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return False
         self._waiters.fetch_add(1)
         try:

@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
+from daemon import wakeup
 from daemon.errors import RingError
 from daemon.frame import N_TIMINGS, FrameMeta
 from daemon.lifeline import Lifeline
@@ -32,7 +33,8 @@ from daemon.ring import (
     remove_segments,
     remove_stale_segments,
 )
-from daemon.wakeup import AtomicWord, futex_wait
+from daemon.stage import SPIN_AUTO_CORES, spin_seconds
+from daemon.wakeup import AtomicWord, Futex, futex_wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -605,6 +607,72 @@ def test_futex_wait_returns_on_timeout_or_changed_word() -> None:
     assert time.monotonic() - t0 < 1
     word.close()
     mv.release()
+
+
+@pytest.fixture
+def futex() -> Iterator[tuple[Futex, AtomicWord]]:
+    """A Futex over words of a private buffer, and its count of sleepers; no polling
+    left set for the tests after."""
+    buf = bytearray(8)
+    mv = memoryview(buf)
+    word, waiters = AtomicWord(mv[0:4]), AtomicWord(mv[4:8])
+    yield Futex(word, waiters), waiters
+    wakeup.set_spin(0.0)
+    word.close()
+    waiters.close()
+    mv.release()
+
+
+def test_a_polling_waiter_sees_the_condition_without_sleeping(
+    futex: tuple[Futex, AtomicWord],
+) -> None:
+    fx, waiters = futex
+    wakeup.set_spin(5.0)
+    flag, sleepers_seen = threading.Event(), []
+
+    def later() -> None:
+        time.sleep(0.02)
+        sleepers_seen.append(waiters.load())  # the waiter polls: nobody sleeps
+        flag.set()
+        fx.notify()  # no system call: nobody to wake
+
+    t = threading.Thread(target=later)
+    t0 = time.monotonic()
+    t.start()
+    assert fx.wait(flag.is_set, time.monotonic() + T) and flag.is_set()
+    t.join()
+    assert sleepers_seen == [0] and time.monotonic() - t0 < 4.0
+
+
+def test_polling_keeps_the_deadline_and_then_sleeps(futex: tuple[Futex, AtomicWord]) -> None:
+    fx, waiters = futex
+    wakeup.set_spin(5.0)
+    t0 = time.monotonic()
+    assert not fx.wait(lambda: False, t0 + 0.05)  # polls until the deadline, not 5 s
+    assert 0.04 < time.monotonic() - t0 < 2.0
+    wakeup.set_spin(0.01)  # polls 10 ms, then sleeps as a counted waiter until notified
+    flag, sleepers_seen = threading.Event(), []
+
+    def later() -> None:
+        time.sleep(0.3)
+        sleepers_seen.append(waiters.load())
+        flag.set()
+        fx.notify()
+
+    t = threading.Thread(target=later)
+    t.start()
+    while not flag.is_set():
+        assert fx.wait(flag.is_set, time.monotonic() + T)
+    t.join()
+    assert sleepers_seen == [1] and waiters.load() == 0
+
+
+def test_spin_auto_polls_only_where_cores_are_plenty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(2)))
+    assert spin_seconds("auto") == 0.0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(SPIN_AUTO_CORES)))
+    assert spin_seconds("auto") == pytest.approx(0.001)
+    assert spin_seconds(0) == 0.0 and spin_seconds(250) == pytest.approx(250e-6)
 
 
 # -- sequence windows (issue 17) ------------------------------------------------------

@@ -1054,7 +1054,7 @@ class DisplayStage(Stage):
         self.ctx.report(
             "stats",
             fps=round(self.stats_meter.rate(now), 2),
-            latency_ms=self.latency.summary(50, 99),
+            latency_ms=self.latency.recent(50, 99),
             inference_ms=round(self.stages["nn_inference"].mean, 3),
             frames=self.frames_shown,
             dropped=self.frames.dropped if self.frames is not None else 0,

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from daemon.frame import WITHHELD, FrameMeta, Timing
-from daemon.metrics import FrameHistograms, Percentiles, RateMeter, RunningStats
+from daemon.metrics import FrameHistograms, LatencyParts, Percentiles, RateMeter, RunningStats
 from daemon.ring import EndOfStream, RingReader
 from daemon.stage import POLL_S, Stage
 
@@ -29,6 +29,9 @@ TABLE2 = {  # the paper's Table 2 columns, in the order they happen
     "nn_inference": Timing.NN_INFERENCE,
     "nn_output": Timing.NN_OUTPUT,
 }
+PARTS = ("queue", *TABLE2, "delivery")
+"""A frame's latency in parts: waiting in the frames ring, Table 2's three, and the rest
+(the results ring, up to the read here)."""
 
 
 def is_results_port(port: str) -> bool:
@@ -45,6 +48,7 @@ class PortStats:
         self.overhead = Percentiles()  # latency minus the frame's own inference time
         self.stages = {name: RunningStats() for name in TABLE2}
         self.histograms = FrameHistograms(TABLE2)  # for /metrics
+        self.parts = LatencyParts(PARTS)
         self.count = 0
         self.withheld = 0  # results flagged WITHHELD by the guard
         self.first_ns = self.last_ns = 0
@@ -56,10 +60,14 @@ class PortStats:
         with self.lock:
             self.latency.add(latency)
             self.histograms.latency.add(latency)
-            self.overhead.add(latency - float(meta.timings_ms[Timing.NN_INFERENCE]))
-            for name, idx in TABLE2.items():
-                self.stages[name].add(float(meta.timings_ms[idx]))
-                self.histograms.steps[name].add(float(meta.timings_ms[idx]))
+            t = meta.timings_ms.tolist()
+            self.overhead.add(latency - t[Timing.NN_INFERENCE])
+            steps = [t[idx] for idx in TABLE2.values()]
+            for name, ms in zip(TABLE2, steps, strict=True):
+                self.stages[name].add(ms)
+                self.histograms.steps[name].add(ms)
+            queue = t[Timing.QUEUE]
+            self.parts.add(latency, (queue, *steps, latency - queue - sum(steps)))
             self.count += 1
             self.withheld += bool(meta.flags & WITHHELD)
             self.first_ns = self.first_ns or now_ns
@@ -71,7 +79,7 @@ class PortStats:
         with self.lock:
             return {
                 "fps": round(self.meter.rate(now), 2),
-                "latency_ms": self.latency.summary(50, 99),
+                "latency_ms": self.latency.recent(50, 99),
                 "inference_ms": round(self.stages["nn_inference"].mean, 3),
                 "timings_ms": {name: round(s.mean, 3) for name, s in self.stages.items()},
                 "frames": self.count,
@@ -87,6 +95,7 @@ class PortStats:
                 "fps": round((self.count - 1) / span, 2) if span > 0 else 0.0,
                 "latency_ms": self.latency.summary(50, 90, 99),
                 "overhead_ms": self.overhead.summary(50, 99),
+                "latency_parts_ms": self.parts.summary(),
                 "stages": {name: s.summary() for name, s in self.stages.items()},
                 "withheld": withheld_figures(self.withheld, self.count),
             }

@@ -108,7 +108,7 @@ def _centred(x: np.ndarray, mask: np.ndarray, n: int) -> tuple[float, np.ndarray
     where the mask is, 0 elsewhere: the second pass of a two-pass variance (one pass,
     E[x^2] - E[x]^2 in float32 products, is off by their rounding on a flat image)."""
     mean = _sum(cv2.multiply(x, mask, dtype=cv2.CV_32F)) / n
-    return mean, cv2.multiply(cv2.subtract(x, mean), mask, dtype=cv2.CV_32F)
+    return mean, cv2.multiply(np.subtract(x, mean, dtype=np.float32), mask, dtype=cv2.CV_32F)
 
 
 def _neighbour_corr(image: np.ndarray, fov: np.ndarray) -> float:
