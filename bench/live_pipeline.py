@@ -128,7 +128,11 @@ def main() -> None:
         "latency_overhead_p99_ms": lat["latency_ms"]["p99"] - inf_mean,
         "latency_overhead_p50_ms": lat["latency_ms"]["p50"] - inf_mean,
         "per_frame_overhead_ms": lat["overhead_ms"],
-        "newest": {k: new[k] for k in ("fps", "frames_in", "frames_out", "dropped", "latency_ms")},
+        "paced_all_latency_parts_ms": lat.get("latency_parts_ms"),
+        "newest": {
+            k: new.get(k)
+            for k in ("fps", "frames_in", "frames_out", "dropped", "latency_ms", "latency_parts_ms")
+        },
     }
     print(f"{thr['engine']} on {thr['device']}, {thr['model']}")
     print(f"engine alone        {eng['fps']:8.1f} fps  ({eng['mean_ms']:.3f} ms/frame)")
@@ -149,6 +153,9 @@ def main() -> None:
         f"{new['latency_ms']['p50']:.2f} p99 {new['latency_ms']['p99']:.2f} ms, "
         f"{sum(new['dropped'].values())} of {new['frames_in']} dropped"
     )
+    for name, run in (("all, paced", lat), ("newest", new)):
+        for label, parts in (run.get("latency_parts_ms") or {}).items():
+            print(f"  {name} {label:<13} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items()))
     write_result(f"live_pipeline_{args.device.replace(':', '')}{args.tag}", result)
 
 

@@ -348,6 +348,14 @@ class PyTorchEngine(Engine):
             for view, a in zip(staging.in_views[s], it, strict=True):
                 np.copyto(view[r : r + n], a, casting="same_kind")
             r += n
+        if self._depth == 1:  # one at a time (mode "newest"): no overlap to win, fewest calls
+            with torch.cuda.stream(self._stream):
+                for static, h in zip(runner.inputs, staging.host_in[s], strict=True):
+                    static.copy_(h[:rows], non_blocking=True)
+                for h, o in zip(staging.host_out[s], runner(), strict=True):
+                    h[:rows].copy_(o, non_blocking=True)
+                staging.copied_out[s].record(self._stream)
+            return [v[:rows] for v in staging.out_views[s]], staging.copied_out[s]
         with torch.cuda.stream(self._copy_in):
             for d, h in zip(staging.dev_in[s], staging.host_in[s], strict=True):
                 d[:rows].copy_(h[:rows], non_blocking=True)
