@@ -13,7 +13,9 @@ microseconds) makes everything but inference visible. In one run:
 
 Alternate runs (``--repeat``) and read the load it prints: the machine may be shared.
 ``--unet`` profiles the reference U-Net instead, ``--engine``/``--device`` another engine
-(``--engine pytorch --device cuda --unet``: the GPU pipeline), ``--set`` adds settings.
+(``--engine pytorch --device cuda --unet``: the GPU pipeline), ``--set`` adds settings,
+``--synthetic`` takes the phantom's pre-rendered loop as the source (a machine without
+SimpleITK, which reads recordings).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def engine_rate(
 
 def pipeline(
     model: Path,
-    folder: Path,
+    folder: Path | None,
     n: int,
     runtime: Path,
     workers: str,
@@ -125,7 +127,11 @@ def pipeline(
     cfg = config_mod.load(
         None,
         {
-            "source.uri": str(folder),
+            **(
+                {"source.uri": "synthetic", "source.synthetic.loop_s": 0.25}
+                if folder is None
+                else {"source.uri": str(folder)}
+            ),
             "source.loop": True,
             "source.frames": n,
             "source.pace": "none",
@@ -157,6 +163,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--unet", action="store_true", help="the reference U-Net, not the probe")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE for the pipeline")
+    p.add_argument("--synthetic", action="store_true", help="the phantom's loop as the source")
     a = p.parse_args()
     settings = {k: config_mod.toml_or_str(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     rounds = []
@@ -168,12 +175,13 @@ def main() -> None:
             model = probe_network(Path(tmp) / "probe.onnx")
         folder = Path(tmp) / "frames.igs.mha"
         frames = phantom_recording(folder)
+        source = None if a.synthetic else folder
         os.chmod(tmp, 0o700)
         for i in range(a.repeat):
             rate = engine_rate(model, frames, a.frames, a.engine, a.device)
             summary, _ = pipeline(
                 model,
-                folder,
+                source,
                 a.frames,
                 Path(tmp) / f"p{i}",
                 "processes",
@@ -189,7 +197,7 @@ def main() -> None:
                   f"ratio {fps / rate:.3f}, load {os.getloadavg()[0]:.1f}")  # fmt: skip
         if a.profile:
             summary, profile = pipeline(
-                model, folder, a.frames, Path(tmp) / "t", "threads", a.engine, a.device, settings
+                model, source, a.frames, Path(tmp) / "t", "threads", a.engine, a.device, settings
             )
             print(
                 f"threads: pipeline {summary.get('fps')} frames/s, {summary.get('batching')};"

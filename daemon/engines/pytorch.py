@@ -20,7 +20,9 @@ while the GPU works; the copies run on streams of their own, overlapping the com
 the neighbouring inferences. On the CPU it runs in
 float32 (``"bf16"`` on request) and ``threads`` sets torch's intra-op threads.
 
-Own options: ``cuda_graphs`` (bool, default True).
+Own options: ``cuda_graphs`` (bool, default True); ``cudnn_benchmark`` (bool, default
+True: cuDNN times its convolution algorithms for each input shape when the graph is made
+and keeps the fastest; a few seconds more at start, a process-wide setting of torch).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ INSTALL = "install it: pip install 'echod[torch]'"
 """How to get this engine, said when its library is missing."""
 
 IO_FILE = "echod_io.json"
-_OPTIONS = ("cuda_graphs",)
+_OPTIONS = ("cuda_graphs", "cudnn_benchmark")
 _EXPORTED = (".pt2",)
 _DEPTH = 3  # inferences in flight on CUDA in mode "all"
 
@@ -261,16 +263,19 @@ class PyTorchEngine(Engine):
         except Exception as exc:
             raise EngineError(f"pytorch cannot move {model} to {dev} {dtype}: {exc}") from exc
         self._torch, self._module, self._dev, self._dtype = torch, module, dev, dtype
-        graphs = opts.extra.get("cuda_graphs", True)
-        if not isinstance(graphs, bool):
-            raise EngineError(f"pytorch: option cuda_graphs must be true or false, got {graphs!r}")
-        self._graphs = kind == "cuda" and graphs
+        for flag in _OPTIONS:
+            if not isinstance(opts.extra.get(flag, True), bool):
+                raise EngineError(
+                    f"pytorch: option {flag} must be true or false, got {opts.extra[flag]!r}"
+                )
+        self._graphs = kind == "cuda" and opts.extra.get("cuda_graphs", True)
         if kind == "cuda":
             # "fp32" means float32 arithmetic: no TF32 in cuDNN convolutions or matmuls
             # (process-wide settings of torch)
             tf32 = precision != "fp32"
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = opts.extra.get("cudnn_benchmark", True)
             # live frames ahead of offline jobs on a shared GPU (lower number: higher priority)
             priority = -1 if opts.priority == "live" else 0
             self._stream = torch.cuda.Stream(dev, priority=priority)
