@@ -13,16 +13,15 @@ outputs stay float32 at the interface), ``"bf16"`` in bfloat16; CUDA graphs
 (option ``cuda_graphs``, default on) are captured once per input shape (a batch size
 is a shape: :meth:`PyTorchEngine.submit_batch`) and replayed, so one inference is a few
 launches; the weights are kept channels-last (cuDNN's fast layout; inputs and outputs
-keep the model's layout). With mode ``"all"``, :meth:`PyTorchEngine.submit` queues
-copy-in (from pinned host buffers), replay and copy-out (to pinned host buffers) and
-returns at once (``depth`` inferences in flight), so the caller prepares the next frame
-while the GPU works; the copies run on streams of their own, overlapping the compute of
-the neighbouring inferences. On the CPU it runs in
-float32 (``"bf16"`` on request) and ``threads`` sets torch's intra-op threads.
+keep the model's layout). On CUDA, :meth:`PyTorchEngine.submit` queues copy-in (from
+pinned host buffers), replay and copy-out (to pinned host buffers) and returns at once
+(``depth`` inferences in flight), so the caller prepares or decodes frames while the GPU
+works: in mode ``"all"`` three, the copies on streams of their own, overlapping the
+compute of the neighbouring inferences; in mode ``"newest"`` two on one stream. On the
+CPU it runs in float32 (``"bf16"`` on request) and ``threads`` sets torch's intra-op
+threads.
 
-Own options: ``cuda_graphs`` (bool, default True); ``cudnn_benchmark`` (bool, default
-True: cuDNN times its convolution algorithms for each input shape when the graph is made
-and keeps the fastest; a few seconds more at start, a process-wide setting of torch).
+Own options: ``cuda_graphs`` (bool, default True).
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ INSTALL = "install it: pip install 'echod[torch]'"
 """How to get this engine, said when its library is missing."""
 
 IO_FILE = "echod_io.json"
-_OPTIONS = ("cuda_graphs", "cudnn_benchmark")
+_OPTIONS = ("cuda_graphs",)
 _EXPORTED = (".pt2",)
 _DEPTH = 3  # inferences in flight on CUDA in mode "all"
 
@@ -186,6 +185,7 @@ class PyTorchEngine(Engine):
         self._copy_out: Any = None
         self._inflight: deque[Pending] = deque()
         self._depth = 1
+        self._overlap = False  # copies on streams of their own (mode "all" on CUDA)
         self._max_batch = 1
 
     @classmethod
@@ -263,28 +263,28 @@ class PyTorchEngine(Engine):
         except Exception as exc:
             raise EngineError(f"pytorch cannot move {model} to {dev} {dtype}: {exc}") from exc
         self._torch, self._module, self._dev, self._dtype = torch, module, dev, dtype
-        for flag in _OPTIONS:
-            if not isinstance(opts.extra.get(flag, True), bool):
-                raise EngineError(
-                    f"pytorch: option {flag} must be true or false, got {opts.extra[flag]!r}"
-                )
-        self._graphs = kind == "cuda" and opts.extra.get("cuda_graphs", True)
+        graphs = opts.extra.get("cuda_graphs", True)
+        if not isinstance(graphs, bool):
+            raise EngineError(f"pytorch: option cuda_graphs must be true or false, got {graphs!r}")
+        self._graphs = kind == "cuda" and graphs
         if kind == "cuda":
             # "fp32" means float32 arithmetic: no TF32 in cuDNN convolutions or matmuls
             # (process-wide settings of torch)
             tf32 = precision != "fp32"
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.benchmark = opts.extra.get("cudnn_benchmark", True)
             # live frames ahead of offline jobs on a shared GPU (lower number: higher priority)
             priority = -1 if opts.priority == "live" else 0
             self._stream = torch.cuda.Stream(dev, priority=priority)
-            self._depth = _DEPTH if opts.mode == "all" else 1
-            # in flight, copies get streams of their own to overlap the compute; one at a
-            # time, one stream is the shortest way
-            overlap = self._depth > 1
-            self._copy_in = torch.cuda.Stream(dev, priority=priority) if overlap else self._stream
-            self._copy_out = torch.cuda.Stream(dev, priority=priority) if overlap else self._stream
+            # mode "newest": two in flight, so a frame's inference runs while the last one's
+            # result is decoded on the CPU; mode "all": copies get streams of their own and
+            # overlap the compute of the batches around them
+            self._depth = _DEPTH if opts.mode == "all" else 2
+            self._overlap = opts.mode == "all"
+            self._copy_in = self._copy_out = self._stream
+            if self._overlap:
+                self._copy_in = torch.cuda.Stream(dev, priority=priority)
+                self._copy_out = torch.cuda.Stream(dev, priority=priority)
             self._pool = torch.cuda.graph_pool_handle()
         self.inputs, self.outputs = inputs, outputs
         self._max_batch = super().max_batch
@@ -353,7 +353,7 @@ class PyTorchEngine(Engine):
             for view, a in zip(staging.in_views[s], it, strict=True):
                 np.copyto(view[r : r + n], a, casting="same_kind")
             r += n
-        if self._depth == 1:  # one at a time (mode "newest"): no overlap to win, fewest calls
+        if not self._overlap:  # mode "newest", batches of one: one stream, fewest calls
             with torch.cuda.stream(self._stream):
                 for static, h in zip(runner.inputs, staging.host_in[s], strict=True):
                     static.copy_(h[:rows], non_blocking=True)
