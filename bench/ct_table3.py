@@ -9,11 +9,13 @@ system is timed from reading the volume file to the label volume in memory (mode
 loading included), and again without the loading where it can be separated.
 
     python bench/ct_table3.py                                  # echod only, 305 x 512 x 512
-    python bench/ct_table3.py --monai-site /tmp/monai-venv/lib/python3.11/site-packages \\
-        --fast-python /tmp/fast-venv/bin/python                # all three
+    bench/setup_peers.sh    # once: pyFAST and MONAI in .venv-peers
+    python bench/ct_table3.py               # with both there: all three
     python bench/ct_table3.py --shape 64 512 512 --engine openvino
 
-MONAI needs torch (its site-packages folder is added after echod's); pyFAST runs in a
+MONAI comes from ``--monai-site`` (a site-packages folder added after echod's; by
+default .venv-peers'), or wherever it imports; pyFAST, from .venv-peers or
+``--fast-python``, runs in a
 child process with its own interpreter (it bundles ONNX Runtime and OpenVINO, whose
 libraries must not meet echod's in one process), with an OpenCL ICD (Debian's
 pocl-opencl-icd) and libusb-1.0-0. Writes bench/results/ct_table3.json.
@@ -22,6 +24,7 @@ pocl-opencl-icd) and libusb-1.0-0. Writes bench/results/ct_table3.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import statistics
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import write_result
+from _common import PEERS, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "daemon" / "models" / "ct-nodule-seg.onnx"
@@ -184,10 +187,14 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from daemon.phantoms.ct import ct_phantom, write_image
 
-    if a.monai_site:
+    peers_site = sorted(PEERS.glob("lib/python3*/site-packages"))
+    monai_site = a.monai_site or (str(peers_site[0]) if peers_site else None)
+    if monai_site:
         import site
 
-        site.addsitedir(a.monai_site)
+        site.addsitedir(monai_site)
+    with_monai = importlib.util.find_spec("monai") is not None
+    fast = a.fast_python or (str(PEERS / "bin/python") if PEERS.exists() else None)
     best: dict[str, dict[str, Any]] = {}
     totals: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +208,7 @@ def main() -> None:
             for o, b in (("0", "constant"), ("25 % gaussian", "gaussian"))
             for tag, p in (("", "fp32"), *(((" bf16", "bf16"),) if a.bf16 else ()))
         ]
-        if a.monai_site:
+        if with_monai:
             runs += [
                 (
                     f"MONAI, overlap {o}",
@@ -209,10 +216,8 @@ def main() -> None:
                 )
                 for o, b in (("0", "constant"), ("25 % gaussian", "gaussian"))
             ]
-        if a.fast_python:
-            runs.append(
-                ("pyFAST, overlap 0", lambda: run_fast(a.fast_python, image, a.engine, Path(tmp)))
-            )
+        if fast:
+            runs.append(("pyFAST, overlap 0", lambda: run_fast(fast, image, a.engine, Path(tmp))))
         for n in range(a.rounds):  # systems alternate within a round: load hits all alike
             for label, fn in runs:
                 r = fn()

@@ -21,11 +21,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RERUN = {  # how to produce each result (the module docstrings say more)
-    "us_table1": "python bench/us_table1.py --pyfast /tmp/pyfast-target",
+    "us_table1": "bench/setup_peers.sh && python bench/us_table1.py",
     "table2": "python bench/table2.py --device cpu",
     "live_pipeline": "python bench/live_pipeline.py  (GPU: --engine pytorch --device cuda)",
-    "ct_table3": "python bench/ct_table3.py --monai-site SITE --fast-python PY",
-    "wsi_table4": "python bench/wsi_table4.py --pyfast /tmp/pyfast-target",
+    "ct_table3": "bench/setup_peers.sh && python bench/ct_table3.py",
+    "wsi_table4": "bench/setup_peers.sh && python bench/wsi_table4.py",
     "wsi_dask_scaling": "python bench/wsi_dask_scaling.py --workers 1,2,4,8",
     "ring_hop": "python bench/ring_hop.py",
     "jobs_live": "python bench/jobs_live.py",

@@ -11,11 +11,11 @@ Writes ``bench/results/us_table1.json`` and ``.md``.
 precision (``before``: e.g. ``git archive main | tar -x -C DIR``); ``--probe`` runs both
 on the 1x1-conv probe network of ``bench/infer_profile.py`` instead (framework overhead).
 
-Setup (once): pyFAST in a folder of its own, with Debian's PoCL and libusb::
+Setup (once): pyFAST in a venv of its own (``.venv-peers``), with Debian's PoCL and
+libusb (installed when run as root)::
 
-    apt-get install pocl-opencl-icd libusb-1.0-0
-    python -m pip install --target /tmp/pyfast-target pyfast
-    python bench/us_table1.py --pyfast /tmp/pyfast-target
+    bench/setup_peers.sh
+    python bench/us_table1.py            # --pyfast DIR: another venv or pip --target folder
 
 Cases 2 and 3 have their own benchmarks: ``bench/ct_table3.py`` and ``bench/wsi_table4.py``.
 """
@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, machine, write_result
+from _common import RESULTS, fast_python, machine, write_result
 from infer_profile import probe_network
 
 from daemon.frame import FrameMeta
@@ -80,9 +80,9 @@ def echod(
     return {k: s.get(k) for k in ("fps", "frames_out", "precision", "precision_reason", "stages")}
 
 
-def pyfast(pattern: str, target: Path, model: Path) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    cmd = [sys.executable, str(HERE / "_pyfast_us.py"), pattern, str(model), "OpenVINO"]
+def pyfast(pattern: str, where: Path | None, model: Path) -> dict[str, Any]:
+    python, env = fast_python(where)
+    cmd = [python, str(HERE / "_pyfast_us.py"), pattern, str(model), "OpenVINO"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if p.returncode != 0:
         raise SystemExit(f"pyFAST failed ({p.returncode}): {p.stderr.strip()[-500:]}")
@@ -117,7 +117,7 @@ def table(runs: dict[str, list[dict[str, Any]]], load: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pyfast", type=Path, default=Path("/tmp/pyfast-target"))
+    p.add_argument("--pyfast", type=Path, help="pyFAST's venv or folder (.venv-peers)")
     p.add_argument("--frames", type=int, default=171)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precisions", default="auto,fp32,bf16")

@@ -9,12 +9,12 @@
    :class:`PatchReader` (threads, bounded prefetch: what the job uses), and a process
    pool (each process its own OpenSlide handle, patches pickled back). Target: echod's
    reading at least 0.9 of raw OpenSlide's patches per second.
-3. With ``--pyfast DIR`` (``pip install --target DIR pyfast``; it needs an OpenCL ICD,
-   e.g. Debian's pocl-opencl-icd, and libusb-1.0-0): pyFAST's WholeSlideImageImporter ->
-   TissueSegmentation (colour thresholding) -> PatchGenerator -> ImageToBatchGenerator ->
-   NeuralNetwork -> PatchStitcher on the same slide, model, engine (ONNX Runtime, CPU) and
-   batch, in a child process; once to warm its OpenCL kernel cache, then measured.
-   Target: echod at least 2x FAST's patches per second.
+3. With pyFAST (``bench/setup_peers.sh`` makes ``.venv-peers``, with Debian's PoCL and
+   libusb; or ``--pyfast DIR``, a venv or ``pip install --target`` folder): pyFAST's
+   WholeSlideImageImporter -> TissueSegmentation (colour thresholding) -> PatchGenerator
+   -> ImageToBatchGenerator -> NeuralNetwork -> PatchStitcher on the same slide, model,
+   engine (ONNX Runtime, CPU) and batch, in a child process; once to warm its OpenCL
+   kernel cache, then measured. Target: echod at least 2x FAST's patches per second.
 
     python bench/wsi_table4.py [--slide PATH | --width 8000 --height 6000 --seed 0]
                                [--batch 8] [--readers N] [--pyfast DIR]
@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import write_result
+from _common import PEERS, fast_python, write_result
 
 from daemon.models import BUNDLED, WSI
 from daemon.offline import slides
@@ -155,12 +155,12 @@ def reading(
 # -- pyFAST, in a child process (bench/_pyfast_wsi.py) ------------------------------------
 
 
-def run_fast(pyfast: Path, slide: Path, model: Path, batch: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(pyfast)}
+def run_fast(pyfast: Path | None, slide: Path, model: Path, batch: int) -> dict:
+    python, env = fast_python(pyfast)
     env.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="fast-xdg-"))
     child = Path(__file__).resolve().parent / "_pyfast_wsi.py"
     proc = subprocess.run(
-        [sys.executable, str(child), str(slide), str(model), str(batch)],
+        [python, str(child), str(slide), str(model), str(batch)],
         env=env,
         capture_output=True,
         text=True,
@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--readers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--engine", default=None, help="echod engine (default: best available)")
-    p.add_argument("--pyfast", type=Path, help="folder pyFAST is installed in (pip --target)")
+    p.add_argument("--pyfast", type=Path, help="pyFAST's venv or folder (.venv-peers)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +239,7 @@ def main() -> None:
             | {"phases_s": manifest["phases_s"]},
             "reading": reads,
         }
-        if args.pyfast:
+        if args.pyfast or PEERS.exists():
             fast = run_fast(args.pyfast, slide, BUNDLED / WSI, args.batch)
             result["fast"] = fast
             if "warm" in fast:
