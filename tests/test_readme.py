@@ -36,6 +36,7 @@ SKIPPED = {  # the start of a command -> why it is not run here
     "make test": "the whole test suite",
     ".venv/bin/python -m pytest": "the test suite itself",
     ".venv/bin/python bench/": "a benchmark: minutes, and it writes bench/results/",
+    "bench/setup_peers.sh": "the benchmarks' peers: downloads pyFAST, MONAI and torch",
     f"{ECHOD} run --source ~/": "plays a folder of your own images",
     f"{ECHOD} models calibrate": "rewrites a model's card and int8 files (the bundled ones "
     "are tracked); tests/test_precision.py calibrates models of its own through the CLI",
