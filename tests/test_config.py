@@ -47,6 +47,14 @@ def test_out_of_range_value(tmp_path: Path) -> None:
         config.load(write(tmp_path, "[pipeline]\nring_slots = 1\n"))
 
 
+@pytest.mark.parametrize("value", ["-3", "100001", '"fast"', "true", "2.5"])
+def test_spin_us_takes_microseconds_or_auto(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"'pipeline\.spin_us' must be 0 to 100000 \(us\)"):
+        config.load(write(tmp_path, f"[pipeline]\nspin_us = {value}\n"))
+    assert config.load(None, {"pipeline.spin_us": 250}).pipeline.spin_us == 250
+    assert config.load(None, {"pipeline.spin_us": "auto"}).pipeline.spin_us == "auto"
+
+
 def test_choice_suggests_nearest_option() -> None:
     with pytest.raises(ConfigError, match="did you mean 'newest'"):
         config.load(None, {"pipeline.mode": "newst"})

@@ -320,6 +320,27 @@ def judged_frames() -> list[tuple[str, np.ndarray]]:
     return out + wrong_frames()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the reference's std of no pairs
+@pytest.mark.parametrize("shape", [(300, 1), (1, 300), (2, 300), (300, 2), (16, 16), (257, 129)])
+def test_cheap_guard_on_thin_flat_and_noisy_inputs_is_the_reference(
+    shape: tuple[int, int],
+) -> None:
+    """Inputs no scanner gives (a line, a flat field, white noise, a bright half): the
+    same statistics as the reference, and no error."""
+    rng = np.random.default_rng(sum(shape))
+    half = np.zeros(shape, np.float32)
+    half[:, shape[1] // 2 :] = 0.7
+    for image in (
+        np.zeros(shape, np.float32),
+        np.full(shape, 0.5, np.float32),
+        rng.random(shape, np.float32),
+        half,
+    ):
+        got, ref = domain_features(image), reference_features(image)
+        for k in FEATURES:
+            assert got[k] == pytest.approx(ref[k], abs=1e-5), (shape, k)
+
+
 def test_cheap_guard_judges_as_the_reference(seg: Segmenter) -> None:
     """Same statistics (within float rounding: sums in float64 instead of float32) and the
     same verdict, with the bundled card's thresholds, on every frame; frames of each

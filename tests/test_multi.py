@@ -185,17 +185,25 @@ def iter_events(events: queue.Queue[dict[str, Any]]) -> Iterator[dict[str, Any]]
 # -- two models in one run -------------------------------------------------------------------
 
 
-def test_two_models_in_mode_all_process_every_frame_each_with_its_table2(
-    run_echod: type[Echod],
-) -> None:
-    n = 30
+def run_all(
+    run_echod: type[Echod], n: int, settings: dict[str, object]
+) -> tuple[Echod, dict[str, Any]]:
+    """``echod run --mode all`` of ``n`` frames, unpaced, with ``settings``: the finished
+    process (exit 0 asserted) and its JSON summary."""
     args = ["run", "--headless", "--json", "--mode", "all", "--set", f"source.frames={n}"]
-    for key, value in {**TWO, "source.pace": "none", "model.warmup": 1}.items():
+    for key, value in {"source.pace": "none", **settings}.items():
         args += ["--set", f"{key}={value}"]
     e = run_echod(*args)
     code, out = e.finish(timeout=200)
     assert code == 0, "".join(e.stderr)
-    s = json.loads(out.strip().splitlines()[-1])
+    return e, json.loads(out.strip().splitlines()[-1])
+
+
+def test_two_models_in_mode_all_process_every_frame_each_with_its_table2(
+    run_echod: type[Echod],
+) -> None:
+    n = 30
+    e, s = run_all(run_echod, n, {**TWO, "model.warmup": 1})
     assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, {})
     models = {m["stage"]: m for m in s["models"]}
     assert [m["engine"] for m in s["models"]] == ["onnxruntime", "openvino"]
@@ -220,14 +228,7 @@ def test_a_segmenter_and_a_classifier_on_the_same_frames_in_mode_all(
 
     cls = netmodels.classifier(tmp_path / "view.onnx")
     n = 24
-    args = ["run", "--headless", "--json", "--mode", "all", "--set", f"source.frames={n}"]
-    settings = {"source.pace": "none", "model.warmup": 1, "model.1.path": cls, "model.1.warmup": 1}
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    e = run_echod(*args)
-    code, out = e.finish(timeout=200)
-    assert code == 0, "".join(e.stderr)
-    s = json.loads(out.strip().splitlines()[-1])
+    _, s = run_all(run_echod, n, {"model.warmup": 1, "model.1.path": cls, "model.1.warmup": 1})
     assert (s["frames_in"], s["frames_out"], s["dropped"]) == (n, n, {})
     seg, clf = s["models"]
     for m in (seg, clf):

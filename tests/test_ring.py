@@ -637,11 +637,10 @@ def test_a_polling_waiter_sees_the_condition_without_sleeping(
         fx.notify()  # no system call: nobody to wake
 
     t = threading.Thread(target=later)
-    t0 = time.monotonic()
     t.start()
     assert fx.wait(flag.is_set, time.monotonic() + T) and flag.is_set()
     t.join()
-    assert sleepers_seen == [0] and time.monotonic() - t0 < 4.0
+    assert sleepers_seen == [0]
 
 
 def test_polling_keeps_the_deadline_and_then_sleeps(futex: tuple[Futex, AtomicWord]) -> None:

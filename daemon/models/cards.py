@@ -12,17 +12,25 @@ from typing import Any
 
 WSI_MEAN, WSI_STD = 0.5, 0.25  # of RGB in 0..1; the training code normalises with these
 
-ULTRASOUND = """\
-task = "segmentation"
 
+def _grey_input(size: int) -> str:
+    """The ``[input]`` of a B-mode model: one grey channel of ``size`` x ``size``, NCHW,
+    scaled to 0..1."""
+    return f"""\
 [input]
-size = [256, 256]
+size = [{size}, {size}]
 layout = "NCHW"
 channels = 1
 
 [input.normalisation]
 scale = 0.00392156862745098
+"""
 
+
+ULTRASOUND = f"""\
+task = "segmentation"
+
+{_grey_input(256)}
 [output]
 activation = "softmax"
 
@@ -200,14 +208,7 @@ def view_fields() -> str:
     return f"""\
 task = "classification"
 
-[input]
-size = [{VIEW_SIZE}, {VIEW_SIZE}]
-layout = "NCHW"
-channels = 1
-
-[input.normalisation]
-scale = 0.00392156862745098
-
+{_grey_input(VIEW_SIZE)}
 [[outputs]]
 tensor = "view"
 role = "classification"
@@ -223,14 +224,7 @@ def needle_fields(threshold: float) -> str:
     """The keypoint model's card fields: its output is (1, 1, 3), the tip's x and y
     normalised to the input's extent and its score (a sigmoid probability)."""
     return f"""\
-[input]
-size = [{NEEDLE_SIZE}, {NEEDLE_SIZE}]
-layout = "NCHW"
-channels = 1
-
-[input.normalisation]
-scale = 0.00392156862745098
-
+{_grey_input(NEEDLE_SIZE)}
 [[outputs]]
 tensor = "tip"
 role = "keypoints"

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -305,6 +306,47 @@ def training_record(
         "hardware": hardware(dev),
         "training_seconds": round(seconds, 1),
     }
+
+
+def fit_task(
+    a: argparse.Namespace,
+    started: float,
+    opt: torch.optim.Optimizer,
+    step: Callable[[int], torch.Tensor],
+    items: int,
+    batch: int,
+    dev: torch.device,
+    *,
+    script: str,
+    task: str,
+    data: str,
+    val_seed0: int,
+    live_val: range,
+) -> dict[str, Any]:
+    """A task model's training (view, needle: :func:`evaluation.task_main`'s options in
+    ``a``) within what is left of ``a.total`` minutes since ``started`` (at most
+    ``a.minutes``), and the record of it for the ONNX metadata and the card (``data``:
+    what it was trained on; held out: simulator seeds from ``val_seed0`` and the live
+    seeds ``live_val``)."""
+    minutes = min(a.minutes, a.total - (time.perf_counter() - started) / 60 - 0.5)
+    budget = Budget(max(minutes, 0.05))
+    epochs, steps = fit(opt, step, max(1, items // batch), 1 if a.quick else a.epochs, budget, a.lr)
+    held_out = f"seeds {val_seed0}+ and live seeds {live_val.start}-{live_val.stop - 1} (evaluate)"
+    training = training_record(
+        script,
+        data,
+        held_out,
+        seed=a.seed,
+        epochs=epochs,
+        steps=steps,
+        batch=batch,
+        dev=dev,
+        seconds=budget.seconds(),
+    )
+    training["command"] = (f"{training['script']} " + " ".join(sys.argv[1:])).strip()
+    if a.init is not None:
+        training["started_from"] = provenance_of(a.init)
+    return {"task": task, "weights": "trained", "scores": {}, "training": training}
 
 
 def render(fn: Callable[[int], Any], seeds: Sequence[int], workers: int) -> list[Any]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,28 +123,24 @@ def train(a: argparse.Namespace) -> None:
         opt.step()
         return loss.detach()
 
-    minutes = min(a.minutes, a.total - (time.perf_counter() - started) / 60 - 0.5)
-    budget = common.Budget(max(minutes, 0.05))
-    epochs, steps = common.fit(
-        opt, step, max(1, len(x) // batch), 1 if a.quick else a.epochs, budget, a.lr
+    record = common.fit_task(
+        a,
+        started,
+        opt,
+        step,
+        len(x),
+        batch,
+        dev,
+        script="needle",
+        task="keypoints",
+        data=(
+            f"{len(x)} simulated frames: seeds {a.seed0}-{a.seed0 + n - 1} "
+            f"(daemon/phantoms/us_tasks.py needle_example) and live-phantom needle loops of seeds "
+            f"{live.start}-{live.stop - 1}; simulated only, no real image"
+        ),
+        val_seed0=VAL_SEED0,
+        live_val=LIVE_VAL,
     )
-    training = common.training_record(
-        "needle",
-        f"{len(x)} simulated frames: seeds {a.seed0}-{a.seed0 + n - 1} "
-        f"(daemon/phantoms/us_tasks.py needle_example) and live-phantom needle loops of seeds "
-        f"{live.start}-{live.stop - 1}; simulated only, no real image",
-        f"seeds {VAL_SEED0}+ and live seeds {LIVE_VAL.start}-{LIVE_VAL.stop - 1} (evaluate)",
-        seed=a.seed,
-        epochs=epochs,
-        steps=steps,
-        batch=batch,
-        dev=dev,
-        seconds=budget.seconds(),
-    )
-    training["command"] = ("python -m daemon.models.train.needle " + " ".join(sys.argv[1:])).strip()
-    if a.init is not None:
-        training["started_from"] = common.provenance_of(a.init)
-    record = {"task": "keypoints", "weights": "trained", "scores": {}, "training": training}
     path = a.out / f"{NAME}.onnx"
     net.eval()
     params = common.export(

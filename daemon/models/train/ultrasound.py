@@ -27,7 +27,6 @@ Both rewrite the card beside the model. ``--quick --out DIR`` is a CPU smoke run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import multiprocessing
@@ -320,22 +319,9 @@ def measure(model: Path, data: Path) -> None:
 
 def _write(model: Path, record: dict[str, Any]) -> None:
     """The record into the ONNX metadata and the card rewritten from it."""
-    import onnx
-    from onnx import helper
-
     from daemon.models.cards import ultrasound_card
 
-    proto = onnx.load(str(model))
-    del proto.metadata_props[:]
-    helper.set_model_props(
-        proto, {f"echod.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
-    )
-    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    tmp = model.with_suffix(".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(model)
-    model.with_suffix(".toml").write_text(ultrasound_card(record, params))
-    log.info("wrote %s and its card", model)
+    evaluation.write_record(model, record, ultrasound_card)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -115,28 +114,24 @@ def train(a: argparse.Namespace) -> None:
         opt.step()
         return loss.detach()
 
-    minutes = min(a.minutes, a.total - (time.perf_counter() - started) / 60 - 0.5)
-    budget = common.Budget(max(minutes, 0.05))
-    epochs, steps = common.fit(
-        opt, step, max(1, len(x) // batch), 1 if a.quick else a.epochs, budget, a.lr
+    record = common.fit_task(
+        a,
+        started,
+        opt,
+        step,
+        len(y),
+        batch,
+        dev,
+        script="view",
+        task="classification",
+        data=(
+            f"{len(y)} simulated frames: seeds {a.seed0}-{a.seed0 + n - 1} "
+            f"(daemon/phantoms/us_tasks.py view_example) and live-phantom sweeps of seeds "
+            f"{live.start}-{live.stop - 1}; simulated only, no real image"
+        ),
+        val_seed0=VAL_SEED0,
+        live_val=LIVE_VAL,
     )
-    training = common.training_record(
-        "view",
-        f"{len(y)} simulated frames: seeds {a.seed0}-{a.seed0 + n - 1} "
-        f"(daemon/phantoms/us_tasks.py view_example) and live-phantom sweeps of seeds "
-        f"{live.start}-{live.stop - 1}; simulated only, no real image",
-        f"seeds {VAL_SEED0}+ and live seeds {LIVE_VAL.start}-{LIVE_VAL.stop - 1} (evaluate)",
-        seed=a.seed,
-        epochs=epochs,
-        steps=steps,
-        batch=batch,
-        dev=dev,
-        seconds=budget.seconds(),
-    )
-    training["command"] = ("python -m daemon.models.train.view " + " ".join(sys.argv[1:])).strip()
-    if a.init is not None:
-        training["started_from"] = common.provenance_of(a.init)
-    record = {"task": "classification", "weights": "trained", "scores": {}, "training": training}
     path = a.out / f"{NAME}.onnx"
     params = common.export(net, torch.zeros(1, 1, SIZE, SIZE), path, record, output="view")
     path.with_suffix(".toml").write_text(card(record, params))
