@@ -417,8 +417,9 @@ class PyTorchEngine(Engine):
             raise EngineError(f"pytorch run failed: {type(exc).__name__}: {exc}") from exc
 
     def submit(self, inputs: Mapping[str, np.ndarray]) -> Pending:
-        """On CUDA in mode "all": queue the inference and return at once; else run it now."""
-        if self._stream is None or self._depth == 1:
+        """On CUDA: queue the inference and return at once (``depth`` in flight); on the
+        CPU: run it now."""
+        if self._stream is None:
             return super().submit(inputs)
         return self._submit([self._arrays(inputs)])
 
