@@ -111,6 +111,44 @@ def test_pytorch_cuda_batches_in_flight(
     one.close()
 
 
+def test_pytorch_cuda_labels_in_the_graph(
+    cache: Path, batch: np.ndarray, cpu_out: np.ndarray
+) -> None:
+    """A segmentation's argmax taken in the CUDA graph: the same labels as the CPU's
+    argmax of the probabilities that come back with it, batched and in flight; the
+    Network takes them (no argmax of its own) and decodes the same label maps."""
+    need_cuda()
+    from daemon.engines import postprocess
+    from daemon.engines.network import Network
+    from daemon.engines.pytorch import PyTorchEngine
+
+    path = ensure_reference("unet2d-256", cache, "pt2")
+    eng = PyTorchEngine()
+    eng.load(path, "cuda", mode="all")
+    assert eng.label_on_device("probabilities", 1) == "probabilities:labels"
+    pending = [eng.submit_batch([{"image": batch[i : i + 1]} for i in range(n)]) for n in (1, 3)]
+    for n, p in zip((1, 3), pending, strict=True):
+        out = p.wait()
+        labels, probs = out["probabilities:labels"], out["probabilities"]
+        assert labels.dtype == np.uint8 and labels.shape == (n, 256, 256)
+        np.testing.assert_array_equal(labels, probs.argmax(1))
+        agree(probs, cpu_out[:n], FP16_ATOL, FP16_FLIPS)
+    eng.close()
+
+    net = Network.open(path, engine="pytorch", device="cuda")
+    assert [h.argmax for h in net.heads] == ["probabilities:labels"]
+    frame = (batch[1, 0] * 255).astype(np.uint8)
+    for shape in ((256, 256), (300, 420)):  # the network's size, then resized back
+        img = np.ascontiguousarray(np.resize(frame, shape))
+        x = net.prepare(img)
+        out = net.result(net.submit(x))
+        (decoded,), _ = net.finish(out, img.shape, x)
+        g = net.geometry(shape)
+        cpu = postprocess.labels(out["probabilities"], net.heads[0].card, shape, geometry=g)
+        np.testing.assert_array_equal(decoded.array, cpu)
+    net.close()
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
 def test_pytorch_cuda_fp16_cuda_graphs(
     fmt: str, cache: Path, batch: np.ndarray, cpu_out: np.ndarray

@@ -207,6 +207,7 @@ def test_pytorch_cpu_details(unet: dict[str, Path], tmp_path: Path) -> None:
         eng.load(unet["pt2"], "cuda")
     eng.load(unet["pt2"], threads=1, mode="all")
     assert eng.depth == 1 and eng.device == "cpu float32"
+    assert eng.label_on_device("probabilities", 1) is None  # the caller's argmax, on the CPU
     assert next(eng.run_many([{"image": np.zeros((1, 1, 256, 256), np.float32)}]))[
         "probabilities"
     ].shape == (1, 3, 256, 256)

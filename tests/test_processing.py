@@ -138,6 +138,28 @@ def test_labels_argmax_and_resize_back(n_classes: int, layout: str) -> None:
     np.testing.assert_array_equal(lab, ref_nearest(np.argmax(probs[0], axis=0), 208, 176))
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_labels_from_the_engine_replace_the_argmax(layout: str) -> None:
+    """An engine's own label map (Engine.label_on_device) is what comes back, cropped and
+    resized like the CPU's; a copy, not a view of the engine's buffer; a misfit is refused."""
+    probs = RNG.random((1, 3, 48, 40)).astype(np.float32)
+    out = probs if layout == "NCHW" else np.ascontiguousarray(probs.transpose(0, 2, 3, 1))
+    engine = np.zeros((1, 48, 40), np.uint8)
+    engine[0, 10:20, 5:30] = 2  # not the argmax: proves which map was taken
+    lab = labels(out, ModelCard(), (208, 176), layout, argmax=engine)
+    np.testing.assert_array_equal(lab, ref_nearest(engine[0], 208, 176))
+    same = labels(out, ModelCard(), (48, 40), layout, argmax=engine)
+    same[:] = 7
+    assert engine.max() == 2, "the engine's buffer was written through the label map"
+    for bad in (engine[:, :47], engine.astype(np.int64)):
+        with pytest.raises(ValueError, match="engine's label map"):
+            labels(out, ModelCard(), (48, 40), layout, argmax=bad)
+    one = RNG.random((1, 1, 4, 4)).astype(np.float32)  # one class: the threshold, as before
+    np.testing.assert_array_equal(
+        labels(one, ModelCard(), (4, 4), argmax=engine[:, :4, :4]), (one[0, 0] > 0.5)
+    )
+
+
 def test_labels_known_map_ties_take_first_class() -> None:
     out = np.zeros((1, 3, 2, 2), np.float32)
     out[0, 1, 0, 1] = 1.0  # top right: class 1

@@ -302,6 +302,14 @@ class Engine(ABC):
         worth a blank batch of each size at start."""
         return False
 
+    def label_on_device(self, output: str, axis: int) -> str | None:
+        """Ask for the label map of a segmentation output computed where the network runs
+        (the index of the largest value along the class ``axis``, first on ties, uint8,
+        that axis dropped), so that the caller's CPU need not take the argmax. Returns the
+        name of the extra output that carries it from then on, or None where this engine
+        does not (here: never). Call it before inference starts."""
+        return None
+
     def submit_batch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> Pending:
         """Start one inference on several one-image inputs (each as :meth:`submit` takes
         it, batch dimension 1), at most :attr:`max_batch`; the outputs have the batch

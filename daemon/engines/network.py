@@ -72,6 +72,7 @@ class Head:
     classes: tuple[ClassCard, ...]
     names: tuple[str, ...]  # keypoint or value names
     card: ModelCard  # the model card with this output as its [output] (label maps)
+    argmax: str | None = None  # the engine's output with this map's labels, if it makes one
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -117,7 +118,7 @@ class Network:
         self.input, self.frame_input = self._input_specs(spec)
         self._frame_card = self._for_frames(card)
         self._validate_input()
-        self.heads: tuple[Head, ...] = self._heads()
+        self.heads: tuple[Head, ...] = tuple(self._argmax_on_device(h) for h in self._heads())
         self.guard: Guard | None = (
             Guard(card.guard.min_confidence, card.guard.domain) if card.guard else None
         )
@@ -329,6 +330,17 @@ class Network:
             )
         return tuple(heads)
 
+    def _argmax_on_device(self, head: Head) -> Head:
+        """A multi-class label map's argmax taken where the network runs, if the engine
+        can (PyTorch on CUDA: in the CUDA graph), not on this process's CPU."""
+        spec = head.spec
+        if head.role.role != "segmentation" or spec.layout not in _IMAGE_LAYOUTS:
+            return head
+        if spec.channels is None or spec.channels < 2:
+            return head
+        name = self.engine.label_on_device(spec.name, 1 if spec.layout == "NCHW" else 3)
+        return replace(head, argmax=name) if name else head
+
     def _classes(
         self, role: RoleCard, n: int | None, spec: TensorSpec, dims: str
     ) -> tuple[ClassCard, ...]:
@@ -490,7 +502,8 @@ class Network:
     ) -> np.ndarray:
         y, role, layout = outputs[h.spec.name], h.role, h.spec.layout or "NCHW"
         if role.role == "segmentation":
-            return postprocess.labels(y, h.card, g.frame, layout, geometry=g)
+            argmax = outputs[h.argmax] if h.argmax else None
+            return postprocess.labels(y, h.card, g.frame, layout, geometry=g, argmax=argmax)
         if role.role == "confidence":
             return decoders.confidence(y, layout, role.activation, g)
         if role.role == "classification":

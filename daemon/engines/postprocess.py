@@ -2,9 +2,10 @@
 
 ``labels`` takes a segmentation output of one image, ``(1, C, h, w)`` or
 ``(1, h, w, C)``. With C > 1 the label is the index of the largest channel
-(first one on ties); with C == 1 it is 1 where the foreground probability
-exceeds the card's threshold (a logit output is compared with the threshold's
-logit). The frame's part of the map (padding cut off) is resized to the frame
+(first one on ties; an engine that takes it where the network runs gives the same map,
+:meth:`~daemon.engines.base.Engine.label_on_device`); with C == 1 it is 1 where the
+foreground probability exceeds the card's threshold (a logit output is compared with
+the threshold's logit). The frame's part of the map (padding cut off) is resized to the frame
 with exact nearest-neighbour (half-pixel centres, the inverse of the input's
 bilinear resize). The OpenCL twin must keep these signatures and meanings.
 """
@@ -39,14 +40,24 @@ def labels(
     frame_shape: tuple[int, ...],
     layout: str = "NCHW",
     geometry: Geometry | None = None,
+    argmax: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 label map of ``frame_shape[:2]`` for one segmentation output; ``geometry``
     (None: the output covers the frame, nothing padded) says which part of the output
-    is the frame's (:func:`daemon.engines.preprocess.geometry`)."""
+    is the frame's (:func:`daemon.engines.preprocess.geometry`); ``argmax``: the
+    ``(1, h, w)`` label map of a multi-class output where the engine computed it
+    (:meth:`~daemon.engines.base.Engine.label_on_device`), taken instead of its own."""
     p = planes(output, layout)
     if len(p) > MAX_CLASSES:
         raise ValueError(f"{len(p)} classes do not fit a uint8 label map")
-    if len(p) == 1:
+    if argmax is not None and len(p) > 1:
+        if argmax.shape != (1, *p[0].shape) or argmax.dtype != np.uint8:
+            raise ValueError(
+                f"the engine's label map is {argmax.dtype} {argmax.shape}, expected uint8 "
+                f"{(1, *p[0].shape)}"
+            )
+        lab = np.array(argmax[0])  # the engine's buffer is reused: the record gets a copy
+    elif len(p) == 1:
         t = card.output.threshold
         if card.output.activation == "none":
             t = math.log(t / (1 - t))

@@ -12,8 +12,10 @@ On CUDA: ``precision`` ``"auto"``/``"fp16"`` runs in half precision (inputs and
 outputs stay float32 at the interface), ``"bf16"`` in bfloat16; CUDA graphs
 (option ``cuda_graphs``, default on) are captured once per input shape (a batch size
 is a shape: :meth:`PyTorchEngine.submit_batch`) and replayed, so one inference is a few
-launches; the weights are kept channels-last (cuDNN's fast layout; inputs and outputs
-keep the model's layout). On CUDA, :meth:`PyTorchEngine.submit` queues copy-in (from
+launches; a segmentation's label map (:meth:`PyTorchEngine.label_on_device`) is taken in
+the graph too, so the CPU gets it ready (for 1 byte a pixel more to copy); the weights
+are kept channels-last (cuDNN's fast layout; inputs and outputs keep the model's
+layout). On CUDA, :meth:`PyTorchEngine.submit` queues copy-in (from
 pinned host buffers), replay and copy-out (to pinned host buffers) and returns at once
 (``depth`` inferences in flight), so the caller prepares or decodes frames while the GPU
 works: in mode ``"all"`` three, the copies on streams of their own, overlapping the
@@ -58,6 +60,8 @@ IO_FILE = "echod_io.json"
 _OPTIONS = ("cuda_graphs",)
 _EXPORTED = (".pt2",)
 _DEPTH = 3  # inferences in flight on CUDA in mode "all"
+LABELS = ":labels"
+"""Suffix of the output that carries a map's labels taken on the GPU."""
 
 
 def io_json(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
@@ -93,9 +97,16 @@ class _Runner:
     stream, so one inference is a few launches)."""
 
     def __init__(
-        self, torch: Any, module: Any, example: list[Any], dtype: Any, graph: bool, pool: Any
+        self,
+        torch: Any,
+        module: Any,
+        example: list[Any],
+        dtype: Any,
+        graph: bool,
+        pool: Any,
+        argmax: Mapping[int, int],
     ) -> None:
-        self.torch, self.module, self.dtype = torch, module, dtype
+        self.torch, self.module, self.dtype, self.argmax = torch, module, dtype, argmax
         # static inputs keep the interface's dtype: the host-to-device copies are plain
         # asynchronous copies from pinned memory, the cast to ``dtype`` is part of the graph
         self.inputs = [x.clone() for x in example]
@@ -115,7 +126,9 @@ class _Runner:
     def _forward(self) -> list[Any]:
         xs = [x.to(self.dtype) if x.is_floating_point() else x for x in self.inputs]
         outs = _as_list(self.module(*xs))
-        return [o.float() if o.is_floating_point() else o for o in outs]
+        # argmax before the cast to float32: the same labels, the cast being exact
+        labels = [outs[i].argmax(dim=axis).to(self.torch.uint8) for i, axis in self.argmax.items()]
+        return [o.float() if o.is_floating_point() else o for o in outs] + labels
 
     def __call__(self) -> list[Any]:
         """Run on the current stream on what :attr:`inputs` hold; the outputs (static
@@ -187,6 +200,7 @@ class PyTorchEngine(Engine):
         self._depth = 1
         self._overlap = False  # copies on streams of their own (mode "all" on CUDA)
         self._max_batch = 1
+        self._argmax: dict[int, int] = {}  # output index -> class axis: labels in the graph
 
     @classmethod
     def probe(cls) -> Probe:
@@ -306,6 +320,20 @@ class PyTorchEngine(Engine):
     def per_batch_size(self) -> bool:
         return self._graphs
 
+    def label_on_device(self, output: str, axis: int) -> str | None:
+        """On CUDA: the argmax of ``output`` along ``axis`` is taken in the graph, given as
+        the output ``output + ":labels"``; on the CPU: None (the caller's own argmax costs
+        the same there)."""
+        if self._stream is None:
+            return None
+        index = next((i for i, s in enumerate(self.outputs) if s.name == output), None)
+        if index is None:
+            raise EngineError(f"pytorch: no output {output!r} to take labels of")
+        self._drain()
+        self._runners, self._staging = {}, {}  # made again with the labels in them
+        self._argmax[index] = axis
+        return output + LABELS
+
     def _arrays(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         missing = [s.name for s in self.inputs if s.name not in inputs]
         if missing:
@@ -334,7 +362,9 @@ class PyTorchEngine(Engine):
                 for k in range(len(image))
             ]
             self._drain()  # nothing in flight while it warms up and captures
-            runner = _Runner(torch, self._module, example, self._dtype, self._graphs, self._pool)
+            runner = _Runner(
+                torch, self._module, example, self._dtype, self._graphs, self._pool, self._argmax
+            )
             torch.cuda.synchronize(self._dev)
             self._runners[key] = runner
         staging = self._staging.get(image)
@@ -380,14 +410,11 @@ class PyTorchEngine(Engine):
         return [v[:rows] for v in staging.out_views[s]], staging.copied_out[s]
 
     def _named(self, outs: list[np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
-        if len(outs) != len(self.outputs):
-            raise EngineError(
-                f"pytorch: model gave {len(outs)} outputs, expected {len(self.outputs)}"
-            )
-        return {
-            spec.name: np.array(o) if copy else o
-            for spec, o in zip(self.outputs, outs, strict=True)
-        }
+        names = [s.name for s in self.outputs]
+        names += [names[i] + LABELS for i in self._argmax]
+        if len(outs) != len(names):
+            raise EngineError(f"pytorch: model gave {len(outs)} outputs, expected {len(names)}")
+        return {n: np.array(o) if copy else o for n, o in zip(names, outs, strict=True)}
 
     def _drain(self) -> None:
         while self._inflight:
@@ -462,6 +489,7 @@ class PyTorchEngine(Engine):
         self._inflight.clear()
         self._runners = {}
         self._staging = {}
+        self._argmax = {}
         self._module = self._stream = self._copy_in = self._copy_out = self._pool = None
         super().close()
 
