@@ -20,11 +20,13 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from _common import write_result
+from _hiccups import PERIOD_S, Hiccups
 
 from daemon.acquire.synthetic import SyntheticSettings, SyntheticSource
 from daemon.config import Config
@@ -48,7 +50,10 @@ def engine_rate(model: Path, engine: str | None, device: str, n: int) -> dict[st
     return {"fps": 1 / mean, "mean_ms": mean * 1e3, "sd_ms": statistics.stdev(times) * 1e3}
 
 
-def pipeline(n: int, common: list[str], *extra: str) -> dict[str, Any]:
+def pipeline(
+    n: int, common: list[str], *extra: str, meter: Hiccups | None = None
+) -> dict[str, Any]:
+    """One ``echod run``; its JSON summary. ``meter`` runs while the source streams."""
     cmd = [
         sys.executable,
         "-m",
@@ -65,8 +70,23 @@ def pipeline(n: int, common: list[str], *extra: str) -> dict[str, Any]:
         *common,
         *extra,
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    if meter is not None:
+        meter.start()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        log = []
+        for line in proc.stderr:  # the log: the stream starts once every stage is ready
+            log.append(line)
+            if meter is not None and "source streaming" in line:
+                meter.mark()
+        code = proc.wait()
+        if meter is not None:
+            meter.stop()
+        if code != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{''.join(log[-20:])}")
+        out.seek(0)
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -91,6 +111,7 @@ def main() -> None:
         common += ["--set", kv]
     eng = engine_rate(model, args.engine or None, args.device, min(args.frames, 500))
     thr = pipeline(args.frames, common, "--mode", "all", "--pace", "none")
+    hiccups = Hiccups()  # did the machine stall too when a frame was late?
     lat = pipeline(
         max(60, args.frames // 3),
         common,
@@ -100,6 +121,7 @@ def main() -> None:
         "fps",
         "--fps",
         f"{eng['fps'] / 2:.2f}",
+        meter=hiccups,
     )
     new = pipeline(
         max(60, args.frames // 2),
@@ -129,6 +151,7 @@ def main() -> None:
         "latency_overhead_p50_ms": lat["latency_ms"]["p50"] - inf_mean,
         "per_frame_overhead_ms": lat["overhead_ms"],
         "paced_all_latency_parts_ms": lat.get("latency_parts_ms"),
+        "paced_all_machine_hiccups": hiccups.summary(),
         "newest": {
             k: new.get(k)
             for k in ("fps", "frames_in", "frames_out", "dropped", "latency_ms", "latency_parts_ms")
@@ -148,6 +171,13 @@ def main() -> None:
         f" p99 {lat['latency_ms']['p99']:.2f} ms; p99 - inference "
         f"{result['latency_overhead_p99_ms']:.2f} ms (target <= 3)"
     )
+    h = result["paced_all_machine_hiccups"]
+    if h["wakeups"]:
+        print(
+            f"  meanwhile a {PERIOD_S * 1e3:.1f} ms sleeper woke late by p50 {h['p50_ms']:.3f} "
+            f"p99 {h['p99_ms']:.3f} max {h['max_ms']:.1f} ms; {h['over_1ms']} wake-ups "
+            f"> 1 ms late, {h['over_5ms']} > 5 ms in {h['seconds']} s (the machine's stalls)"
+        )
     print(
         f"newest, paced at {eng['fps'] * 0.9:.1f} fps: {new['fps']:.1f} fps, latency p50 "
         f"{new['latency_ms']['p50']:.2f} p99 {new['latency_ms']['p99']:.2f} ms, "
