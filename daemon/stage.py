@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -250,7 +251,9 @@ def run_stage(
 
     ``freeze_gc`` (a stage process): once set up, everything it holds (an engine's
     library: torch alone is ~200,000 objects) leaves the garbage collector's view, so
-    a full collection while frames flow takes microseconds, not a frame's worth of ms.
+    a full collection while frames flow takes microseconds, not a frame's worth of ms;
+    and a module it imports after setup (a hitch in the stream: tens of ms) is logged
+    at the end, so that it is found and imported at setup instead.
 
     Returns the exit code: 0 when done, stopped or retired, the error's exit
     code when setup or a step failed (the failure is reported first). A retired
@@ -267,6 +270,7 @@ def run_stage(
             facts = stage.setup()
         finally:
             _running.ctx = None
+        loaded = set(sys.modules) if freeze_gc else None
         if freeze_gc:
             gc.collect()
             gc.freeze()
@@ -285,6 +289,13 @@ def run_stage(
                 break
             ctx.beat()
         finished = True
+        if loaded is not None and (late := sorted(set(sys.modules) - loaded)):
+            log.info(
+                "stage %s imported %d module(s) while frames flowed, a hitch each: %s",
+                spec.name,
+                len(late),
+                ", ".join(late[:8]),
+            )
         ctx.report("done", **stage.summary())
         return 0
     except EchodError as e:
