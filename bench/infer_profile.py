@@ -128,7 +128,11 @@ def pipeline(
         None,
         {
             **(
-                {"source.uri": "synthetic", "source.synthetic.loop_s": 0.25}
+                {
+                    "source.uri": "synthetic",
+                    "source.synthetic.loop_s": 0.25,
+                    "source.synthetic.prerender": True,
+                }
                 if folder is None
                 else {"source.uri": str(folder)}
             ),

@@ -435,6 +435,23 @@ def test_synthetic_labels_are_plausible(seed: int) -> None:
     assert max(slow) / min(slow) > 1.2  # compression over 10 s
 
 
+def test_synthetic_prerender_renders_the_loop_before_the_first_frame() -> None:
+    """The same frames, all rendered when the source opens; a loop too large to keep is
+    refused with the settings to change."""
+    settings = SyntheticSettings(seed=3, loop_s=0.2, prerender=True)
+    source = SyntheticSource(settings, fps=20)
+    assert source._cache is not None and len(source._cache) == 4  # 0.2 s at 20 fps
+    lazy = SyntheticSource(SyntheticSettings(seed=3, loop_s=0.2), fps=20)
+    for i in (0, 3, 5):  # 5: the second loop
+        np.testing.assert_array_equal(
+            source.frame_with_labels(i)[0].image, lazy.frame_with_labels(i)[0].image
+        )
+    assert len(source._cache) == 4
+    big = SyntheticSettings(width=1024, height=1024, loop_s=60, prerender=True)
+    with pytest.raises(SourceError, match=r"shorten source\.synthetic\.loop_s"):
+        SyntheticSource(big, fps=60)
+
+
 def test_synthetic_settings_validation() -> None:
     with pytest.raises(pydantic.ValidationError):
         SyntheticSettings(width=100)

@@ -13,12 +13,15 @@ so :meth:`SyntheticSource.frame_with_labels` can be called in any order.
 
 Real time: the motion repeats every ``loop_s`` seconds and the source keeps the frames
 of one loop once rendered (about 25 ms a frame at 256 x 256 on one core of a 2-core
-machine, so the first loop is real time and later ones cost a lookup).
+machine, so the first loop is real time and later ones cost a lookup). ``prerender``
+renders the loop before the first frame: for benchmarks, whose pace is faster than the
+simulator renders (the first loop would come late, then its overdue frames in a burst).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -26,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from daemon.acquire.base import DEFAULT_FPS, fps_str, shape_str
+from daemon.errors import SourceError
 from daemon.frame import Frame, FrameMeta
 from daemon.phantoms.ultrasound import ARTERY, VEIN, Phantom, Truth
 
@@ -70,6 +74,12 @@ class SyntheticSettings(BaseModel):
         le=60,
         description="Seconds after which the motion (heart beat, vein compression, probe "
         "drift) repeats; one loop of frames is rendered once and then replayed.",
+    )
+    prerender: bool = Field(
+        default=False,
+        description="Render the whole loop when the source opens, before the first frame "
+        "(seconds for a long loop): the first loop then comes at the pace asked, not as fast "
+        "as the simulator renders (benchmarks at hundreds of frames a second).",
     )
     sweep: bool = Field(
         default=False,
@@ -135,6 +145,23 @@ class SyntheticSource:
             self.phantom.scanner.f0,
             loop,
             "" if self._cache is not None else " (too large to keep: rendered every time)",
+        )
+        if s.prerender:
+            self._prerender()
+
+    def _prerender(self) -> None:
+        loop = self.phantom.loop_frames
+        if self._cache is None:
+            raise SourceError(
+                f"source.synthetic.prerender: a loop of {loop} frames of "
+                f"{shape_str(self.max_shape, self.dtype)} is more than the "
+                f"{CACHE_BYTES >> 20} MiB kept; shorten source.synthetic.loop_s or the frame"
+            )
+        t = time.monotonic()
+        for i in range(loop):
+            self._render(i)
+        log.info(
+            "synthetic source: loop of %d frames rendered in %.1f s", loop, time.monotonic() - t
         )
 
     def _render(self, index: int) -> tuple[np.ndarray, np.ndarray, Truth]:
