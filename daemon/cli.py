@@ -184,7 +184,8 @@ def _parser() -> Parser:
         "--engine",
         action="append",
         default=[],
-        help="engine to calibrate (repeatable; default: openvino and onnxruntime)",
+        help="engine to calibrate (repeatable; default: every engine that runs the model on "
+        "the device here)",
     )
     cal.add_argument("--device", default="cpu", help="device (default cpu)")
     cal.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (best of)")
@@ -363,16 +364,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate.calibrate(
         args.model,
         frames,
-        engines=args.engine or calibrate.ENGINES,
+        engines=args.engine,
         device=args.device,
         rounds=args.rounds,
         tolerance=args.tolerance,
     )
-    rows = [("ENGINE", "PRECISION", "DROP", "FRAMES/S", "AGREEMENT", "FILE")]
+    rows = [("ENGINE", "DEVICE", "PRECISION", "DROP", "FRAMES/S", "AGREEMENT", "FILE")]
     for m in result.measured:
         agree = " ".join(f"{k}={v:.4f}" for k, v in m.agreement.items())
-        rows.append((m.engine, m.precision, f"{m.drop:.4f}", f"{m.fps:.1f}", agree, m.file))
+        drop, fps = f"{m.drop:.4f}", f"{m.fps:.1f}"
+        rows.append((m.engine, m.device, m.precision, drop, fps, agree, m.file))
     print("\n".join(human.table(rows)))
+    earlier = {(m.engine, m.device, m.machine) for m in result.measured if m.machine}
+    for engine, device, where in sorted(earlier):
+        print(f"{engine} on {device}: kept from an earlier calibration on {where}")
     print(f"tolerance {result.tolerance}; {result.data}; {result.machine}")
     return 0
 

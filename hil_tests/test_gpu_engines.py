@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from daemon.engines.base import import_library
+from daemon.engines.card import load_card
 from daemon.engines.onnxruntime import OnnxRuntimeEngine
 from daemon.engines.reference import ensure_reference
 
@@ -147,6 +149,36 @@ def test_pytorch_cuda_labels_in_the_graph(
         cpu = postprocess.labels(out["probabilities"], net.heads[0].card, shape, geometry=g)
         np.testing.assert_array_equal(decoded.array, cpu)
     net.close()
+
+
+def test_calibrate_pytorch_on_cuda(cache: Path, tmp_path: Path) -> None:
+    """``echod models calibrate`` on the GPU: fp32, fp16 and bf16 rows for PyTorch on
+    CUDA (the only engine here that loads a .pt2), beside the CPU row the card had;
+    ``precision = "auto"`` then picks among them."""
+    need_cuda()
+    from daemon.engines.card import MeasuredPrecision, PrecisionCard, card_path
+    from daemon.engines.precision import choose
+    from daemon.engines.segmenter import Segmenter
+    from daemon.models import calibrate
+
+    ref = ensure_reference("unet2d-256", cache, "pt2")
+    model = tmp_path / ref.name
+    shutil.copy(ref, model)
+    shutil.copy(card_path(ref), card_path(model))
+    cpu = MeasuredPrecision(engine="onnxruntime", device="cpu", precision="fp32", drop=0, fps=30)
+    calibrate.write_precision(model, PrecisionCard(data="d", machine="m", measured=(cpu,)))
+    result = calibrate.calibrate(model, calibrate.phantom_frames(24, 8), device="cuda", rounds=2)
+    got = {(m.engine, m.device, m.precision): m for m in result.measured}
+    cuda = {k[2]: m for k, m in got.items() if k[:2] == ("pytorch", "cuda")}
+    assert set(cuda) == {"fp32", "fp16", "bf16"} and len(got) == 4
+    assert got[("onnxruntime", "cpu", "fp32")].machine == "m"
+    assert cuda["fp32"].drop == 0 and set(cuda["fp32"].agreement.values()) == {1.0}
+    assert min(cuda["fp16"].agreement.values()) > 0.9, cuda["fp16"]  # near-ties only
+    assert all(m.fps > 0 for m in cuda.values())
+    best = max((m for m in cuda.values() if m.drop <= result.tolerance), key=lambda m: m.fps)
+    assert choose(load_card(model), model, "pytorch", "cuda", "auto").precision == best.precision
+    with Segmenter.open(model, engine="pytorch", device="cuda") as seg:
+        assert seg.describe()["precision"] == best.precision
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])

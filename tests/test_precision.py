@@ -18,7 +18,7 @@ from daemon.engines import registry
 from daemon.engines.card import MeasuredPrecision, PrecisionCard, load_card
 from daemon.engines.precision import choose
 from daemon.engines.segmenter import Segmenter
-from daemon.errors import ModelError
+from daemon.errors import EngineError, ModelError
 from daemon.models import calibrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +157,39 @@ def test_calibrate_writes_the_card_and_auto_runs_what_it_chose(tmp_path: Path) -
     allowed = [m for m in result.measured if m.drop <= result.tolerance]
     assert info["precision"] == max(allowed, key=lambda m: m.fps).precision
     assert "fastest within Dice drop <= 0.01" in info["precision_reason"]
+
+
+@ORT
+def test_calibrating_one_engine_keeps_the_other_engines_rows(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "tiny.onnx")
+    gpu = MeasuredPrecision(engine="pytorch", device="cuda", precision="fp16", drop=0.0, fps=900)
+    earlier = PrecisionCard(data="earlier frames", machine="a GPU box", measured=(gpu,))
+    calibrate.write_precision(model, earlier)
+    first = calibrate.calibrate(
+        model, calibrate.phantom_frames(3, 3), engines=("onnxruntime",), rounds=1
+    )
+    again = calibrate.calibrate(
+        model, calibrate.phantom_frames(3, 3), engines=("onnxruntime",), rounds=1
+    )
+    kept = [m for m in again.measured if m.engine == "pytorch"]
+    assert kept == [gpu.model_copy(update={"data": "earlier frames", "machine": "a GPU box"})]
+    ours = [(m.engine, m.precision) for m in again.measured if m.engine == "onnxruntime"]
+    assert ours == [("onnxruntime", "fp32"), ("onnxruntime", "int8")]  # replaced, not added
+    assert len(again.measured) == len(first.measured) == 3
+    assert all(not m.machine for m in again.measured if m.engine == "onnxruntime")
+    assert load_card(model).precision == again  # the kept row's origin survives the file
+    c = choose(load_card(model), model, "pytorch", "cuda:0", "auto")
+    assert c.precision == "fp16" and "900 frames/s" in c.reason
+
+
+def test_calibrate_takes_only_engines_that_load_the_file(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "tiny.onnx")
+    found = calibrate.usable_engines(model, "cpu")
+    assert set(found) <= {"onnxruntime", "openvino"}, found
+    assert found == [e for e in ("onnxruntime", "openvino") if registry.probe(e).available]
+    assert calibrate.usable_engines(model, "cpu", ["pytorch", "tensorrt"]) == []
+    with pytest.raises(EngineError, match=r"no engine here runs tiny.onnx on cpu \(asked for"):
+        calibrate.calibrate(model, calibrate.phantom_frames(2, 2), engines=("tensorrt",))
 
 
 @ORT

@@ -230,6 +230,9 @@ class MeasuredPrecision(_Strict):
     drop: Annotated[float, Field(ge=0)]  # accuracy lost against f32 (0 for f32 itself)
     fps: Annotated[float, Field(ge=0)]
     agreement: dict[str, float] = {}  # per class: Dice against f32's labels (top-1 for cls)
+    # the frames and machine, where not the card's (a row kept from an earlier calibration)
+    data: str = ""
+    machine: str = ""
 
 
 class PrecisionCard(_Strict):

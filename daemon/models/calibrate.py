@@ -1,19 +1,24 @@
 """``echod models calibrate MODEL``: the precision ladder of a segmentation model.
 
-For each CPU-side engine here (OpenVINO, ONNX Runtime) the model runs at f32, at the
-reduced float precisions the device has (OpenVINO: bf16 / f16 where the CPU reports
-them) and at int8 (OpenVINO: NNCF post-training quantization, when ``nncf`` is
-installed; ONNX Runtime: ``onnxruntime.quantization`` static QDQ quantization). The
-int8 files go beside the model, in ``STEM.int8/``. Every variant segments the same
-validation frames: simulator frames with ground truth (``--data phantom``, held-out
-seeds :data:`VAL_SEED0`..; the quantizers calibrate on other seeds) or a recording's
-frames (no ground truth). Written to the card's ``[precision]``:
+On each engine here that loads the model on the device (or those named) the model
+runs at f32, at the reduced float precisions the engine offers there (OpenVINO: bf16 /
+f16 where the device reports them; PyTorch: the model cast to fp16 and bf16 on CUDA,
+bf16 on the CPU; TensorRT: its fp16 / bf16 builder flags) and at int8 (OpenVINO: NNCF
+post-training quantization, when ``nncf`` is installed; ONNX Runtime:
+``onnxruntime.quantization`` static QDQ quantization). A variant the engine refuses
+here is skipped with its reason; int8 files go beside the model, in ``STEM.int8/``.
+Every variant segments the same validation frames: simulator frames with ground truth
+(``--data phantom``, held-out seeds :data:`VAL_SEED0`..; the quantizers calibrate on
+other seeds) or a recording's frames (no ground truth). Written to the card's ``[precision]``:
 
 - ``drop``: with ground truth, the largest per-class loss in mean Dice against f32's;
   without, the largest per-class ``1 - Dice(variant labels, f32 labels)``.
 - ``agreement``: per class, the mean Dice of the variant's labels against f32's.
 - ``fps``: frames/s in mode "all" (every request in flight), the best of ``rounds``
   rounds with the variants interleaved (a shared machine's load hits them alike).
+
+Rows of other engines and devices already in the card are kept (with the frames and
+machine they were measured on): a model calibrated on the CPU, then on a GPU, has both.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 
 from daemon.compat import tomllib
 from daemon.engines import registry
+from daemon.engines.base import device_kind
 from daemon.engines.card import MeasuredPrecision, ModelCard, PrecisionCard, card_path, load_card
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
@@ -41,7 +47,6 @@ log = logging.getLogger(__name__)
 
 VAL_SEED0 = 500_000  # held-out simulator seeds (as the training script's calibrate)
 QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
-ENGINES = ("openvino", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -134,12 +139,31 @@ def _quantize_onnxruntime(model: Path, name: str, inputs: list[np.ndarray], out:
 
 def _reduced(engine: str, device: str) -> list[str]:
     """Float precisions below f32 the engine offers on ``device`` here."""
-    if engine != "openvino":
-        return []
-    import openvino as ov
+    if engine == "openvino":
+        import openvino as ov
 
-    caps = set(ov.Core().get_property(device.upper(), "OPTIMIZATION_CAPABILITIES"))
-    return [p for p, cap in (("bf16", "BF16"), ("fp16", "FP16")) if cap in caps]
+        caps = set(ov.Core().get_property(device.upper(), "OPTIMIZATION_CAPABILITIES"))
+        return [p for p, cap in (("bf16", "BF16"), ("fp16", "FP16")) if cap in caps]
+    if engine == "pytorch":
+        return ["fp16", "bf16"] if device_kind(device) == "cuda" else ["bf16"]
+    if engine == "tensorrt":
+        return ["fp16", "bf16"]
+    return []
+
+
+def usable_engines(model: Path, device: str, named: Iterable[str] = ()) -> list[str]:
+    """The engines to calibrate ``model`` on ``device`` with: those ``named`` (default:
+    every registered engine) that are usable here, know the device and load the file."""
+    kind, found = device_kind(device), []
+    for name in named or registry.preference(device):
+        p = registry.probe(name)
+        why = p.reason if not p.available else "" if kind in p.devices else f"no {kind} device"
+        why = why or registry.engine_class(name).supports(model, device)
+        if why:
+            (log.warning if named else log.debug)("%s skipped: %s", name, why)
+        else:
+            found.append(name)
+    return found
 
 
 def variants(
@@ -150,20 +174,29 @@ def variants(
     found: list[Variant] = []
     for engine in engines:
         found += [Variant(engine, p, model) for p in ("fp32", *_reduced(engine, device))]
-        out.mkdir(exist_ok=True)
+        q = None
         if engine == "openvino":
+            out.mkdir(exist_ok=True)
             q = _quantize_openvino(model, inputs, out)
-        else:
+        elif engine == "onnxruntime":
+            out.mkdir(exist_ok=True)
             q = _quantize_onnxruntime(model, input_name, inputs, out)
         if q is not None:
             found.append(Variant(engine, "int8", q))
     return found
 
 
-def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Segmenter:
+def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Segmenter | None:
+    """The variant loaded, or None (logged) where the engine refuses it here."""
     eng = registry.engine_class(v.engine)()
     option = "fp32" if v.precision == "int8" else v.precision
-    eng.load(v.file, device, precision=option, mode="all")
+    try:
+        eng.load(v.file, device, precision=option, mode="all")
+    except EngineError as exc:
+        if v.precision == "fp32":
+            raise
+        log.warning("%s %s skipped: %s", v.engine, v.precision, exc)
+        return None
     return Segmenter(eng, card, model)
 
 
@@ -208,33 +241,39 @@ def compare(
     return round(max(0.0, *drops), 5), agreement
 
 
-def machine() -> str:
-    """The CPU model and core count (where speed was measured)."""
+def machine(device: str = "cpu") -> str:
+    """The CPU model and core count, and the device where it is not the CPU."""
     cpu = platform.processor() or platform.machine()
     try:
         text = Path("/proc/cpuinfo").read_text()
         cpu = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()  # type: ignore[union-attr]
     except (OSError, AttributeError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    where = f"{cpu}, {os.cpu_count()} cores"
+    return where if device_kind(device) == "cpu" else f"{where}; {device}"
 
 
 def calibrate(
     model: Path,
     frames: Frames,
-    engines: Iterable[str] = ENGINES,
+    engines: Iterable[str] = (),
     device: str = "cpu",
     rounds: int = 3,
     tolerance: float | None = None,
 ) -> PrecisionCard:
-    """Measure every variant on ``frames`` and write the card's ``[precision]``."""
+    """Measure every variant on ``frames`` with ``engines`` (default: every engine that
+    runs the model on ``device`` here) and write the card's ``[precision]``."""
     model = Path(model)
     card = load_card(model)
     if card.task != "segmentation":
         raise ModelError(f"model {model.name}: calibrate measures segmentation models only")
-    usable = [e for e in engines if registry.probe(e).available]
+    usable = usable_engines(model, device, engines)
     if not usable:
-        raise EngineError(f"none of {', '.join(engines)} is usable here: echod engines says why")
+        raise EngineError(
+            f"no engine here runs {model.name} on {device}"
+            + (f" (asked for {', '.join(engines)})" if engines else "")
+            + ": echod engines says why"
+        )
     ref = Segmenter.open(model, engine=usable[0], device=device, precision="fp32")
     try:
         xs = [ref.prepare(im) for im in frames.images]
@@ -243,11 +282,13 @@ def calibrate(
     finally:
         ref.close()
     shapes = [im.shape for im in frames.images]
-    todo = variants(model, usable, device, cal, name)
-    segs = {v: _open(v, card, model, device) for v in todo}
+    segs: dict[Variant, Segmenter] = {}
     try:
+        for v in variants(model, usable, device, cal, name):
+            if (seg := _open(v, card, model, device)) is not None:
+                segs[v] = seg
         labels = {v: _labels(s, xs, shapes) for v, s in segs.items()}
-        fps = dict.fromkeys(todo, 0.0)
+        fps = dict.fromkeys(segs, 0.0)
         for _ in range(rounds):  # interleaved: load on a shared machine hits all alike
             for v, s in segs.items():
                 fps[v] = max(fps[v], _fps(s, xs))
@@ -255,14 +296,14 @@ def calibrate(
         for s in segs.values():
             s.close()
     rows = []
-    for v in todo:
+    for v in segs:
         f32 = labels[Variant(v.engine, "fp32", model)]
         drop, agreement = compare(names, labels[v], f32, frames.truth)
         rel = v.file.relative_to(card_path(model).parent).as_posix() if v.file != model else ""
         rows.append(
             MeasuredPrecision(
                 engine=v.engine,
-                device=device.split(":")[0].split(".")[0].lower(),
+                device=device_kind(device),
                 precision=v.precision,
                 file=rel,
                 drop=drop,
@@ -274,15 +315,29 @@ def calibrate(
             "%s %s: drop %.4f, %.1f frames/s, agreement %s",
             v.engine, v.precision, drop, fps[v], agreement,
         )  # fmt: skip
-    old = card.precision.tolerance if card.precision else 0.01
     result = PrecisionCard(
-        tolerance=old if tolerance is None else tolerance,
+        tolerance=(card.precision.tolerance if card.precision else 0.01)
+        if tolerance is None
+        else tolerance,
         data=frames.text,
-        machine=machine(),
-        measured=tuple(rows),
+        machine=machine(device),
+        measured=(*_kept(card.precision, rows), *rows),
     )
     write_precision(model, result)
     return result
+
+
+def _kept(old: PrecisionCard | None, new: list[MeasuredPrecision]) -> list[MeasuredPrecision]:
+    """The rows of ``old`` for engines and devices not measured again, each naming the
+    frames and machine it was measured on."""
+    if old is None:
+        return []
+    again = {(m.engine, m.device) for m in new}
+    return [
+        m.model_copy(update={"data": m.data or old.data, "machine": m.machine or old.machine})
+        for m in old.measured
+        if (m.engine, m.device) not in again
+    ]
 
 
 # -- the card's [precision] section, rewritten in place -------------------------------------
@@ -309,7 +364,9 @@ def render(p: PrecisionCard) -> str:
     ]
     for m in p.measured:
         lines += ["", "[[precision.measured]]"]
-        lines += [f"{k} = {_value(v)}" for k, v in m.model_dump(mode="json").items()]
+        unset = {k for k in ("data", "machine") if not getattr(m, k)}  # the card's
+        row = m.model_dump(mode="json", exclude=unset)
+        lines += [f"{k} = {_value(v)}" for k, v in row.items()]
     return "\n".join(lines) + "\n"
 
 
