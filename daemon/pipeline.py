@@ -15,6 +15,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +33,8 @@ from daemon.stage import POLL_S, InputPort, OutputPort, Stage, StageSpec
 log = logging.getLogger(__name__)
 
 Taken = tuple[np.ndarray, FrameMeta, float, float]  # a prepared frame, when it started, ended
+# ... in flight: its inference, meta, start, end of preparation, input, guard's domain check
+InFlight = tuple[Pending, FrameMeta, float, float, np.ndarray, "Future[str] | None"]
 
 STANDBY_POLL_S = 0.001
 
@@ -269,7 +272,7 @@ class InferStage(Stage):
         self.torn = 0
         self.rejected = 0
         self._refused: set[tuple[tuple[int, ...], str]] = set()
-        self.inflight: deque[tuple[Pending, FrameMeta, float, float, np.ndarray]] = deque()
+        self.inflight: deque[InFlight] = deque()
         size = batch_size(cfg.pipeline.max_batch, cfg.pipeline.mode, p.get("device") or m.device)
         if self.net.sequence > 1:  # its windows share the frames kept for depth in flight
             size = 1
@@ -328,7 +331,7 @@ class InferStage(Stage):
             return True
         pending = self.batcher.submit([x for x, _, _, _ in taken])
         for p, (x, meta, t0, t1) in zip(pending, taken, strict=True):
-            self.inflight.append((p, meta, t0, t1, x))
+            self.inflight.append((p, meta, t0, t1, x, self.net.check_domain(x)))
         # in order; at most `depth` in flight; a finished one goes out at once (latency)
         while self.inflight and (
             self.batcher.saturated(len(self.inflight)) or self.inflight[0][0].done()
@@ -384,10 +387,10 @@ class InferStage(Stage):
         return net.window(k)
 
     def _finish_oldest(self) -> None:
-        pending, meta, t0, t1, x = self.inflight.popleft()
+        pending, meta, t0, t1, x, domain = self.inflight.popleft()
         out = self.net.result(pending)
         t2 = time.perf_counter()  # with several in flight, inference includes queueing
-        outputs, verdict = self.net.finish(out, meta.shape, x)
+        outputs, verdict = self.net.finish(out, meta.shape, x, domain)
         t3 = time.perf_counter()
         meta.confidence, meta.flags = verdict.confidence, 0 if verdict.confident else WITHHELD
         self.withheld += not verdict.confident

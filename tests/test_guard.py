@@ -10,6 +10,7 @@ The guard withholds blank frames, pure noise and a CT slice shown as an image.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,7 @@ from daemon.engines.guard import (
     finding_confidence,
     probabilities,
 )
+from daemon.engines.network import Network, domain_workers
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import ModelError
 from daemon.models import BUNDLED, ULTRASOUND
@@ -359,3 +361,38 @@ def test_cheap_guard_judges_as_the_reference(seg: Segmenter) -> None:
         assert (verdict.confident, verdict.reason) == expected, what
         reasons.add(verdict.reason[:3])
     assert reasons == {"", "out", "low"}, reasons
+
+
+def guard_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("guard")]
+
+
+def test_domain_checks_on_worker_threads_judge_as_in_line() -> None:
+    """The infer stage's path on an accelerator: every frame's domain check started on
+    worker threads before any of them is finished, then each frame gets the verdict the
+    in-line check gives it (shown and withheld frames, real and simulated, mixed)."""
+    frames = [image for _, image in judged_frames()[::3]]
+    with Network.open(BUNDLED / ULTRASOUND, engine="onnxruntime") as net:
+        assert net.domain_workers == 0 and net.check_domain(net.prepare(frames[0])) is None
+        inline = []
+        for im in frames:
+            x = net.prepare(im)
+            inline.append(net.finish(net.infer(x), im.shape, x)[1])
+        net.domain_workers = 2
+        xs = [net.prepare(im) for im in frames]
+        checks = [net.check_domain(x) for x in xs]
+        threaded = [
+            net.finish(net.infer(x), im.shape, x, check)[1]
+            for x, im, check in zip(xs, frames, checks, strict=True)
+        ]
+        assert guard_threads(), "no worker thread checked a frame"
+    assert threaded == inline
+    assert any(v.confident for v in inline) and any(not v.confident for v in inline)
+    assert not guard_threads(), "close() left the guard's threads running"
+
+
+def test_domain_workers_only_beside_an_accelerator() -> None:
+    assert domain_workers("cuda", cores=16) == 4 and domain_workers("cuda:1", cores=8) == 2
+    assert domain_workers("GPU.0", cores=64) == 4 and domain_workers("NPU", cores=4) == 1
+    assert domain_workers("cpu", cores=64) == 0 and domain_workers("AUTO:GPU,CPU", cores=16) == 0
+    assert domain_workers("cuda", cores=2) == 0  # a 2-core box: the stages need both

@@ -184,8 +184,7 @@ def test_calibrating_one_engine_keeps_the_other_engines_rows(tmp_path: Path) -> 
 
 def test_calibrate_takes_only_engines_that_load_the_file(tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "tiny.onnx")
-    found = calibrate.usable_engines(model, "cpu")
-    assert set(found) <= {"onnxruntime", "openvino"}, found
+    found = [e for e in calibrate.usable_engines(model, "cpu") if e in registry.BUILTINS]
     assert found == [e for e in ("onnxruntime", "openvino") if registry.probe(e).available]
     assert calibrate.usable_engines(model, "cpu", ["pytorch", "tensorrt"]) == []
     with pytest.raises(EngineError, match=r"no engine here runs tiny.onnx on cpu \(asked for"):

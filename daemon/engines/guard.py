@@ -226,8 +226,13 @@ class Guard:
 
     def judge(self, image: np.ndarray, probs: np.ndarray) -> Verdict:
         """Verdict for the input ``image`` (h, w) and the class probabilities (C, h, w)."""
+        return self.verdict(self.out_of_domain(image), probs)
+
+    def verdict(self, out_of_domain: str, probs: np.ndarray) -> Verdict:
+        """Verdict for an input whose :meth:`out_of_domain` said ``out_of_domain`` and the
+        class probabilities (C, h, w)."""
         conf, _ = finding_confidence(probs)
-        why = self.out_of_domain(image)
+        why = out_of_domain
         if not why and conf < self.min_confidence:
             why = f"low confidence {conf:.3f} < {self.min_confidence:.3f}"
         return Verdict(not why, why, conf)

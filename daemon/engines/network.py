@@ -36,7 +36,9 @@ in the record, and the frame is flagged so that consumers do not show them.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -47,7 +49,7 @@ from numpy.typing import DTypeLike
 
 from daemon import results
 from daemon.engines import decoders, loading, opencl, postprocess, precision, preprocess
-from daemon.engines.base import Engine, Layout, Pending, TensorSpec, detect_layout
+from daemon.engines.base import Engine, Layout, Pending, TensorSpec, detect_layout, device_kind
 from daemon.engines.card import ClassCard, ModelCard, OutputCard, RoleCard, card_path
 from daemon.engines.guard import Guard, Verdict, as_plane, probabilities
 from daemon.errors import ModelError
@@ -122,6 +124,8 @@ class Network:
         self.guard: Guard | None = (
             Guard(card.guard.min_confidence, card.guard.domain) if card.guard else None
         )
+        self.domain_workers = 0  # threads for the guard's domain checks (0: in line)
+        self._domain_pool: ThreadPoolExecutor | None = None
         self._checked: tuple[tuple[int, ...], np.dtype[Any]] | None = None
         self._geometry: dict[tuple[int, int], preprocess.Geometry] = {}
         self._ring: np.ndarray | None = None  # sequences: 2M prepared frames, mirrored
@@ -134,7 +138,9 @@ class Network:
         """Load ``model`` with its card on ``engine`` (None: the best available on
         ``device``); ``preprocess`` ("cpu", "opencl", "auto") picks the pre-processing,
         the other ``options`` go to the engine (daemon/engines/loading.py)."""
-        return loading.open_runner(cls, model, engine, device, **options)
+        net = loading.open_runner(cls, model, engine, device, **options)
+        net.domain_workers = domain_workers(device)
+        return net
 
     # -- the model's input --------------------------------------------------------------
 
@@ -483,14 +489,33 @@ class Network:
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return self.engine.run({self.input.name: x})
 
+    def check_domain(self, x: np.ndarray) -> Future[str] | None:
+        """Start the guard's domain check of input ``x`` (left unchanged until
+        :meth:`finish`) on a worker thread, where this network has them
+        (:attr:`domain_workers`); None: :meth:`finish` checks it in line."""
+        guard = self.guard
+        if guard is None or not self.domain_workers:
+            return None
+        if self._domain_pool is None:
+            self._domain_pool = ThreadPoolExecutor(self.domain_workers, "guard")
+        plane = self.frame_of(x)
+        return self._domain_pool.submit(
+            lambda: guard.out_of_domain(as_plane(plane, self.frame_input.layout or "NCHW"))
+        )
+
     def finish(
-        self, outputs: dict[str, np.ndarray], frame_shape: tuple[int, ...], x: np.ndarray
+        self,
+        outputs: dict[str, np.ndarray],
+        frame_shape: tuple[int, ...],
+        x: np.ndarray,
+        domain: Future[str] | None = None,
     ) -> tuple[list[Output], Verdict]:
         """Every output decoded for a frame of ``frame_shape`` (coordinates in its
-        pixels), and the guard's verdict (``x``: the input the outputs came from)."""
+        pixels), and the guard's verdict (``x``: the input the outputs came from;
+        ``domain``: its :meth:`check_domain`, None to check here)."""
         g = self.geometry((frame_shape[0], frame_shape[1]))
         decoded = [Output(h.role.role, h.name, self._decode(h, outputs, g)) for h in self.heads]
-        verdict = self.judge(x, outputs, decoded)
+        verdict = self.judge(x, outputs, decoded, None if domain is None else domain.result())
         if not verdict.confident:
             for o in decoded:
                 if o.role == "segmentation":
@@ -519,25 +544,32 @@ class Network:
         return decoders.regression(y)
 
     def judge(
-        self, x: np.ndarray, outputs: dict[str, np.ndarray], decoded: list[Output]
+        self,
+        x: np.ndarray,
+        outputs: dict[str, np.ndarray],
+        decoded: list[Output],
+        domain: str | None = None,
     ) -> Verdict:
         """The guard's verdict on one frame (always confident without a guard): the first
         segmentation output and the input as the Segmenter judges them, and each
-        classification's top probability against ``min_confidence``."""
+        classification's top probability against ``min_confidence``. ``domain``: the
+        input's domain check, done already (None: done here)."""
         guard = self.guard
         if guard is None:
             return TRUSTED
-        plane = as_plane(self.frame_of(x), self.frame_input.layout or "NCHW")
+        if domain is None:
+            domain = guard.out_of_domain(
+                as_plane(self.frame_of(x), self.frame_input.layout or "NCHW")
+            )
         seg = next((h for h in self.heads if h.role.role == "segmentation"), None)
         if seg is not None:
             y = outputs[seg.spec.name]
             probs = probabilities(
                 postprocess.planes(y, seg.spec.layout or "NCHW"), seg.role.activation
             )
-            verdict = guard.judge(plane, probs)
+            verdict = guard.verdict(domain, probs)
         else:
-            why = guard.out_of_domain(plane)
-            verdict = Verdict(not why, why, 1.0)
+            verdict = Verdict(not domain, domain, 1.0)
         for o in decoded:
             if o.role != "classification":
                 continue
@@ -602,7 +634,7 @@ class Network:
             t0 = time.perf_counter()
             outputs, shape, x = self._blank(frame_shape)
             ms = (time.perf_counter() - t0) * 1e3
-            self.finish(outputs, shape, x)
+            self.finish(outputs, shape, x, self.check_domain(x))
         log.info("%s warmed up (%d runs): %.1f ms inference", self.model.name, n, ms)
         return ms
 
@@ -657,6 +689,8 @@ class Network:
         }
 
     def close(self) -> None:
+        if self._domain_pool is not None:
+            self._domain_pool.shutdown(cancel_futures=True)
         self.engine.close()
 
     def __enter__(self) -> Network:
@@ -666,6 +700,22 @@ class Network:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+ACCELERATORS = ("cuda", "gpu", "npu", "myriad")  # device classes that leave the CPU free
+
+
+def domain_workers(device: str, cores: int | None = None) -> int:
+    """Threads beside the stage's own for the guard's domain checks of frames on
+    ``device``: none where the engine may compute on the CPU (they would take its cores)
+    or on fewer than 4 cores; else a quarter of the cores, at most 4. The checks are
+    OpenCV and numpy work that mostly runs without the GIL: on a GPU they were the infer
+    stage's limit (H200, the bundled model: ~1 ms of its one thread a frame, 533
+    frames/s)."""
+    cores = cores or os.cpu_count() or 1
+    if device_kind(device) not in ACCELERATORS or cores < 4:
+        return 0
+    return min(4, cores // 4)
 
 
 def _dim(d: int | None) -> str:
