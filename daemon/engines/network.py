@@ -498,10 +498,8 @@ class Network:
             return None
         if self._domain_pool is None:
             self._domain_pool = ThreadPoolExecutor(self.domain_workers, "guard")
-        plane = self.frame_of(x)
-        return self._domain_pool.submit(
-            lambda: guard.out_of_domain(as_plane(plane, self.frame_input.layout or "NCHW"))
-        )
+        plane, layout = self.frame_of(x), self.frame_input.layout or "NCHW"
+        return self._domain_pool.submit(lambda: guard.out_of_domain(as_plane(plane, layout)))
 
     def finish(
         self,

@@ -111,17 +111,9 @@ def select(
     Returns the class and why each engine before it was skipped (also logged);
     raises EngineError with all the reasons when none fits.
     """
-    kind = device_kind(device)
     skipped: list[str] = []
     for name in preferred:
-        p = probe(name)
-        if not p.available:
-            skipped.append(f"{name}: {p.reason}")
-        elif kind not in p.devices:
-            has = f"has {', '.join(p.devices) or 'none'}"
-            why = p.why_missing(device)
-            skipped.append(f"{name}: no device {device!r} ({has}){': ' + why if why else ''}")
-        elif model is not None and (why := _supports(name, model, device)):
+        if why := unfit(name, device, model):
             skipped.append(f"{name}: {why}")
         else:
             for s in skipped:
@@ -131,7 +123,18 @@ def select(
     raise EngineError(f"no engine can run on {device!r}: {why}")
 
 
-def _supports(name: str, model: Path, device: str) -> str:
+def unfit(name: str, device: str, model: Path | None = None) -> str:
+    """Why engine ``name`` cannot run on ``device`` here (and, given ``model``, load that
+    file and run what it needs); "" when it can."""
+    p = probe(name)
+    if not p.available:
+        return p.reason
+    if device_kind(device) not in p.devices:
+        has = f"has {', '.join(p.devices) or 'none'}"
+        why = p.why_missing(device)
+        return f"no device {device!r} ({has}){': ' + why if why else ''}"
+    if model is None:
+        return ""
     try:
         return engine_class(name).supports(model, device)
     except Exception as exc:  # a third-party check broke

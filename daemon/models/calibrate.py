@@ -154,12 +154,9 @@ def _reduced(engine: str, device: str) -> list[str]:
 def usable_engines(model: Path, device: str, named: Iterable[str] = ()) -> list[str]:
     """The engines to calibrate ``model`` on ``device`` with: those ``named`` (default:
     every registered engine) that are usable here, know the device and load the file."""
-    kind, found = device_kind(device), []
+    found = []
     for name in named or registry.preference(device):
-        p = registry.probe(name)
-        why = p.reason if not p.available else "" if kind in p.devices else f"no {kind} device"
-        why = why or registry.engine_class(name).supports(model, device)
-        if why:
+        if why := registry.unfit(name, device, model):
             (log.warning if named else log.debug)("%s skipped: %s", name, why)
         else:
             found.append(name)
@@ -174,12 +171,12 @@ def variants(
     found: list[Variant] = []
     for engine in engines:
         found += [Variant(engine, p, model) for p in ("fp32", *_reduced(engine, device))]
-        q = None
+        if engine not in ("openvino", "onnxruntime"):
+            continue  # no int8 quantizer here for this engine
+        out.mkdir(exist_ok=True)
         if engine == "openvino":
-            out.mkdir(exist_ok=True)
             q = _quantize_openvino(model, inputs, out)
-        elif engine == "onnxruntime":
-            out.mkdir(exist_ok=True)
+        else:
             q = _quantize_onnxruntime(model, input_name, inputs, out)
         if q is not None:
             found.append(Variant(engine, "int8", q))
@@ -315,10 +312,9 @@ def calibrate(
             "%s %s: drop %.4f, %.1f frames/s, agreement %s",
             v.engine, v.precision, drop, fps[v], agreement,
         )  # fmt: skip
+    old = card.precision.tolerance if card.precision else 0.01
     result = PrecisionCard(
-        tolerance=(card.precision.tolerance if card.precision else 0.01)
-        if tolerance is None
-        else tolerance,
+        tolerance=old if tolerance is None else tolerance,
         data=frames.text,
         machine=machine(device),
         measured=(*_kept(card.precision, rows), *rows),
