@@ -247,6 +247,34 @@ def test_tensorrt(unet: Path, cache: Path, batch: np.ndarray, cpu_out: np.ndarra
     agree(fp32.run({"image": batch})["probabilities"], cpu_out, FP16_ATOL, FP16_FLIPS)
 
 
+def test_tensorrt_int8_from_calibrate(cache: Path, tmp_path: Path) -> None:
+    """The bundled model's int8 file for TensorRT (symmetric Q/DQ, made by ``echod models
+    calibrate``'s quantizer) builds with its Q/DQ layers in int8 and labels as f32 does."""
+    need("tensorrt")
+    from daemon.engines.segmenter import Segmenter
+    from daemon.engines.tensorrt import TensorRtEngine
+    from daemon.models import BUNDLED, ULTRASOUND, calibrate
+
+    probe = TensorRtEngine.probe()
+    if not probe.available:
+        pytest.skip(f"tensorrt: {probe.reason}")
+    need("onnxruntime")  # its quantizer writes the file
+    model = tmp_path / ULTRASOUND
+    shutil.copy(BUNDLED / ULTRASOUND, model)
+    shutil.copy((BUNDLED / ULTRASOUND).with_suffix(".toml"), model.with_suffix(".toml"))
+    result = calibrate.calibrate(
+        model, calibrate.phantom_frames(24, 16), engines=("tensorrt",), device="cuda", rounds=1
+    )
+    got = {m.precision: m for m in result.measured if m.engine == "tensorrt"}
+    assert "int8" in got and got["int8"].file.endswith("tensorrt.onnx"), got
+    assert got["int8"].drop <= 0.02 and min(got["int8"].agreement.values()) > 0.9, got["int8"]
+    eng = TensorRtEngine()
+    eng.load(model.parent / got["int8"].file, "cuda", cache_dir=cache, precision="fp32")
+    assert eng.device.endswith(" fp32 + int8")
+    with Segmenter(eng, load_card(model), model) as seg:
+        assert seg.segment(np.zeros((256, 256), np.uint8)).shape == (256, 256)
+
+
 OPENCL_CHECK = textwrap.dedent(
     """
     import json, sys

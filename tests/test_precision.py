@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -180,6 +181,40 @@ def test_calibrating_one_engine_keeps_the_other_engines_rows(tmp_path: Path) -> 
     assert load_card(model).precision == again  # the kept row's origin survives the file
     c = choose(load_card(model), model, "pytorch", "cuda:0", "auto")
     assert c.precision == "fp16" and "900 frames/s" in c.reason
+
+
+@ORT
+def test_the_tensorrt_int8_file_is_symmetric_q_dq_and_agrees_with_f32(tmp_path: Path) -> None:
+    """TensorRT quantizes symmetrically only: the file calibrate makes for it has int8 zero
+    points of 0 everywhere; ONNX Runtime runs the same Q/DQ arithmetic on the CPU, and on
+    the bundled model its labels agree with f32's."""
+    from daemon.models import BUNDLED, ULTRASOUND
+
+    model = tmp_path / ULTRASOUND
+    shutil.copy(BUNDLED / ULTRASOUND, model)
+    shutil.copy((BUNDLED / ULTRASOUND).with_suffix(".toml"), model.with_suffix(".toml"))
+    frames = calibrate.phantom_frames(6, 8)
+    with Segmenter.open(model, engine="onnxruntime", precision="fp32") as ref:
+        cal = [ref.prepare(im) for im in frames.calibration]
+        f32 = [ref.segment(im) for im in frames.images]
+        name, names = ref.input.name, [c.name for c in ref.classes]
+    found = calibrate.variants(model, ["tensorrt"], "cuda", cal, name)
+    assert [(v.precision, v.file.name) for v in found] == [
+        ("fp32", ULTRASOUND),
+        ("fp16", ULTRASOUND),
+        ("bf16", ULTRASOUND),
+        ("int8", "tensorrt.onnx"),
+    ]
+    graph = onnx.load(found[-1].file).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    points = [weights[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(points) > 10 and all(p.dtype == np.int8 and not p.any() for p in points)
+    eng = registry.engine_class("onnxruntime")()
+    eng.load(found[-1].file, "cpu", precision="fp32")
+    with Segmenter(eng, load_card(model), model) as int8:
+        got = [int8.segment(im) for im in frames.images]
+    drop, agreement = calibrate.compare(names, got, f32, frames.truth)
+    assert drop <= 0.01 and min(agreement.values()) > 0.9, (drop, agreement)
 
 
 def test_calibrate_takes_only_engines_that_load_the_file(tmp_path: Path) -> None:

@@ -143,6 +143,56 @@ def test_11_builds_strongly_typed_only(stub: Stub, fp32: Path) -> None:
     assert eng.device.endswith(" fp32")
 
 
+def qdq_model(path: Path) -> Path:
+    """The 1x1 conv behind a symmetric int8 QuantizeLinear / DequantizeLinear pair."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+            helper.make_node("Conv", ["d", "w"], ["c"], kernel_shape=[1, 1]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 32, 32])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n", 2, 32, 32])],
+        initializer=[
+            numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
+            numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w"),
+        ],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+    return path
+
+
+def test_int8_is_explicit_q_dq_with_the_flag_only_where_weakly_typed(
+    stub: Stub, tmp_path: Path, fp32: Path
+) -> None:
+    qdq = qdq_model(tmp_path / "qdq.onnx")
+    trt = stub("8.6.1")
+    eng = TensorRtEngine()
+    eng.load(qdq, "cuda")  # auto: fp16 through the flag, the Q/DQ layers in int8
+    assert trt.builds[0]["builder_flags"] == ["FP16", "INT8"]
+    assert eng.device.endswith(" fp16 + int8")
+
+    trt = stub("10.3.0")
+    eng = TensorRtEngine()
+    eng.load(qdq, "cuda", precision="fp32")  # strongly typed: the Q/DQ types say int8
+    eng.load(fp32, "cuda", precision="fp32")  # no Q/DQ: no int8
+    assert [b["builder_flags"] for b in trt.builds] == [[], []]
+    assert all(b["strongly_typed"] for b in trt.builds)
+    TensorRtEngine().load(qdq, "cuda")  # auto: weakly typed again, so both flags
+    assert trt.builds[2]["builder_flags"] == ["FP16", "INT8"]
+
+    trt = stub("11.0.0")  # no INT8 flag left: strongly typed, explicit only
+    eng = TensorRtEngine()
+    eng.load(qdq, "cuda")
+    assert trt.builds[0]["builder_flags"] == [] and trt.builds[0]["strongly_typed"]
+    assert eng.device.endswith(" fp32 + int8")
+
+
 def test_tensor_types(stub: Stub, tmp_path: Path) -> None:
     stub("10.3.0")
     eng = TensorRtEngine()

@@ -20,8 +20,9 @@ What each stub mimics, from NVIDIA's API documentation:
   must outlive the builder); ``STRONGLY_TYPED`` (a strongly typed network
   refuses precision flags); ``EXPLICIT_BATCH`` deprecated and ignored;
   ``BF16``, ``INT64``, ``FP8``, ``INT4``, ``FP4`` types.
-- ``tensorrt_module("11.0.0")``: as 10.x without ``BuilderFlag.FP16``/``BF16``
-  and without ``EXPLICIT_BATCH``.
+- ``tensorrt_module("11.0.0")``: as 10.x without ``BuilderFlag.FP16``/``BF16``/
+  ``INT8``/``FP8`` (quantization is explicit, Q/DQ nodes in strongly typed
+  networks) and without ``EXPLICIT_BATCH``.
 
 A "plan" is JSON; a "device pointer" is the address of a host buffer.
 """
@@ -58,9 +59,9 @@ def tensorrt_module(version: str) -> types.ModuleType:
     if v >= (9, 0):
         flags.append("STRONGLY_TYPED")
     creation = enum.IntEnum("NetworkDefinitionCreationFlag", flags, start=0)  # type: ignore[misc]
-    builder_flags = ["INT8", "DEBUG", "GPU_FALLBACK", "REFIT", "TF32", "FP8"]
+    builder_flags = ["DEBUG", "GPU_FALLBACK", "REFIT", "TF32"]
     if v < (11, 0):
-        builder_flags.insert(0, "FP16")
+        builder_flags = ["FP16", "INT8", *builder_flags, "FP8"]
         if v >= (9, 0):
             builder_flags.append("BF16")
     builder_flag = enum.IntEnum("BuilderFlag", builder_flags, start=0)  # type: ignore[misc]

@@ -30,6 +30,12 @@ an fp16 one); a lower one is reached with the builder flag while this
 TensorRT has it. ``"auto"`` is fp16 where the builder can lower an fp32
 model, else the model's own type.
 
+int8 is explicit: a model with QuantizeLinear / DequantizeLinear nodes (symmetric,
+as ``echod models calibrate`` writes for TensorRT) is built with those layers in
+int8. A strongly typed network needs no flag for that; a weakly typed one (8.6, or a
+float precision lowered by a flag) gets ``BuilderFlag.INT8``. TensorRT's implicit
+int8 calibrators are not used: deprecated in 10.x, gone in 11.
+
 Dynamic dimensions get one optimisation profile: the batch (axis 0) from 1 to
 ``max_batch`` (optimum 1), any other dynamic dimension from 32 to 1024
 (optimum 256), unless the option ``shapes`` gives ``{input: [min, opt, max]}``
@@ -262,6 +268,7 @@ class TensorRtEngine(Engine):
         graph = _graph(model)
         gates = Gates.of(trt)
         precision, strongly_typed = gates.plan(opts.precision, _model_precision(graph))
+        int8 = _quantized(graph)
         shapes = _profile(graph, opts)
         key = {
             "model_sha256": hashlib.sha256(data).hexdigest(),
@@ -283,7 +290,7 @@ class TensorRtEngine(Engine):
             else:
                 log.info("tensorrt: loaded cached engine %s", path)
         if engine is None:
-            build = _Build(precision, strongly_typed, shapes, gpu, cc)
+            build = _Build(precision, strongly_typed, int8, shapes, gpu, cc)
             plan = self._build(trt, gates, logger, data, model, build, opts, cache)
             if path is not None:
                 _write(path, plan)
@@ -306,7 +313,7 @@ class TensorRtEngine(Engine):
         self.version = str(trt.__version__)
         first = shapes.get(self.inputs[0].name) if self.inputs else None
         self._max_batch = min(first[2][0], super().max_batch) if first else super().max_batch
-        self.device = f"cuda:{index} {gpu} (sm {cc}) {precision}"
+        self.device = f"cuda:{index} {gpu} (sm {cc}) {precision}{' + int8' if int8 else ''}"
         log.info("tensorrt %s: %s ready on %s", self.version, model, self.device)
 
     def _build(
@@ -321,11 +328,12 @@ class TensorRtEngine(Engine):
         cache: Path | None,
     ) -> bytes:
         log.info(
-            "tensorrt %s: building an engine for %s (%s, %s%s); this takes a while",
+            "tensorrt %s: building an engine for %s (%s, %s%s%s); this takes a while",
             trt.__version__,
             model,
             build.gpu,
             build.precision,
+            " + int8 (Q/DQ)" if build.int8 else "",
             ", strongly typed" if build.strongly_typed else "",
         )
         flags = gates.network_flags(trt, build.strongly_typed)
@@ -345,6 +353,8 @@ class TensorRtEngine(Engine):
                     flag,
                     build.precision,
                 )
+        if build.int8 and not build.strongly_typed:
+            config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ layers in a weakly typed network
         if build.shapes:
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in build.shapes.items():
@@ -435,6 +445,7 @@ class _Build:
 
     precision: str
     strongly_typed: bool
+    int8: bool  # the model has Q/DQ nodes: explicit int8
     shapes: dict[str, list[list[int]]]
     gpu: str
     cc: str
@@ -459,6 +470,11 @@ def _graph(model: Path) -> Any:
         return onnx.load(str(model), load_external_data=False).graph
     except Exception as exc:
         raise ModelError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
+
+
+def _quantized(graph: Any) -> bool:
+    """Whether the graph quantizes explicitly (QuantizeLinear / DequantizeLinear nodes)."""
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
 
 
 def _model_precision(graph: Any) -> str:

@@ -5,7 +5,8 @@ runs at f32, at the reduced float precisions the engine offers there (OpenVINO: 
 f16 where the device reports them; PyTorch: the model cast to fp16 and bf16 on CUDA,
 bf16 on the CPU; TensorRT: its fp16 / bf16 builder flags) and at int8 (OpenVINO: NNCF
 post-training quantization, when ``nncf`` is installed; ONNX Runtime:
-``onnxruntime.quantization`` static QDQ quantization). A variant the engine refuses
+``onnxruntime.quantization`` static QDQ quantization; TensorRT: the same quantizer,
+symmetric, whose Q/DQ nodes TensorRT builds as int8 layers). A variant the engine refuses
 here is skipped with its reason; int8 files go beside the model, in ``STEM.int8/``.
 Every variant segments the same validation frames: simulator frames with ground truth
 (``--data phantom``, held-out seeds :data:`VAL_SEED0`..; the quantizers calibrate on
@@ -117,11 +118,21 @@ class _Reader:
         return None if x is None else {self._name: x}
 
 
-def _quantize_onnxruntime(model: Path, name: str, inputs: list[np.ndarray], out: Path) -> Path:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    target = out / "onnxruntime.onnx"
+def _quantize_qdq(
+    model: Path, name: str, inputs: list[np.ndarray], out: Path, engine: str
+) -> Path | None:
+    """Static post-training quantization to a QDQ ONNX file (``onnxruntime.quantization``),
+    calibrated on ``inputs``. For TensorRT the activations are signed and both they and
+    the weights symmetric (zero points 0): TensorRT quantizes only so, and builds the Q/DQ
+    nodes as int8 layers (explicit quantization)."""
+    try:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        log.warning("%s int8 skipped: no onnxruntime (its quantizer): %s", engine, exc)
+        return None
+    symmetric = engine == "tensorrt"
+    target = out / f"{engine}.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
@@ -131,8 +142,11 @@ def _quantize_onnxruntime(model: Path, name: str, inputs: list[np.ndarray], out:
             _Reader(name, inputs),  # duck-typed CalibrationDataReader
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}
+            if symmetric
+            else {},
         )
     return target
 
@@ -171,13 +185,13 @@ def variants(
     found: list[Variant] = []
     for engine in engines:
         found += [Variant(engine, p, model) for p in ("fp32", *_reduced(engine, device))]
-        if engine not in ("openvino", "onnxruntime"):
+        if engine not in ("openvino", "onnxruntime", "tensorrt"):
             continue  # no int8 quantizer here for this engine
         out.mkdir(exist_ok=True)
         if engine == "openvino":
             q = _quantize_openvino(model, inputs, out)
         else:
-            q = _quantize_onnxruntime(model, input_name, inputs, out)
+            q = _quantize_qdq(model, input_name, inputs, out, engine)
         if q is not None:
             found.append(Variant(engine, "int8", q))
     return found
