@@ -189,7 +189,9 @@ def _parser() -> Parser:
     )
     cal.add_argument("--device", default="cpu", help="device (default cpu)")
     cal.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (best of)")
-    cal.add_argument("--tolerance", type=float, help="largest Dice drop auto accepts (0.01)")
+    cal.add_argument(
+        "--tolerance", type=float, help="largest drop auto accepts (Dice; top-1 of a classifier)"
+    )
     cal.set_defaults(func=cmd_calibrate, command_parser=cal)
 
     wrk = sub.add_parser(
@@ -358,7 +360,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.frames < 1 or args.rounds < 1:
         raise ConfigError("--frames and --rounds must be at least 1")
     if args.data == "phantom":
-        frames = calibrate.phantom_frames(args.frames, min(args.frames, 300))
+        frames = calibrate.phantom(args.model, args.frames, min(args.frames, 300))
     else:
         frames = calibrate.recording_frames(Path(args.data), args.frames)
     result = calibrate.calibrate(

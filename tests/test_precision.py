@@ -217,6 +217,55 @@ def test_the_tensorrt_int8_file_is_symmetric_q_dq_and_agrees_with_f32(tmp_path: 
     assert drop <= 0.01 and min(agreement.values()) > 0.9, (drop, agreement)
 
 
+def test_top1_agreement_per_class_and_the_drop_against_truth() -> None:
+    names, f32, pred = ["a", "b"], [0, 0, 1, 1], [0, 1, 1, 1]
+    drop, agreement = calibrate.compare_top1(names, pred, f32, None)
+    assert agreement == {"a": 0.5, "b": 1.0} and drop == 0.25  # one frame of four differs
+    # against the truth the variant is the better one here: no drop
+    assert calibrate.compare_top1(names, pred, f32, [0, 1, 1, 1])[0] == 0.0
+    assert calibrate.compare_top1(names, pred, f32, [0, 0, 1, 1])[0] == 0.25
+    assert calibrate.compare_top1(names, [1, 1], [1, 1], None) == (0.0, {"a": 1.0, "b": 1.0})
+
+
+@ORT
+def test_calibrate_a_classifier_and_auto_runs_what_it_chose(tmp_path: Path) -> None:
+    """The bundled view classifier: top-1 agreement on its own simulator's held-out
+    frames, written to a card whose class names need quoting, then chosen by auto."""
+    from daemon.engines.network import Network
+    from daemon.models import BUNDLED, VIEW
+
+    model = tmp_path / VIEW
+    shutil.copy(BUNDLED / VIEW, model)
+    shutil.copy((BUNDLED / VIEW).with_suffix(".toml"), model.with_suffix(".toml"))
+    frames = calibrate.phantom(model, 24, 8)
+    assert frames.truth is not None and set(frames.truth) == {0, 1}
+    result = calibrate.calibrate(model, frames, engines=("onnxruntime",), rounds=1)
+    ours = [m for m in result.measured if m.engine == "onnxruntime"]
+    got = {m.precision: m for m in ours}
+    assert set(got) == {"fp32", "int8"} and len(ours) == 2
+    assert got["fp32"].drop == 0.0
+    assert got["fp32"].agreement == {"no vessels": 1.0, "vessels in view": 1.0}
+    assert min(got["int8"].agreement.values()) > 0.8 and got["int8"].drop <= 0.1
+    assert (tmp_path / "ultrasound-view.int8" / "onnxruntime.onnx").is_file()
+    assert load_card(model).precision == result
+    with Network.open(model, engine="onnxruntime") as net:
+        info = net.describe()
+    allowed = [m for m in ours if m.drop <= result.tolerance]
+    assert info["precision"] == max(allowed, key=lambda m: m.fps).precision
+    assert "fastest within top-1 drop <= 0.01" in info["precision_reason"]
+
+
+def test_a_classifier_without_a_simulator_needs_a_recording(tmp_path: Path) -> None:
+    from daemon.models import BUNDLED, WSI
+
+    model = tmp_path / WSI
+    shutil.copy((BUNDLED / WSI).with_suffix(".toml"), model.with_suffix(".toml"))
+    model.write_bytes(b"")
+    refused = r"no simulator here makes its classification frames.*--data FILE"
+    with pytest.raises(ModelError, match=refused):
+        calibrate.phantom(model, 4, 4)
+
+
 def test_calibrate_takes_only_engines_that_load_the_file(tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "tiny.onnx")
     found = [e for e in calibrate.usable_engines(model, "cpu") if e in registry.BUILTINS]
@@ -277,10 +326,11 @@ def test_cli_calibrate_refuses_a_missing_model(tmp_path: Path) -> None:
     ]
 
 
-def test_the_bundled_model_ships_calibrated() -> None:
-    from daemon.models import BUNDLED, ULTRASOUND
+@pytest.mark.parametrize("name", ["ultrasound-seg.onnx", "ultrasound-view.onnx"])
+def test_the_bundled_models_ship_calibrated(name: str) -> None:
+    from daemon.models import BUNDLED
 
-    model = BUNDLED / ULTRASOUND
+    model = BUNDLED / name
     card = load_card(model)
     assert card.precision is not None and card.precision.tolerance == 0.01
     for m in card.precision.measured:

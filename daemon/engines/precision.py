@@ -82,7 +82,8 @@ def choose(card: ModelCard, model: Path, engine: str, device: str, requested: st
         return Choice("auto", "auto", model, f"none within tolerance ({'; '.join(refused)})")
     best = max(usable, key=lambda m: m.fps)
     slower = [_text(m) for m in usable if m is not best]
-    reason = f"fastest within Dice drop <= {tol}: {_text(best)}"
+    measure = "Dice drop" if card.task == "segmentation" else "top-1 drop"
+    reason = f"fastest within {measure} <= {tol}: {_text(best)}"
     if slower:
         reason += f"; slower: {', '.join(slower)}"
     if refused:

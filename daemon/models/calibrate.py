@@ -1,4 +1,5 @@
-"""``echod models calibrate MODEL``: the precision ladder of a segmentation model.
+"""``echod models calibrate MODEL``: the precision ladder of a segmentation or
+classification model.
 
 On each engine here that loads the model on the device (or those named) the model
 runs at f32, at the reduced float precisions the engine offers there (OpenVINO: bf16 /
@@ -8,13 +9,17 @@ post-training quantization, when ``nncf`` is installed; ONNX Runtime:
 ``onnxruntime.quantization`` static QDQ quantization; TensorRT: the same quantizer,
 symmetric, whose Q/DQ nodes TensorRT builds as int8 layers). A variant the engine refuses
 here is skipped with its reason; int8 files go beside the model, in ``STEM.int8/``.
-Every variant segments the same validation frames: simulator frames with ground truth
-(``--data phantom``, held-out seeds :data:`VAL_SEED0`..; the quantizers calibrate on
-other seeds) or a recording's frames (no ground truth). Written to the card's ``[precision]``:
+Every variant runs the same validation frames: simulator frames with ground truth
+(``--data phantom``: held-out seeds of the model's own simulator, :func:`phantom`; the
+quantizers calibrate on other seeds) or a recording's frames (no ground truth). Written
+to the card's ``[precision]``:
 
 - ``drop``: with ground truth, the largest per-class loss in mean Dice against f32's;
-  without, the largest per-class ``1 - Dice(variant labels, f32 labels)``.
-- ``agreement``: per class, the mean Dice of the variant's labels against f32's.
+  without, the largest per-class ``1 - Dice(variant labels, f32 labels)``. A
+  classifier's: the loss in top-1 accuracy against f32's; without ground truth, the
+  share of frames whose top-1 class differs from f32's.
+- ``agreement``: per class, the mean Dice of the variant's labels against f32's; a
+  classifier's, the share of the frames f32 puts in the class that the variant does.
 - ``fps``: frames/s in mode "all" (every request in flight), the best of ``rounds``
   rounds with the variants interleaved (a shared machine's load hits them alike).
 
@@ -41,12 +46,19 @@ from daemon.compat import tomllib
 from daemon.engines import registry
 from daemon.engines.base import device_kind
 from daemon.engines.card import MeasuredPrecision, ModelCard, PrecisionCard, card_path, load_card
+from daemon.engines.network import Network
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
+from daemon.models import VIEW
+
+Runner = Segmenter | Network
+TASKS = ("segmentation", "classification")
 
 log = logging.getLogger(__name__)
 
 VAL_SEED0 = 500_000  # held-out simulator seeds (as the training script's calibrate)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+VIEW_SEED0 = 600_000  # the view classifier's held-out seeds (daemon/models/train/view.py)
 QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
 
 
@@ -56,7 +68,7 @@ class Frames:
     ``calibration``: images the quantizers may look at."""
 
     images: list[np.ndarray]
-    truth: list[np.ndarray] | None
+    truth: list[Any] | None  # label maps, or a classifier's classes
     calibration: list[np.ndarray]
     text: str
 
@@ -76,6 +88,42 @@ def phantom_frames(n: int, n_calibration: int) -> Frames:
     cal = [example(s).image for s in range(QUANT_SEED0, QUANT_SEED0 + n_calibration)]
     text = f"{n} simulated frames, seeds {VAL_SEED0}-{VAL_SEED0 + n - 1} (ultrasound phantom)"
     return Frames([e.image for e in val], [e.labels for e in val], cal, text)
+
+
+def view_frames(n: int, n_calibration: int) -> Frames:
+    """``n`` held-out frames of the view classifier's simulator with their class (frames
+    with a vessel only partly in view belong to neither and are left out), and
+    ``n_calibration`` others to quantize on."""
+    from daemon.models.cards import VIEW_SIZE
+    from daemon.phantoms.us_tasks import view_example
+
+    images: list[np.ndarray] = []
+    truth: list[int] = []
+    seed = VIEW_SEED0
+    while len(images) < n:
+        ex = view_example(seed, VIEW_SIZE)
+        if ex.truth.view is not None:
+            images.append(ex.image)
+            truth.append(ex.truth.view)
+        seed += 1
+    seeds = range(QUANT_SEED0, QUANT_SEED0 + n_calibration)
+    cal = [view_example(s, VIEW_SIZE).image for s in seeds]
+    text = f"{n} simulated frames, seeds {VIEW_SEED0}-{seed - 1} (view phantom, classified)"
+    return Frames(images, truth, cal, text)
+
+
+def phantom(model: Path, n: int, n_calibration: int) -> Frames:
+    """Simulator frames for ``model``: the ultrasound phantom for a segmentation model,
+    the view phantom for the bundled view classifier; another classifier has none here."""
+    task = load_card(model).task
+    if task == "segmentation":
+        return phantom_frames(n, n_calibration)
+    if Path(model).name == VIEW:
+        return view_frames(n, n_calibration)
+    raise ModelError(
+        f"model {Path(model).name}: no simulator here makes its {task} frames; "
+        "calibrate it on a recording of its own domain: --data FILE"
+    )
 
 
 def recording_frames(path: Path, n: int) -> Frames:
@@ -197,7 +245,7 @@ def variants(
     return found
 
 
-def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Segmenter | None:
+def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Runner | None:
     """The variant loaded, or None (logged) where the engine refuses it here."""
     eng = registry.engine_class(v.engine)()
     option = "fp32" if v.precision == "int8" else v.precision
@@ -208,16 +256,27 @@ def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Segmenter | 
             raise
         log.warning("%s %s skipped: %s", v.engine, v.precision, exc)
         return None
-    return Segmenter(eng, card, model)
+    return Segmenter(eng, card, model) if card.task == "segmentation" else Network(eng, card, model)
 
 
-def _labels(seg: Segmenter, xs: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[Any]:
-    feeds = ({seg.input.name: x} for x in xs)
-    outs = seg.engine.run_many(feeds)
-    return [seg.finish(y[seg.output.name], s) for y, s in zip(outs, shapes, strict=True)]
+def _classes(runner: Runner) -> list[str]:
+    """The class names: a segmentation's label values, a classifier's first output's."""
+    if isinstance(runner, Segmenter):
+        return [c.name for c in runner.classes]
+    head = next(h for h in runner.heads if h.role.role == "classification")
+    return [c.name for c in head.classes]
 
 
-def _fps(seg: Segmenter, xs: list[np.ndarray]) -> float:
+def _labels(runner: Runner, xs: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[Any]:
+    """Per frame: a segmentation's label map, a classifier's top-1 class."""
+    outs = runner.engine.run_many({runner.input.name: x} for x in xs)
+    if isinstance(runner, Segmenter):
+        return [runner.finish(y[runner.output.name], s) for y, s in zip(outs, shapes, strict=True)]
+    head = next(h for h in runner.heads if h.role.role == "classification")
+    return [int(np.argmax(y[head.spec.name])) for y in outs]
+
+
+def _fps(seg: Runner, xs: list[np.ndarray]) -> float:
     t0 = time.perf_counter()
     for _ in seg.engine.run_many({seg.input.name: x} for x in xs):
         pass
@@ -252,6 +311,24 @@ def compare(
     return round(max(0.0, *drops), 5), agreement
 
 
+def compare_top1(
+    names: list[str], pred: list[int], f32: list[int], truth: list[int] | None
+) -> tuple[float, dict[str, float]]:
+    """(drop, agreement per class name) of a classifier's top-1 classes ``pred`` against
+    f32's (module docstring)."""
+    p, f = np.asarray(pred), np.asarray(f32)
+    agreement = {
+        name: round(float((p[f == k] == k).mean()), 5) if (f == k).any() else 1.0
+        for k, name in enumerate(names)
+    }
+    if truth is None:
+        drop = float((p != f).mean())
+    else:
+        t = np.asarray(truth)
+        drop = float((f == t).mean() - (p == t).mean())
+    return round(max(0.0, drop), 5), agreement
+
+
 def machine(device: str = "cpu") -> str:
     """The CPU model and core count, and the device where it is not the CPU."""
     cpu = platform.processor() or platform.machine()
@@ -276,8 +353,11 @@ def calibrate(
     runs the model on ``device`` here) and write the card's ``[precision]``."""
     model = Path(model)
     card = load_card(model)
-    if card.task != "segmentation":
-        raise ModelError(f"model {model.name}: calibrate measures segmentation models only")
+    if card.task not in TASKS:
+        raise ModelError(
+            f"model {model.name}: calibrate measures {' and '.join(TASKS)} models, "
+            f"not {card.task}"
+        )
     usable = usable_engines(model, device, engines)
     if not usable:
         raise EngineError(
@@ -285,15 +365,17 @@ def calibrate(
             + (f" (asked for {', '.join(engines)})" if engines else "")
             + ": echod engines says why"
         )
-    ref = Segmenter.open(model, engine=usable[0], device=device, precision="fp32")
+    kind = Segmenter if card.task == "segmentation" else Network
+    ref = kind.open(model, engine=usable[0], device=device, precision="fp32")
     try:
         xs = [ref.prepare(im) for im in frames.images]
         cal = [ref.prepare(im) for im in frames.calibration]
-        name, names = ref.input.name, [c.name for c in ref.classes]
+        name, names = ref.input.name, _classes(ref)
     finally:
         ref.close()
+    measure = compare if card.task == "segmentation" else compare_top1
     shapes = [im.shape for im in frames.images]
-    segs: dict[Variant, Segmenter] = {}
+    segs: dict[Variant, Runner] = {}
     try:
         for v in variants(model, usable, device, cal, name):
             if (seg := _open(v, card, model, device)) is not None:
@@ -309,7 +391,7 @@ def calibrate(
     rows = []
     for v in segs:
         f32 = labels[Variant(v.engine, "fp32", model)]
-        drop, agreement = compare(names, labels[v], f32, frames.truth)
+        drop, agreement = measure(names, labels[v], f32, frames.truth)
         rel = v.file.relative_to(card_path(model).parent).as_posix() if v.file != model else ""
         rows.append(
             MeasuredPrecision(
@@ -360,8 +442,13 @@ def _value(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
     return repr(v)
+
+
+def _key(k: str) -> str:
+    """A TOML key: bare where TOML allows it (``artery``), else quoted (``"no vessels"``)."""
+    return k if _BARE_KEY.fullmatch(k) else _value(k)
 
 
 def render(p: PrecisionCard) -> str:
