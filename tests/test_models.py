@@ -266,27 +266,43 @@ def test_task_models_on_real_frames_show_no_needle_and_no_vessel() -> None:
 
 
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
-def test_view_classifier_at_its_calibrated_precision_on_real_frames(engine: str) -> None:
-    """``precision = "auto"`` runs the view classifier's int8 file (its card allows it:
-    top-1 drop 0.0033 on 300 held-out simulator frames); on the real recordings, which
-    show no vessel, it says "no vessels" and agrees with f32 frame by frame."""
+@pytest.mark.parametrize("name", [VIEW, NEEDLE])
+def test_task_models_at_their_calibrated_precision_on_real_frames(name: str, engine: str) -> None:
+    """``precision = "auto"`` runs what the cards allow (int8 where its top-1 / keypoint drop
+    on held-out simulator frames is within 0.01: not the needle model's OpenVINO int8,
+    0.197); on the real recordings, which show no vessel and no needle, the view
+    classifier says "no vessels" and the needle model shows no tip, as f32 does."""
     from daemon.engines import registry
     from daemon.engines.network import Network
+    from daemon.engines.precision import choose
 
     if not registry.probe(engine).available:
         pytest.skip(f"{engine} is not installed")
     data = need_data(ROOT.parent / "shared" / "data" / "us")
+
+    def first(net: Network, image: np.ndarray) -> np.ndarray:
+        x = net.prepare(image)
+        return net.finish(net.infer(x), image.shape, x)[0][0].array
+
     with (
-        Network.open(BUNDLED / VIEW, engine=engine) as auto,
-        Network.open(BUNDLED / VIEW, engine=engine, precision="fp32") as f32,
+        Network.open(BUNDLED / name, engine=engine) as auto,
+        Network.open(BUNDLED / name, engine=engine, precision="fp32") as f32,
     ):
-        assert auto.describe()["precision"] == "int8"
-        tensor = auto.heads[0].spec.name
-        for name, images in real_recordings(data):
-            top = np.array([auto.infer(auto.prepare(im))[tensor].argmax() for im in images])
-            ref = np.array([f32.infer(f32.prepare(im))[tensor].argmax() for im in images])
-            assert (top == 1).mean() <= 0.05, f"{name}: 'vessels in view' on {top.mean():.0%}"
-            assert (top == ref).mean() >= 0.95, f"{name}: int8 and f32 differ"
+        card = load_card(BUNDLED / name)
+        chosen = choose(card, BUNDLED / name, engine, "cpu", "auto").precision
+        assert auto.describe()["precision"] == chosen != "auto"
+        assert chosen == ("fp32" if (name, engine) == (NEEDLE, "openvino") else "int8")
+        for rec, images in real_recordings(data):
+            got = [first(auto, im) for im in images]
+            ref = [first(f32, im) for im in images]
+            if name == VIEW:
+                top = np.array([g.argmax() for g in got])
+                assert (top == 1).mean() <= 0.05, f"{rec}: 'vessels in view' on {top.mean():.0%}"
+                agree = (top == np.array([r.argmax() for r in ref])).mean()
+                assert agree >= 0.95, f"{rec}: int8 and f32 agree on {agree:.0%} of frames"
+            else:
+                shown = [sum(not np.isnan(a[0, 0]) for a in run) for run in (got, ref)]
+                assert shown == [0, 0], f"{rec}: a needle tip on {shown} frames (int8, f32)"
 
 
 @pytest.mark.slow

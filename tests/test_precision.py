@@ -255,13 +255,50 @@ def test_calibrate_a_classifier_and_auto_runs_what_it_chose(tmp_path: Path) -> N
     assert "fastest within top-1 drop <= 0.01" in info["precision_reason"]
 
 
+def test_keypoint_agreement_and_the_drop_against_truth() -> None:
+    nan = np.nan
+    f32 = [np.array([[10.0, 10.0, 0.9]]), np.array([[nan, nan, 0.1]]), np.array([[5, 5, 0.9]])]
+    near = [np.array([[11.0, 10.5, 0.8]]), np.array([[nan, nan, 0.2]]), np.array([[nan, nan, 0.3]])]
+    drop, agreement = calibrate.compare_points(["tip"], near, f32, None)
+    assert agreement == {"tip": pytest.approx(2 / 3, abs=1e-4)}  # the third: shown, not shown
+    assert drop == pytest.approx(1 / 3, abs=1e-4)
+    spacing = (0.5, 0.5)  # mm per pixel: 2 mm is 4 pixels
+    truth = [((10.0, 10.0), spacing), (None, spacing), ((5.0, 5.0), spacing)]
+    # f32 is right on all three; the variant misses the third tip: a third of frames lost
+    assert calibrate.compare_points(["tip"], near, f32, truth)[0] == pytest.approx(1 / 3, abs=1e-4)
+    far = [np.array([[16.0, 10.0, 0.9]]), *f32[1:]]  # 3 mm off: wrong against the truth
+    assert calibrate.compare_points(["tip"], far, f32, truth)[0] == pytest.approx(1 / 3, abs=1e-4)
+    assert calibrate.compare_points(["tip"], f32, f32, truth) == (0.0, {"tip": 1.0})
+
+
+@ORT
+def test_calibrate_a_keypoint_model(tmp_path: Path) -> None:
+    """The bundled needle-tip model on its simulator's held-out frames: per-point
+    agreement with f32 and the frames gained wrong against the true tip."""
+    from daemon.models import BUNDLED, NEEDLE
+
+    model = tmp_path / NEEDLE
+    shutil.copy(BUNDLED / NEEDLE, model)
+    shutil.copy((BUNDLED / NEEDLE).with_suffix(".toml"), model.with_suffix(".toml"))
+    frames = calibrate.phantom(model, 12, 6)
+    assert frames.truth is not None and any(tip is None for tip, _ in frames.truth)
+    assert any(tip is not None for tip, _ in frames.truth)
+    result = calibrate.calibrate(model, frames, engines=("onnxruntime",), rounds=1)
+    got = {m.precision: m for m in result.measured if m.engine == "onnxruntime"}
+    assert set(got) == {"fp32", "int8"}
+    assert got["fp32"].drop == 0.0 and got["fp32"].agreement == {"needle tip": 1.0}
+    assert got["int8"].agreement["needle tip"] >= 0.75
+    c = choose(load_card(model), model, "onnxruntime", "cpu", "auto")
+    assert "keypoint drop <= 0.01" in c.reason
+
+
 def test_a_classifier_without_a_simulator_needs_a_recording(tmp_path: Path) -> None:
     from daemon.models import BUNDLED, WSI
 
     model = tmp_path / WSI
     shutil.copy((BUNDLED / WSI).with_suffix(".toml"), model.with_suffix(".toml"))
     model.write_bytes(b"")
-    refused = r"no simulator here makes its classification frames.*--data FILE"
+    refused = r"no simulator here makes frames for its classification output.*--data FILE"
     with pytest.raises(ModelError, match=refused):
         calibrate.phantom(model, 4, 4)
 
@@ -326,7 +363,9 @@ def test_cli_calibrate_refuses_a_missing_model(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("name", ["ultrasound-seg.onnx", "ultrasound-view.onnx"])
+@pytest.mark.parametrize(
+    "name", ["ultrasound-seg.onnx", "ultrasound-view.onnx", "ultrasound-needle.onnx"]
+)
 def test_the_bundled_models_ship_calibrated(name: str) -> None:
     from daemon.models import BUNDLED
 

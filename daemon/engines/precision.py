@@ -41,6 +41,13 @@ def _file(model: Path, row: MeasuredPrecision) -> Path:
     return card_path(model).parent / row.file if row.file else model
 
 
+_MEASURE = {
+    "segmentation": "Dice drop",
+    "classification": "top-1 drop",
+    "keypoints": "keypoint drop",
+}  # what daemon/models/calibrate.py measures of a model's first output
+
+
 def _text(row: MeasuredPrecision) -> str:
     return f"{row.precision} ({row.fps:.0f} frames/s, drop {row.drop:.4f})"
 
@@ -82,7 +89,7 @@ def choose(card: ModelCard, model: Path, engine: str, device: str, requested: st
         return Choice("auto", "auto", model, f"none within tolerance ({'; '.join(refused)})")
     best = max(usable, key=lambda m: m.fps)
     slower = [_text(m) for m in usable if m is not best]
-    measure = "Dice drop" if card.task == "segmentation" else "top-1 drop"
+    measure = _MEASURE.get(card.roles()[0].role, "drop")
     reason = f"fastest within {measure} <= {tol}: {_text(best)}"
     if slower:
         reason += f"; slower: {', '.join(slower)}"

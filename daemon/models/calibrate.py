@@ -1,5 +1,5 @@
-"""``echod models calibrate MODEL``: the precision ladder of a segmentation or
-classification model.
+"""``echod models calibrate MODEL``: the precision ladder of a 2-D segmentation,
+classification or keypoint model (what its first output is).
 
 On each engine here that loads the model on the device (or those named) the model
 runs at f32, at the reduced float precisions the engine offers there (OpenVINO: bf16 /
@@ -19,7 +19,9 @@ to the card's ``[precision]``:
   classifier's: the loss in top-1 accuracy against f32's; without ground truth, the
   share of frames whose top-1 class differs from f32's.
 - ``agreement``: per class, the mean Dice of the variant's labels against f32's; a
-  classifier's, the share of the frames f32 puts in the class that the variant does.
+  classifier's, the share of the frames f32 puts in the class that the variant does; a
+  keypoint model's, per point, the share of frames where both show it at the same
+  place or neither does (:func:`compare_points`, whose drop counts frames gained wrong).
 - ``fps``: frames/s in mode "all" (every request in flight), the best of ``rounds``
   rounds with the variants interleaved (a shared machine's load hits them alike).
 
@@ -49,16 +51,21 @@ from daemon.engines.card import MeasuredPrecision, ModelCard, PrecisionCard, car
 from daemon.engines.network import Network
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
-from daemon.models import VIEW
+from daemon.models import NEEDLE, VIEW
 
 Runner = Segmenter | Network
-TASKS = ("segmentation", "classification")
+ROLES = ("segmentation", "classification", "keypoints")
+POINT_PX = 2.0
+"""Keypoints of two precisions within this many frame pixels are the same point."""
+POINT_MM = 2.0
+"""A keypoint within this distance (mm) of the true one is found (the needle card's gate)."""
 
 log = logging.getLogger(__name__)
 
 VAL_SEED0 = 500_000  # held-out simulator seeds (as the training script's calibrate)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 VIEW_SEED0 = 600_000  # the view classifier's held-out seeds (daemon/models/train/view.py)
+NEEDLE_SEED0 = 650_000  # the needle model's held-out seeds (daemon/models/train/needle.py)
 QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
 
 
@@ -112,16 +119,33 @@ def view_frames(n: int, n_calibration: int) -> Frames:
     return Frames(images, truth, cal, text)
 
 
+def needle_frames(n: int, n_calibration: int) -> Frames:
+    """``n`` held-out frames of the needle model's simulator with their truth (the tip in
+    pixels or None, the spacing), and ``n_calibration`` others to quantize on."""
+    from daemon.models.cards import NEEDLE_SIZE
+    from daemon.phantoms.us_tasks import needle_example
+
+    held = [needle_example(s, NEEDLE_SIZE) for s in range(NEEDLE_SEED0, NEEDLE_SEED0 + n)]
+    seeds = range(QUANT_SEED0, QUANT_SEED0 + n_calibration)
+    cal = [needle_example(s, NEEDLE_SIZE).image for s in seeds]
+    truth = [(e.truth.tip, e.truth.spacing) for e in held]
+    text = f"{n} simulated frames, seeds {NEEDLE_SEED0}-{NEEDLE_SEED0 + n - 1} (needle phantom)"
+    return Frames([e.image for e in held], truth, cal, text)
+
+
 def phantom(model: Path, n: int, n_calibration: int) -> Frames:
-    """Simulator frames for ``model``: the ultrasound phantom for a segmentation model,
-    the view phantom for the bundled view classifier; another classifier has none here."""
-    task = load_card(model).task
-    if task == "segmentation":
-        return phantom_frames(n, n_calibration)
-    if Path(model).name == VIEW:
+    """Simulator frames for ``model``: the ultrasound phantom for a 2-D segmentation
+    model, the view and needle phantoms for the bundled view and needle-tip models."""
+    card = load_card(model)
+    name, role = Path(model).name, card.roles()[0].role
+    if name == VIEW:
         return view_frames(n, n_calibration)
+    if name == NEEDLE:
+        return needle_frames(n, n_calibration)
+    if role == "segmentation":
+        return phantom_frames(n, n_calibration)
     raise ModelError(
-        f"model {Path(model).name}: no simulator here makes its {task} frames; "
+        f"model {name}: no simulator here makes frames for its {role} output; "
         "calibrate it on a recording of its own domain: --data FILE"
     )
 
@@ -256,24 +280,30 @@ def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Runner | Non
             raise
         log.warning("%s %s skipped: %s", v.engine, v.precision, exc)
         return None
-    return Segmenter(eng, card, model) if card.task == "segmentation" else Network(eng, card, model)
+    if card.roles()[0].role == "segmentation":
+        return Segmenter(eng, card, model)
+    return Network(eng, card, model)
 
 
-def _classes(runner: Runner) -> list[str]:
-    """The class names: a segmentation's label values, a classifier's first output's."""
+def _names(runner: Runner) -> list[str]:
+    """A segmentation's label names, a classifier's classes, a keypoint model's points."""
     if isinstance(runner, Segmenter):
         return [c.name for c in runner.classes]
-    head = next(h for h in runner.heads if h.role.role == "classification")
-    return [c.name for c in head.classes]
+    head = runner.heads[0]
+    return list(head.names) if head.role.role == "keypoints" else [c.name for c in head.classes]
 
 
 def _labels(runner: Runner, xs: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[Any]:
-    """Per frame: a segmentation's label map, a classifier's top-1 class."""
+    """Per frame: a segmentation's label map, a classifier's top-1 class, a keypoint
+    model's (K, 3) points (x y in frame pixels, NaN where none is shown; score)."""
     outs = runner.engine.run_many({runner.input.name: x} for x in xs)
     if isinstance(runner, Segmenter):
         return [runner.finish(y[runner.output.name], s) for y, s in zip(outs, shapes, strict=True)]
-    head = next(h for h in runner.heads if h.role.role == "classification")
-    return [int(np.argmax(y[head.spec.name])) for y in outs]
+    found = []
+    for x, y, s in zip(xs, outs, shapes, strict=True):
+        first = runner.finish(y, s, x)[0][0]
+        found.append(int(np.argmax(first.array)) if first.role == "classification" else first.array)
+    return found
 
 
 def _fps(seg: Runner, xs: list[np.ndarray]) -> float:
@@ -329,6 +359,43 @@ def compare_top1(
     return round(max(0.0, drop), 5), agreement
 
 
+def compare_points(
+    names: list[str], pred: list[np.ndarray], f32: list[np.ndarray], truth: list[Any] | None
+) -> tuple[float, dict[str, float]]:
+    """(drop, agreement per point name) of a keypoint model's (K, 3) points against f32's:
+    per point, the share of frames where both show none, or both show it within
+    :data:`POINT_PX` frame pixels. The drop: without ground truth, 1 - the lowest
+    agreement; with it (per frame ``(true point or None, spacing (rows, columns))``, the
+    first point), the share of frames gained wrong against f32's: a point shown where
+    there is none, none where there is one, or one farther than :data:`POINT_MM`."""
+    agreement = {}
+    for k, name in enumerate(names):
+        same = [_same_point(p[k, :2], f[k, :2]) for p, f in zip(pred, f32, strict=True)]
+        agreement[name] = round(float(np.mean(same)), 5)
+    if truth is None:
+        return round(1.0 - min(agreement.values()), 5), agreement
+    right = [[_right(p[0, :2], t) for p, t in zip(run, truth, strict=True)] for run in (pred, f32)]
+    drop = float(np.mean(right[1]) - np.mean(right[0]))
+    return round(max(0.0, drop), 5), agreement
+
+
+def _same_point(a: np.ndarray, b: np.ndarray) -> bool:
+    shown_a, shown_b = not np.isnan(a).any(), not np.isnan(b).any()
+    if shown_a != shown_b:
+        return False
+    return not shown_a or float(np.hypot(*(a - b))) <= POINT_PX
+
+
+def _right(found: np.ndarray, truth: tuple[Any, tuple[float, float]]) -> bool:
+    tip, spacing = truth
+    if np.isnan(found).any():
+        return tip is None
+    if tip is None:
+        return False
+    dx, dy = (found[0] - tip[0]) * spacing[1], (found[1] - tip[1]) * spacing[0]
+    return float(np.hypot(dx, dy)) <= POINT_MM
+
+
 def machine(device: str = "cpu") -> str:
     """The CPU model and core count, and the device where it is not the CPU."""
     cpu = platform.processor() or platform.machine()
@@ -353,10 +420,11 @@ def calibrate(
     runs the model on ``device`` here) and write the card's ``[precision]``."""
     model = Path(model)
     card = load_card(model)
-    if card.task not in TASKS:
+    role = card.roles()[0].role
+    if role not in ROLES:
         raise ModelError(
-            f"model {model.name}: calibrate measures {' and '.join(TASKS)} models, "
-            f"not {card.task}"
+            f"model {model.name}: calibrate measures {', '.join(ROLES)} models, "
+            f"not {role} (its first output)"
         )
     usable = usable_engines(model, device, engines)
     if not usable:
@@ -365,15 +433,15 @@ def calibrate(
             + (f" (asked for {', '.join(engines)})" if engines else "")
             + ": echod engines says why"
         )
-    kind = Segmenter if card.task == "segmentation" else Network
+    kind = Segmenter if role == "segmentation" else Network
     ref = kind.open(model, engine=usable[0], device=device, precision="fp32")
     try:
         xs = [ref.prepare(im) for im in frames.images]
         cal = [ref.prepare(im) for im in frames.calibration]
-        name, names = ref.input.name, _classes(ref)
+        name, names = ref.input.name, _names(ref)
     finally:
         ref.close()
-    measure = compare if card.task == "segmentation" else compare_top1
+    measure = {"segmentation": compare, "classification": compare_top1}.get(role, compare_points)
     shapes = [im.shape for im in frames.images]
     segs: dict[Variant, Runner] = {}
     try:
