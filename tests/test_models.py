@@ -305,6 +305,42 @@ def test_task_models_at_their_calibrated_precision_on_real_frames(name: str, eng
                 assert shown == [0, 0], f"{rec}: a needle tip on {shown} frames (int8, f32)"
 
 
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_wsi_classifier_at_its_calibrated_precision_on_the_real_slide(engine: str) -> None:
+    """On the real H&E slide's 512 x 512 patches (20, tissue and glass), the WSI patch
+    classifier at what ``auto`` chooses from its card labels as f32 does."""
+    import openslide
+
+    from daemon.engines import registry
+    from daemon.engines.network import Network
+    from daemon.engines.precision import choose
+
+    if not registry.probe(engine).available:
+        pytest.skip(f"{engine} is not installed")
+    svs = need_data(ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs")
+    with openslide.OpenSlide(str(svs)) as slide:
+        w, h = slide.dimensions
+        patches = [
+            np.asarray(slide.read_region((x, y), 0, (512, 512)))[..., :3].copy()
+            for y in range(0, h - 511, 512)
+            for x in range(0, w - 511, 512)
+        ]
+
+    def top(net: Network, image: np.ndarray) -> int:
+        x = net.prepare(image)
+        return int(net.finish(net.infer(x), image.shape, x)[0][0].array.argmax())
+
+    chosen = choose(load_card(BUNDLED / WSI), BUNDLED / WSI, engine, "cpu", "auto").precision
+    with (
+        Network.open(BUNDLED / WSI, engine=engine) as auto,
+        Network.open(BUNDLED / WSI, engine=engine, precision="fp32") as f32,
+    ):
+        assert auto.describe()["precision"] == chosen != "auto"
+        got, ref = [top(auto, p) for p in patches], [top(f32, p) for p in patches]
+    assert len(patches) == 20 and len(set(ref)) >= 3  # tissue of several kinds, and glass
+    assert np.mean(np.array(got) == np.array(ref)) >= 0.9, (chosen, got, ref)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [view, needle])
 def test_task_training_scripts_make_models_echod_loads(script: object, tmp_path: Path) -> None:

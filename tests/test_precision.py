@@ -292,11 +292,20 @@ def test_calibrate_a_keypoint_model(tmp_path: Path) -> None:
     assert "keypoint drop <= 0.01" in c.reason
 
 
-def test_a_classifier_without_a_simulator_needs_a_recording(tmp_path: Path) -> None:
+def test_the_wsi_classifiers_patches_are_balanced_and_held_out() -> None:
     from daemon.models import BUNDLED, WSI
 
-    model = tmp_path / WSI
-    shutil.copy((BUNDLED / WSI).with_suffix(".toml"), model.with_suffix(".toml"))
+    frames = calibrate.phantom(BUNDLED / WSI, 8, 2)
+    assert frames.truth == [0, 0, 1, 1, 2, 2, 3, 3]  # two of each class
+    assert all(im.shape == (512, 512, 3) and im.dtype == np.uint8 for im in frames.images)
+    assert "seeds 70000+" in frames.text  # the training script's held-out range (60000+ trains)
+
+
+def test_a_classifier_without_a_simulator_needs_a_recording(tmp_path: Path) -> None:
+    from daemon.models import BUNDLED, VIEW
+
+    model = tmp_path / "my-classifier.onnx"  # not a bundled model: no simulator known
+    shutil.copy((BUNDLED / VIEW).with_suffix(".toml"), model.with_suffix(".toml"))
     model.write_bytes(b"")
     refused = r"no simulator here makes frames for its classification output.*--data FILE"
     with pytest.raises(ModelError, match=refused):
@@ -364,7 +373,8 @@ def test_cli_calibrate_refuses_a_missing_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["ultrasound-seg.onnx", "ultrasound-view.onnx", "ultrasound-needle.onnx"]
+    "name",
+    ["ultrasound-seg.onnx", "ultrasound-view.onnx", "ultrasound-needle.onnx", "wsi-patch-cls.onnx"],
 )
 def test_the_bundled_models_ship_calibrated(name: str) -> None:
     from daemon.models import BUNDLED

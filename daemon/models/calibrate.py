@@ -51,7 +51,7 @@ from daemon.engines.card import MeasuredPrecision, ModelCard, PrecisionCard, car
 from daemon.engines.network import Network
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
-from daemon.models import NEEDLE, VIEW
+from daemon.models import NEEDLE, VIEW, WSI
 
 Runner = Segmenter | Network
 ROLES = ("segmentation", "classification", "keypoints")
@@ -66,6 +66,7 @@ VAL_SEED0 = 500_000  # held-out simulator seeds (as the training script's calibr
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 VIEW_SEED0 = 600_000  # the view classifier's held-out seeds (daemon/models/train/view.py)
 NEEDLE_SEED0 = 650_000  # the needle model's held-out seeds (daemon/models/train/needle.py)
+WSI_SEED0, WSI_PATCH = 70_000, 512  # the WSI classifier's held-out seeds, its patch side
 QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
 
 
@@ -133,15 +134,31 @@ def needle_frames(n: int, n_calibration: int) -> Frames:
     return Frames([e.image for e in held], truth, cal, text)
 
 
+def patch_frames(n: int, n_calibration: int) -> Frames:
+    """About ``n`` held-out tissue-phantom patches, as many of each class (their truth),
+    and ``n_calibration`` others to quantize on (the WSI patch classifier's)."""
+    from daemon.phantoms.wsi import CLASSES, tissue_patch
+
+    k, size = len(CLASSES), WSI_PATCH
+    per = max(1, n // k)
+    held = [(c, WSI_SEED0 + c * per + i) for c in range(k) for i in range(per)]
+    cal = [tissue_patch(i % k, QUANT_SEED0 + i, size) for i in range(n_calibration)]
+    text = f"{len(held)} tissue-phantom patches ({per} per class), seeds {WSI_SEED0}+"
+    return Frames([tissue_patch(c, s, size) for c, s in held], [c for c, _ in held], cal, text)
+
+
 def phantom(model: Path, n: int, n_calibration: int) -> Frames:
     """Simulator frames for ``model``: the ultrasound phantom for a 2-D segmentation
-    model, the view and needle phantoms for the bundled view and needle-tip models."""
+    model, the view, needle and tissue phantoms for the bundled view, needle-tip and WSI
+    patch models."""
     card = load_card(model)
     name, role = Path(model).name, card.roles()[0].role
     if name == VIEW:
         return view_frames(n, n_calibration)
     if name == NEEDLE:
         return needle_frames(n, n_calibration)
+    if name == WSI:
+        return patch_frames(n, n_calibration)
     if role == "segmentation":
         return phantom_frames(n, n_calibration)
     raise ModelError(
@@ -178,6 +195,11 @@ def _quantize_openvino(model: Path, inputs: list[np.ndarray], out: Path) -> Path
     return target
 
 
+_FLOAT_OPS = {"Softmax", "Sigmoid"}
+"""Left in float by the ONNX quantizer: an output's probabilities in 8 bits come in steps
+of 1/255 and no longer sum to 1 (the guard's confidence, a classifier's results)."""
+
+
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over prepared inputs."""
 
@@ -203,16 +225,20 @@ def _quantize_qdq(
     except ImportError as exc:
         log.warning("%s int8 skipped: no onnxruntime (its quantizer): %s", engine, exc)
         return None
+    import onnx
+
     symmetric = engine == "tensorrt"
     target = out / f"{engine}.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+        ops = {n.op_type for n in onnx.load(str(pre), load_external_data=False).graph.node}
         quantize_static(
             str(pre),
             str(target),
             _Reader(name, inputs),  # duck-typed CalibrationDataReader
             quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=sorted(ops - _FLOAT_OPS),
             per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
