@@ -21,6 +21,8 @@ from daemon.engines.precision import choose
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
 from daemon.models import calibrate
+from daemon.models.train.evaluation import real_recordings
+from tests.conftest import need_data
 
 ROOT = Path(__file__).resolve().parent.parent
 ORT = pytest.mark.skipif(
@@ -64,6 +66,16 @@ def tiny_model(path: Path) -> Path:
     onnx.save(model, path)
     path.with_suffix(".toml").write_text(textwrap.dedent(CARD))
     return path
+
+
+def bundled_copy(tmp_path: Path, name: str) -> Path:
+    """A bundled model and its card copied where calibration may write."""
+    from daemon.models import BUNDLED
+
+    model = tmp_path / name
+    shutil.copy(BUNDLED / name, model)
+    shutil.copy((BUNDLED / name).with_suffix(".toml"), model.with_suffix(".toml"))
+    return model
 
 
 def row(precision: str, drop: float, fps: float, file: str = "", engine: str = "openvino"):
@@ -188,11 +200,9 @@ def test_the_tensorrt_int8_file_is_symmetric_q_dq_and_agrees_with_f32(tmp_path: 
     """TensorRT quantizes symmetrically only: the file calibrate makes for it has int8 zero
     points of 0 everywhere; ONNX Runtime runs the same Q/DQ arithmetic on the CPU, and on
     the bundled model its labels agree with f32's."""
-    from daemon.models import BUNDLED, ULTRASOUND
+    from daemon.models import ULTRASOUND
 
-    model = tmp_path / ULTRASOUND
-    shutil.copy(BUNDLED / ULTRASOUND, model)
-    shutil.copy((BUNDLED / ULTRASOUND).with_suffix(".toml"), model.with_suffix(".toml"))
+    model = bundled_copy(tmp_path, ULTRASOUND)
     frames = calibrate.phantom_frames(6, 8)
     with Segmenter.open(model, engine="onnxruntime", precision="fp32") as ref:
         cal = [ref.prepare(im) for im in frames.calibration]
@@ -213,6 +223,11 @@ def test_the_tensorrt_int8_file_is_symmetric_q_dq_and_agrees_with_f32(tmp_path: 
     eng.load(found[-1].file, "cpu", precision="fp32")
     with Segmenter(eng, load_card(model), model) as int8:
         got = [int8.segment(im) for im in frames.images]
+        # the real recordings show no vessel: the card's gate, vessel pixels <= 1 %
+        data = need_data(ROOT.parent / "shared" / "data" / "us")
+        for rec, images in real_recordings(data):
+            vessel = np.mean([(int8.segment(im) > 0).mean() for im in images[::8]])
+            assert vessel <= 0.01, f"{rec}: {vessel:.4f} of pixels called vessel at int8"
     drop, agreement = calibrate.compare(names, got, f32, frames.truth)
     assert drop <= 0.01 and min(agreement.values()) > 0.9, (drop, agreement)
 
@@ -232,11 +247,9 @@ def test_calibrate_a_classifier_and_auto_runs_what_it_chose(tmp_path: Path) -> N
     """The bundled view classifier: top-1 agreement on its own simulator's held-out
     frames, written to a card whose class names need quoting, then chosen by auto."""
     from daemon.engines.network import Network
-    from daemon.models import BUNDLED, VIEW
+    from daemon.models import VIEW
 
-    model = tmp_path / VIEW
-    shutil.copy(BUNDLED / VIEW, model)
-    shutil.copy((BUNDLED / VIEW).with_suffix(".toml"), model.with_suffix(".toml"))
+    model = bundled_copy(tmp_path, VIEW)
     frames = calibrate.phantom(model, 24, 8)
     assert frames.truth is not None and set(frames.truth) == {0, 1}
     result = calibrate.calibrate(model, frames, engines=("onnxruntime",), rounds=1)
@@ -275,11 +288,9 @@ def test_keypoint_agreement_and_the_drop_against_truth() -> None:
 def test_calibrate_a_keypoint_model(tmp_path: Path) -> None:
     """The bundled needle-tip model on its simulator's held-out frames: per-point
     agreement with f32 and the frames gained wrong against the true tip."""
-    from daemon.models import BUNDLED, NEEDLE
+    from daemon.models import NEEDLE
 
-    model = tmp_path / NEEDLE
-    shutil.copy(BUNDLED / NEEDLE, model)
-    shutil.copy((BUNDLED / NEEDLE).with_suffix(".toml"), model.with_suffix(".toml"))
+    model = bundled_copy(tmp_path, NEEDLE)
     frames = calibrate.phantom(model, 12, 6)
     assert frames.truth is not None and any(tip is None for tip, _ in frames.truth)
     assert any(tip is not None for tip, _ in frames.truth)
@@ -299,6 +310,15 @@ def test_the_wsi_classifiers_patches_are_balanced_and_held_out() -> None:
     assert frames.truth == [0, 0, 1, 1, 2, 2, 3, 3]  # two of each class
     assert all(im.shape == (512, 512, 3) and im.dtype == np.uint8 for im in frames.images)
     assert "seeds 70000+" in frames.text  # the training script's held-out range (60000+ trains)
+
+
+def test_a_model_whose_first_output_is_not_measured_is_refused(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "boxes.onnx")
+    card = model.with_suffix(".toml")
+    card.write_text(card.read_text() + '\n[[outputs]]\nrole = "detection"\n')
+    with pytest.raises(ModelError, match=r"not detection \(its first output\)"):
+        calibrate.calibrate(model, calibrate.phantom_frames(2, 2), engines=("onnxruntime",))
+    assert "[precision]" not in card.read_text()  # nothing written
 
 
 def test_a_classifier_without_a_simulator_needs_a_recording(tmp_path: Path) -> None:

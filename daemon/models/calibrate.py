@@ -64,9 +64,9 @@ log = logging.getLogger(__name__)
 
 VAL_SEED0 = 500_000  # held-out simulator seeds (as the training script's calibrate)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-VIEW_SEED0 = 600_000  # the view classifier's held-out seeds (daemon/models/train/view.py)
-NEEDLE_SEED0 = 650_000  # the needle model's held-out seeds (daemon/models/train/needle.py)
-WSI_SEED0, WSI_PATCH = 70_000, 512  # the WSI classifier's held-out seeds, its patch side
+# the WSI classifier's held-out seeds and patch side (daemon/models/train/wsi.py, which
+# imports torch: not imported here)
+WSI_SEED0, WSI_PATCH = 70_000, 512
 QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
 
 
@@ -103,6 +103,7 @@ def view_frames(n: int, n_calibration: int) -> Frames:
     with a vessel only partly in view belong to neither and are left out), and
     ``n_calibration`` others to quantize on."""
     from daemon.models.cards import VIEW_SIZE
+    from daemon.models.train.view import VAL_SEED0 as VIEW_SEED0
     from daemon.phantoms.us_tasks import view_example
 
     images: list[np.ndarray] = []
@@ -124,6 +125,7 @@ def needle_frames(n: int, n_calibration: int) -> Frames:
     """``n`` held-out frames of the needle model's simulator with their truth (the tip in
     pixels or None, the spacing), and ``n_calibration`` others to quantize on."""
     from daemon.models.cards import NEEDLE_SIZE
+    from daemon.models.train.needle import VAL_SEED0 as NEEDLE_SEED0
     from daemon.phantoms.us_tasks import needle_example
 
     held = [needle_example(s, NEEDLE_SIZE) for s in range(NEEDLE_SEED0, NEEDLE_SEED0 + n)]
