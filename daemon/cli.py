@@ -177,9 +177,13 @@ def _parser() -> Parser:
         "--data",
         default="phantom",
         help="'phantom' (held-out simulator frames with ground truth, the default) or a "
-        "recording (no ground truth: agreement with f32 only)",
+        "recording (a CT volume for a 3-D model; no ground truth: agreement with f32 only)",
     )
-    cal.add_argument("--frames", type=int, default=300, help="validation frames (default 300)")
+    cal.add_argument(
+        "--frames",
+        type=int,
+        help="validation frames (default 300; a 3-D model's: 24 patches of 32x512x512)",
+    )
     cal.add_argument(
         "--engine",
         action="append",
@@ -357,12 +361,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.model.is_file():
         raise ModelError(f"model file not found: {args.model}")
-    if args.frames < 1 or args.rounds < 1:
+    n = calibrate.default_frames(args.model) if args.frames is None else args.frames
+    if n < 1 or args.rounds < 1:
         raise ConfigError("--frames and --rounds must be at least 1")
     if args.data == "phantom":
-        frames = calibrate.phantom(args.model, args.frames, min(args.frames, 300))
+        frames = calibrate.phantom(args.model, n, min(n, calibrate.FRAMES))
     else:
-        frames = calibrate.recording_frames(Path(args.data), args.frames)
+        frames = calibrate.data_frames(args.model, Path(args.data), n)
     result = calibrate.calibrate(
         args.model,
         frames,

@@ -48,11 +48,13 @@ def stop_after(n: int) -> Callable[[Ctx, int, int, str], None]:
     return stop
 
 
-def make_ctx(tmp: Path, source: Path, name: str = "run", **options: Any) -> Ctx:
+def make_ctx(
+    tmp: Path, source: Path, name: str = "run", engine: str = "onnxruntime", **options: Any
+) -> Ctx:
     out, work = tmp / name / "out", tmp / name / "work"
     out.mkdir(parents=True)
     work.mkdir(parents=True, exist_ok=True)
-    return Ctx(source, out, work, CtOptions(**options), engine="onnxruntime")
+    return Ctx(source, out, work, CtOptions(**options), engine=engine)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -320,9 +322,22 @@ def test_nifti_input_is_segmented_without_a_seg(slab: CTVolume, tmp_path: Path) 
     check_outputs(ctx, CtJob().run(ctx), slab, None)
 
 
-def test_what_the_bundled_model_finds_on_the_real_slices(tmp_path: Path) -> None:
-    ctx = make_ctx(tmp_path, need_data(REAL))
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_what_the_bundled_model_finds_on_the_real_slices(tmp_path: Path, engine: str) -> None:
+    """At the precision its card's calibration allows on each engine (OpenVINO: int8),
+    and the manifest says which and why."""
+    from daemon.engines import registry
+    from daemon.engines.card import load_card
+    from daemon.engines.precision import choose
+    from daemon.models import BUNDLED, CT
+
+    if not registry.probe(engine).available:
+        pytest.skip(f"{engine} is not installed")
+    ctx = make_ctx(tmp_path, need_data(REAL), engine=engine)
     manifest = CtJob().run(ctx)
+    chosen = choose(load_card(BUNDLED / CT), BUNDLED / CT, engine, "cpu", "auto")
+    assert manifest["engine"]["precision"] == chosen.precision != "auto"
+    assert manifest["engine"]["precision_reason"] == chosen.reason
     labels = volumes.read_image(ctx.output / "labels.nii.gz")
     assert labels.hu.shape == (3, 512, 512)
     np.testing.assert_allclose(labels.affine(), volumes.read(REAL).affine(), atol=1e-4)

@@ -303,6 +303,65 @@ def test_calibrate_a_keypoint_model(tmp_path: Path) -> None:
     assert "keypoint drop <= 0.01" in c.reason
 
 
+@ORT
+def test_calibrate_a_3d_model_on_ct_phantom_slabs_and_the_ct_job_says_what_runs(
+    tmp_path: Path,
+) -> None:
+    """The bundled CT model on held-out phantom slabs of the ct job's patch (32 x 512 x
+    512, halved for the network and back as the job does): nodule Dice in 3-D against
+    f32's, written to the card; a ct job at auto then runs what it chose and says why."""
+    from daemon.offline.ct import CtJob, CtOptions
+    from daemon.offline.kind import FolderContext
+    from daemon.phantoms.ct import ct_phantom, write_image
+
+    model = bundled_copy(tmp_path, "ct-nodule-seg.onnx")
+    assert calibrate.is_volume(model) and calibrate.default_frames(model) == 24
+    frames = calibrate.phantom(model, 2, 2)
+    assert [t.shape for t in frames.truth] == [(32, 512, 512)] * 2  # a patch each, with truth
+    assert any((t == 1).any() for t in frames.truth) and "seeds 50000-50001" in frames.text
+    result = calibrate.calibrate(model, frames, engines=("onnxruntime",), rounds=1)
+    got = {m.precision: m for m in result.measured if m.engine == "onnxruntime"}
+    assert set(got) == {"fp32", "int8"}
+    assert got["fp32"].drop == 0.0 and got["fp32"].agreement == {"nodule": 1.0}
+    assert got["int8"].agreement["nodule"] >= 0.95 and got["int8"].drop <= 0.01
+    assert (tmp_path / "ct-nodule-seg.int8" / "onnxruntime.onnx").is_file()
+    assert load_card(model).precision == result
+
+    slab = ct_phantom((8, 96, 96), seed=1_000_400, spacing=(2.0, 3.0, 3.0))
+    source = write_image(slab, tmp_path / "slab.nii.gz")
+    options = CtOptions(patch=(8, 96, 96), overlap=0.0)
+    ctx = FolderContext.under(tmp_path / "job", source, options, engine="onnxruntime", model=model)
+    engine = CtJob().run(ctx)["engine"]
+    best = max((m for m in got.values() if m.drop <= result.tolerance), key=lambda m: m.fps)
+    assert engine["precision"] == best.precision
+    assert engine["precision_reason"].startswith("fastest within Dice drop <= 0.01")
+
+
+@ORT
+def test_calibrate_a_3d_model_on_a_real_ct_series(tmp_path: Path) -> None:
+    """``--data SERIES`` for a 3-D model: the series' patches as the ct job cuts them
+    (the 3 real slices, padded with air, are one 32-slice patch); no ground truth."""
+    series = need_data(ROOT.parent / "shared" / "data" / "ct" / "ct-3slice")
+    frames = calibrate.volume_frames(series, 4)
+    assert [im.shape for im in frames.images] == [(32, 512, 512)]
+    assert frames.truth is None and len(frames.calibration) == 1
+    assert frames.text == "1 patches of ct-3slice (no ground truth)"
+    model = bundled_copy(tmp_path, "ct-nodule-seg.onnx")
+    cal = subprocess.run(
+        [
+            sys.executable, "-m", "daemon", "models", "calibrate", str(model),
+            "--data", str(series), "--rounds", "1", "--engine", "onnxruntime",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cal.returncode == 0, cal.stderr
+    card = load_card(model).precision
+    assert card is not None and card.data == frames.text
+    rows = {m.precision: m for m in card.measured if m.engine == "onnxruntime" and not m.data}
+    assert set(rows) == {"fp32", "int8"} and rows["fp32"].agreement == {"nodule": 1.0}
+    assert "onnxruntime  cpu     int8" in cal.stdout
+
+
 def test_the_wsi_classifiers_patches_are_balanced_and_held_out() -> None:
     from daemon.models import BUNDLED, WSI
 
@@ -394,7 +453,13 @@ def test_cli_calibrate_refuses_a_missing_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["ultrasound-seg.onnx", "ultrasound-view.onnx", "ultrasound-needle.onnx", "wsi-patch-cls.onnx"],
+    [
+        "ultrasound-seg.onnx",
+        "ultrasound-view.onnx",
+        "ultrasound-needle.onnx",
+        "wsi-patch-cls.onnx",
+        "ct-nodule-seg.onnx",
+    ],
 )
 def test_the_bundled_models_ship_calibrated(name: str) -> None:
     from daemon.models import BUNDLED

@@ -1,4 +1,4 @@
-"""``echod models calibrate MODEL``: the precision ladder of a 2-D segmentation,
+"""``echod models calibrate MODEL``: the precision ladder of a 2-D or 3-D segmentation,
 classification or keypoint model (what its first output is).
 
 On each engine here that loads the model on the device (or those named) the model
@@ -11,19 +11,24 @@ symmetric, whose Q/DQ nodes TensorRT builds as int8 layers). A variant the engin
 here is skipped with its reason; int8 files go beside the model, in ``STEM.int8/``.
 Every variant runs the same validation frames: simulator frames with ground truth
 (``--data phantom``: held-out seeds of the model's own simulator, :func:`phantom`; the
-quantizers calibrate on other seeds) or a recording's frames (no ground truth). Written
-to the card's ``[precision]``:
+quantizers calibrate on other seeds) or a recording's frames (no ground truth). A 3-D
+model's "frames" are CT patches of the ct job's default size (32 x 512 x 512 voxels),
+each prepared and finished as the ct job does (:class:`Patches`: resized to the network
+and back, the argmax at the patch's size): phantom slabs with their nodules, or the
+patches of a CT volume (``--data SERIES``). Written to the card's ``[precision]``:
 
-- ``drop``: with ground truth, the largest per-class loss in mean Dice against f32's;
-  without, the largest per-class ``1 - Dice(variant labels, f32 labels)``. A
+- ``drop``: with ground truth, the largest per-class loss in mean Dice against f32's
+  (per frame; a 3-D model's per patch, in 3-D); without, the largest per-class
+  ``1 - Dice(variant labels, f32 labels)``. A
   classifier's: the loss in top-1 accuracy against f32's; without ground truth, the
   share of frames whose top-1 class differs from f32's.
 - ``agreement``: per class, the mean Dice of the variant's labels against f32's; a
   classifier's, the share of the frames f32 puts in the class that the variant does; a
   keypoint model's, per point, the share of frames where both show it at the same
   place or neither does (:func:`compare_points`, whose drop counts frames gained wrong).
-- ``fps``: frames/s in mode "all" (every request in flight), the best of ``rounds``
-  rounds with the variants interleaved (a shared machine's load hits them alike).
+- ``fps``: frames/s in mode "all" (every request in flight; a 3-D model's: patches/s),
+  the best of ``rounds`` rounds with the variants interleaved (a shared machine's load
+  hits them alike).
 
 Rows of other engines and devices already in the card are kept (with the frames and
 machine they were measured on): a model calibrated on the CPU, then on a GPU, has both.
@@ -52,8 +57,30 @@ from daemon.engines.network import Network
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
 from daemon.models import NEEDLE, VIEW, WSI
+from daemon.offline import ct, tiling
 
-Runner = Segmenter | Network
+
+class Patches:
+    """A 3-D segmentation model run on CT patches as the ct job runs it (its default
+    options): HU resized to the network, clipped and scaled; the output resized back to
+    the patch; the label volume its argmax."""
+
+    def __init__(self, seg: Segmenter) -> None:
+        self.seg, self.engine, self.input, self.output = seg, seg.engine, seg.input, seg.output
+        self.net = ct.Network(seg, ct.CtOptions(), tiling.Timings())
+        self.classes = self.net.classes
+
+    def prepare(self, hu: np.ndarray) -> np.ndarray:
+        return self.net.prepare(hu[None].astype(np.float32, copy=False))
+
+    def finish(self, y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return ct.label_map(self.net.finish(self.net.channels_first(y))[0])
+
+    def close(self) -> None:
+        self.seg.close()
+
+
+Runner = Segmenter | Network | Patches
 ROLES = ("segmentation", "classification", "keypoints")
 POINT_PX = 2.0
 """Keypoints of two precisions within this many frame pixels are the same point."""
@@ -68,6 +95,9 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # imports torch: not imported here)
 WSI_SEED0, WSI_PATCH = 70_000, 512
 QUANT_SEED0 = 700_000  # seeds the quantizers calibrate on (never validated on)
+# the CT model's held-out slabs (daemon/models/train/ct.py, which imports torch)
+CT_SEED0 = 50_000
+FRAMES = 300  # validation frames by default (a 3-D model's: patches, default_frames)
 
 
 @dataclass(frozen=True)
@@ -149,12 +179,38 @@ def patch_frames(n: int, n_calibration: int) -> Frames:
     return Frames([tissue_patch(c, s, size) for c, s in held], [c for c, _ in held], cal, text)
 
 
+def ct_frames(n: int, n_calibration: int) -> Frames:
+    """``n`` held-out CT phantom slabs of the ct job's patch with their nodules, drawn as
+    the CT model's training slabs were, and ``n_calibration`` others to quantize on."""
+    from daemon.phantoms.ct import training_slab
+
+    patch = ct.CtOptions().patch
+    held = [training_slab(s, patch) for s in range(CT_SEED0, CT_SEED0 + n)]
+    cal = [training_slab(s, patch).hu for s in range(QUANT_SEED0, QUANT_SEED0 + n_calibration)]
+    shape = "x".join(map(str, patch))
+    text = f"{n} CT phantom slabs of {shape}, seeds {CT_SEED0}-{CT_SEED0 + n - 1}"
+    return Frames([v.hu for v in held], [v.labels for v in held], cal, text)
+
+
+def is_volume(model: Path) -> bool:
+    """Whether ``model`` is a 3-D model (its card's input layout)."""
+    return load_card(model).input.layout in ct.LAYOUTS
+
+
+def default_frames(model: Path) -> int:
+    """Validation frames by default: 300, a 3-D model's 24 patches (about a second each
+    at f32 on two cores)."""
+    return 24 if is_volume(model) else FRAMES
+
+
 def phantom(model: Path, n: int, n_calibration: int) -> Frames:
     """Simulator frames for ``model``: the ultrasound phantom for a 2-D segmentation
-    model, the view, needle and tissue phantoms for the bundled view, needle-tip and WSI
-    patch models."""
+    model, CT phantom slabs for a 3-D one, the view, needle and tissue phantoms for the
+    bundled view, needle-tip and WSI patch models."""
     card = load_card(model)
     name, role = Path(model).name, card.roles()[0].role
+    if role == "segmentation" and card.input.layout in ct.LAYOUTS:
+        return ct_frames(n, n_calibration)
     if name == VIEW:
         return view_frames(n, n_calibration)
     if name == NEEDLE:
@@ -180,6 +236,25 @@ def recording_frames(path: Path, n: int) -> Frames:
         source.close()
     val, cal = images[::2], images[1::2] or images[:1]
     return Frames(val, None, cal, f"{len(val)} frames of {path.name} (no ground truth)")
+
+
+def volume_frames(path: Path, n: int) -> Frames:
+    """Up to ``n`` patches of a CT volume (DICOM series, NIfTI, MetaImage) cut as the ct
+    job cuts them (every other one validates, the rest calibrate)."""
+    from daemon.offline import volumes
+
+    options = ct.CtOptions()
+    hu = volumes.read(path, None).hu
+    positions = tiling.grid(hu.shape, options.patch, options.overlap)[: 2 * n]
+    pad = ct.PAD_HU[options.pad]
+    patches = [tiling.extract(hu, p, options.patch, pad) for p in positions]
+    val, cal = patches[::2], patches[1::2] or patches[:1]
+    return Frames(val, None, cal, f"{len(val)} patches of {path.name} (no ground truth)")
+
+
+def data_frames(model: Path, path: Path, n: int) -> Frames:
+    """``--data PATH``: a CT volume's patches for a 3-D model, else a recording's frames."""
+    return volume_frames(path, n) if is_volume(model) else recording_frames(path, n)
 
 
 def _quantize_openvino(model: Path, inputs: list[np.ndarray], out: Path) -> Path | None:
@@ -308,14 +383,24 @@ def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Runner | Non
             raise
         log.warning("%s %s skipped: %s", v.engine, v.precision, exc)
         return None
-    if card.roles()[0].role == "segmentation":
-        return Segmenter(eng, card, model)
-    return Network(eng, card, model)
+    segments = card.roles()[0].role == "segmentation"
+    return _runner(Segmenter(eng, card, model) if segments else Network(eng, card, model))
+
+
+def _runner(opened: Segmenter | Network) -> Runner:
+    """What runs the frames: a 3-D segmentation model through the ct job's steps."""
+    if isinstance(opened, Segmenter) and opened.card.input.layout in ct.LAYOUTS:
+        try:
+            return Patches(opened)
+        except BaseException:
+            opened.close()
+            raise
+    return opened
 
 
 def _names(runner: Runner) -> list[str]:
     """A segmentation's label names, a classifier's classes, a keypoint model's points."""
-    if isinstance(runner, Segmenter):
+    if not isinstance(runner, Network):
         return [c.name for c in runner.classes]
     head = runner.heads[0]
     return list(head.names) if head.role.role == "keypoints" else [c.name for c in head.classes]
@@ -325,7 +410,7 @@ def _labels(runner: Runner, xs: list[np.ndarray], shapes: list[tuple[int, ...]])
     """Per frame: a segmentation's label map, a classifier's top-1 class, a keypoint
     model's (K, 3) points (x y in frame pixels, NaN where none is shown; score)."""
     outs = runner.engine.run_many({runner.input.name: x} for x in xs)
-    if isinstance(runner, Segmenter):
+    if not isinstance(runner, Network):
         return [runner.finish(y[runner.output.name], s) for y, s in zip(outs, shapes, strict=True)]
     found = []
     for x, y, s in zip(xs, outs, shapes, strict=True):
@@ -462,7 +547,7 @@ def calibrate(
             + ": echod engines says why"
         )
     kind = Segmenter if role == "segmentation" else Network
-    ref = kind.open(model, engine=usable[0], device=device, precision="fp32")
+    ref = _runner(kind.open(model, engine=usable[0], device=device, precision="fp32"))
     try:
         xs = [ref.prepare(im) for im in frames.images]
         cal = [ref.prepare(im) for im in frames.calibration]

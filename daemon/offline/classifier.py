@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from daemon.engines import loading, preprocess
+from daemon.engines import loading, precision, preprocess
 from daemon.engines.base import Engine, TensorSpec
 from daemon.engines.card import ClassCard, ModelCard, card_path
 from daemon.errors import ModelError
@@ -37,6 +37,7 @@ class PatchClassifier:
 
     def __init__(self, engine: Engine, card: ModelCard, model: Path) -> None:
         self.engine, self.card, self.model = engine, card, Path(model)
+        self.precision = precision.Choice("auto", "auto", self.model, "as the engine was loaded")
         name = self.model.name
         if card.task != "classification":
             raise ModelError(
@@ -93,10 +94,12 @@ class PatchClassifier:
         ``device``, the card's preference first), tuned for throughput."""
         opened = loading.open_model(model, engine, device, threads=threads, mode="all")
         try:
-            return cls(opened.engine, opened.card, opened.model)
+            clf = cls(opened.engine, opened.card, opened.model)
         except BaseException:
             opened.engine.close()
             raise
+        clf.precision = opened.precision
+        return clf
 
     def prepare(self, patches: Sequence[np.ndarray]) -> np.ndarray:
         """Network input for RGB uint8 patches of ``size`` x ``size``."""
@@ -127,6 +130,8 @@ class PatchClassifier:
             "engine": self.engine.name,
             "engine_version": self.engine.version,
             "device": self.engine.device,
+            "precision": self.precision.precision,
+            "precision_reason": self.precision.reason,
             "model": self.model.name,
             "provenance": self.card.provenance,
             "patch": self.size,

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 Size3 = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
 PAD_HU: dict[str, tiling.Pad] = {"air": volumes.AIR_HU, "edge": "edge", "reflect": "reflect"}
 _CV_MAX_CHANNELS = 512  # cv2.resize takes the slices of a patch as channels up to this
+LAYOUTS = ("NCDHW", "NDHWC")  # a 3-D model's input layouts (the card's [input] layout)
 
 
 class CtOptions(KindOptions):
@@ -123,7 +124,7 @@ class Network:
         self.seg = seg
         self.card: ModelCard = seg.card
         spec = seg.input
-        if len(spec.shape) != 5 or spec.layout not in ("NCDHW", "NDHWC"):
+        if len(spec.shape) != 5 or spec.layout not in LAYOUTS:
             raise ModelError(
                 f"model {seg.model.name} input {spec.describe()}: the ct job needs a 3-D "
                 "model (NCDHW or NDHWC; set layout under [input] in its card)"
@@ -165,11 +166,14 @@ class Network:
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Network input -> its output, float32 with the channels first (N, C, D, H, W)."""
         t0 = time.perf_counter()
-        y = np.asarray(self.seg.infer(x), np.float32)
-        if self.channels_last:
-            y = np.ascontiguousarray(np.moveaxis(y, -1, 1))
+        y = self.channels_first(self.seg.infer(x))
         self.timings.add("inference", time.perf_counter() - t0)
         return y
+
+    def channels_first(self, y: np.ndarray) -> np.ndarray:
+        """The engine's output as float32 (N, C, D, H, W)."""
+        y = np.asarray(y, np.float32)
+        return np.ascontiguousarray(np.moveaxis(y, -1, 1)) if self.channels_last else y
 
     def finish(self, y: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -252,7 +256,10 @@ class CtJob(UnitKind):
         with ctx.phase("write"):
             manifest = self._write(volume, labels, net.classes, model, ctx)
         manifest.update(
-            engine={k: described[k] for k in ("engine", "engine_version", "device")},
+            engine={
+                k: described[k]
+                for k in ("engine", "engine_version", "device", "precision", "precision_reason")
+            },
             model={"name": model.name, "provenance": net.card.provenance},
             options=options.model_dump(mode="json"),
             table3_ms_per_patch=table3(

@@ -378,6 +378,17 @@ def ct_phantom(
     )
 
 
+def training_slab(seed: int, shape: tuple[int, int, int] = (32, 256, 256)) -> CTVolume:
+    """A slab drawn as the bundled CT model's were (daemon/models/train/ct.py): slices
+    1-2 mm apart, a 333-384 mm field of view in-plane (1.3-1.5 mm at 256 columns),
+    0-5 nodules; ``shape`` samples the same field finer or coarser (512 columns: the
+    ct job's default patch, which it halves for the network)."""
+    rng = np.random.default_rng([seed, 2])
+    inplane = float(rng.uniform(1.3, 1.5)) * 256 / shape[2]
+    spacing = (float(rng.uniform(1.0, 2.0)), inplane, inplane)
+    return ct_phantom(shape, seed=seed, spacing=spacing, nodules=(0, 5))
+
+
 def write_dicom_series(volume: CTVolume, folder: Path, description: str = "") -> list[Path]:
     """One CT Image Storage file per slice in ``folder`` (created); returns them in order.
 

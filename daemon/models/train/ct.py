@@ -31,7 +31,7 @@ from torch import nn
 
 from daemon.models import cards
 from daemon.models.train import common
-from daemon.phantoms.ct import ct_phantom
+from daemon.phantoms.ct import training_slab
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,8 @@ FIELDS = cards.CT
 
 
 def slab(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One training slab (HU int16, labels uint8) with spacing drawn from the seed."""
-    rng = np.random.default_rng([seed, 2])
-    inplane = float(rng.uniform(1.3, 1.5))
-    spacing = (float(rng.uniform(1.0, 2.0)), inplane, inplane)
-    vol = ct_phantom(SHAPE, seed=seed, spacing=spacing, nodules=(0, 5))
+    """One training slab (HU int16, labels uint8)."""
+    vol = training_slab(seed, SHAPE)
     return vol.hu, vol.labels
 
 
