@@ -2,11 +2,13 @@
 with MONAI's sliding_window_inference and pyFAST on the same ONNX model and engine.
 
 echod: per patch the generator, NN input, inference, NN output and stitcher ms, and the
-total, at overlap 0 (constant) and 25 % (Gaussian). MONAI (same engine, same model, same
-overlaps; its predictor resizes with torch) and pyFAST (PatchGenerator -> SegmentationNetwork
--> PatchStitcher, overlap 0 only: its stitcher does not blend) in the same run. Each
-system is timed from reading the volume file to the label volume in memory (model
-loading included), and again without the loading where it can be separated.
+total, at overlap 0 (constant) and 25 % (Gaussian); at its default precision ("auto":
+what the model card's calibration allows, e.g. int8 on OpenVINO) and at fp32. MONAI
+(same engine, same model, same overlaps; its predictor resizes with torch) and pyFAST
+(PatchGenerator -> SegmentationNetwork -> PatchStitcher, overlap 0 only: its stitcher
+does not blend) in the same run. Each system is timed from reading the volume file to
+the label volume in memory (model loading included), and again without the loading
+where it can be separated.
 
     python bench/ct_table3.py                                  # echod only, 305 x 512 x 512
     bench/setup_peers.sh    # once: pyFAST and MONAI in .venv-peers
@@ -43,6 +45,7 @@ MODEL = ROOT / "daemon" / "models" / "ct-nodule-seg.onnx"
 STEPS = ("generator", "nn_input", "inference", "nn_output", "stitcher")
 FAST_ENGINES = {"onnxruntime": "ONNXRuntime", "openvino": "OpenVINO"}
 OVERLAPS = {"0": 0.0, "25 % gaussian": 0.25}
+PRECISIONS = (("", "auto"), (" fp32", "fp32"), (" bf16", "bf16"))  # label tag, precision
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -51,7 +54,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def run_echod(
-    image: Path, engine: str, overlap: float, blend: str, threads: int, precision: str = "fp32"
+    image: Path, engine: str, overlap: float, blend: str, threads: int, precision: str = "auto"
 ) -> dict[str, Any]:
     from daemon.engines.segmenter import Segmenter
     from daemon.offline import tiling, volumes
@@ -65,6 +68,7 @@ def run_echod(
         MODEL, engine=engine, device="cpu", threads=threads, precision=precision
     ) as seg:
         net = Network(seg, opts, timings)
+        ran = seg.precision.precision
         t1 = time.perf_counter()
 
         def predictor(x: np.ndarray) -> np.ndarray:
@@ -85,6 +89,7 @@ def run_echod(
         t2 = time.perf_counter()
     patches = len(tiling.grid(volume.hu.shape, opts.patch, opts.overlap))
     return {
+        "precision": ran,
         "patches": patches,
         "ms_per_patch": table3(timings, patches),
         "segment_s": round(t2 - t1, 2),
@@ -206,7 +211,7 @@ def main() -> None:
                 lambda o=o, b=b, p=p: run_echod(image, a.engine, OVERLAPS[o], b, a.threads, p),
             )
             for o, b in (("0", "constant"), ("25 % gaussian", "gaussian"))
-            for tag, p in (("", "fp32"), *(((" bf16", "bf16"),) if a.bf16 else ()))
+            for tag, p in PRECISIONS[: 3 if a.bf16 else 2]
         ]
         if with_monai:
             runs += [
@@ -225,7 +230,9 @@ def main() -> None:
                 totals.setdefault(label, []).append(r["total_s"])
                 if label not in best or r["total_s"] < best[label]["total_s"]:
                     best[label] = {"system": label, **r}
-                print(f"round {n + 1}: {label:34s} {r['total_s']:7.2f} s  Dice {r['dice']:.3f}")
+                ran = f"  ({r['precision']})" if "precision" in r else ""
+                took = f"{r['total_s']:7.2f} s  Dice {r['dice']:.3f}{ran}"
+                print(f"round {n + 1}: {label:34s} {took}")
     print()
     print(f"{a.shape[0]}x{a.shape[1]}x{a.shape[2]}, {a.engine}, CPU, {a.rounds} round(s)")
     print(f"{'':34s}{'best s':>9s}{'median s':>10s}{'Dice':>8s}")
