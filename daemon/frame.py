@@ -114,8 +114,9 @@ class FrameMeta:
             *self.shape,
             *(0,) * (MAX_DIMS - n),
             *self.spacing,
-            *np.asarray(self.transform, np.float64).ravel(),
-            *self.timings_ms,
+            # as Python floats: struct converts numpy scalars one by one, at twice the cost
+            *np.asarray(self.transform, np.float64).ravel().tolist(),
+            *np.asarray(self.timings_ms).tolist(),
             self.confidence,
             self.flags,
             self.checksum,
