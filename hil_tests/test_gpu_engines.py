@@ -181,6 +181,64 @@ def test_calibrate_pytorch_on_cuda(cache: Path, tmp_path: Path) -> None:
         assert seg.describe()["precision"] == best.precision
 
 
+@pytest.fixture(scope="module")
+def ct_on_cuda(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """The bundled CT model as a .pt2, calibrated on the GPU (held-out phantom slabs
+    through the ct job's steps)."""
+    need_cuda()
+    from daemon.engines.reference import export_torch
+    from daemon.models import BUNDLED, CT, calibrate
+
+    model = export_torch(BUNDLED / CT, tmp_path_factory.mktemp("ct") / "ct.pt2", "pt2")
+    assert load_card(model).precision is None  # the ONNX file's rows stay with it
+    return model, calibrate.calibrate(
+        model, calibrate.phantom(model, 8, 4), device="cuda", rounds=2
+    )
+
+
+def test_calibrate_a_3d_model_on_cuda(ct_on_cuda: tuple[Path, Any]) -> None:
+    """fp32, fp16 and bf16 rows for PyTorch on CUDA, nodule Dice in 3-D; auto picks the
+    fastest within tolerance."""
+    from daemon.engines.precision import choose
+
+    model, result = ct_on_cuda
+    cuda = {m.precision: m for m in result.measured}
+    assert set(cuda) == {"fp32", "fp16", "bf16"}
+    assert all(m.engine == "pytorch" and m.device == "cuda" for m in cuda.values())
+    assert min(cuda["fp16"].agreement.values()) > 0.95 and cuda["fp16"].drop <= 0.01
+    best = max((m for m in cuda.values() if m.drop <= result.tolerance), key=lambda m: m.fps)
+    assert choose(load_card(model), model, "pytorch", "cuda", "auto").precision == best.precision
+    print(result.machine, {p: (m.drop, m.fps, m.agreement) for p, m in cuda.items()})
+
+
+def test_a_ct_job_on_cuda_runs_the_calibrated_precision(
+    ct_on_cuda: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """A ct job at auto on the GPU runs what calibration chose and finds the nodules of
+    a phantom slab never seen in training or calibration."""
+    need("SimpleITK")  # the job's NIfTI input and labels
+    from daemon.engines.precision import choose
+    from daemon.offline import volumes
+    from daemon.offline.ct import CtJob, CtOptions
+    from daemon.offline.kind import FolderContext
+    from daemon.phantoms.ct import training_slab, write_image
+
+    model, _ = ct_on_cuda
+    slab = training_slab(1_000_602, (32, 512, 512))
+    assert slab.nodules
+    source = write_image(slab, tmp_path / "slab.nii.gz")
+    ctx = FolderContext.under(
+        tmp_path / "job", source, CtOptions(), engine="pytorch", device="cuda", model=model
+    )
+    manifest = CtJob().run(ctx)
+    chosen = choose(load_card(model), model, "pytorch", "cuda", "auto").precision
+    assert manifest["engine"]["precision"] == chosen
+    found = volumes.read_image(ctx.output / "labels.nii.gz").hu == 1
+    truth = slab.labels == 1
+    dice = 2 * float((found & truth).sum()) / max(1, int(found.sum() + truth.sum()))
+    assert dice >= 0.8, dice
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
 def test_pytorch_cuda_fp16_cuda_graphs(
     fmt: str, cache: Path, batch: np.ndarray, cpu_out: np.ndarray

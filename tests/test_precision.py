@@ -142,6 +142,17 @@ def test_write_precision_replaces_its_section_only(tmp_path: Path) -> None:
     assert tomllib.loads(text)["precision"]["data"] == "x"
 
 
+def test_a_converted_model_is_not_calibrated_by_its_sources_card() -> None:
+    """The ONNX file's figures (and int8 files) are not a .pt2's: the card goes without
+    ``[precision]``, every other table kept, wherever it stood."""
+    from daemon.engines.card import without_precision
+
+    text = "task = 'segmentation'\n\n[precision]\ntolerance = 0.01\n\n"
+    text += "[[precision.measured]]\nengine = 'openvino'\n\n[guard]\nmin_confidence = 0.5\n"
+    assert without_precision(text) == "task = 'segmentation'\n\n[guard]\nmin_confidence = 0.5\n"
+    assert without_precision("task = 'segmentation'\n") == "task = 'segmentation'\n"
+
+
 def test_compare_drop_against_truth_and_against_f32() -> None:
     truth = [np.array([[1, 1, 0, 0]]), np.array([[0, 0, 2, 2]])]
     f32 = [t.copy() for t in truth]

@@ -76,6 +76,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -310,6 +311,21 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
     (70, 240, 240),
     (240, 50, 230),
 )
+
+
+_PRECISION_TABLE = re.compile(r"^\[\[?precision[.\]]")
+
+
+def without_precision(text: str) -> str:
+    """A card's TOML text without its ``[precision]`` tables (figures measured for one
+    model file: a converted file is calibrated anew), the rest as it was."""
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            skipping = bool(_PRECISION_TABLE.match(line))
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).rstrip("\n") + "\n"
 
 
 def card_path(model: Path) -> Path:

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from daemon.engines.card import without_precision
 from daemon.errors import ModelError
 from daemon.models import cards
 
@@ -464,7 +465,7 @@ def export_torch(onnx_path: Path, target: Path, fmt: TorchFormat) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     card = onnx_path.with_suffix(".toml")
-    if card.is_file():
-        target.with_suffix(".toml").write_bytes(card.read_bytes())
+    if card.is_file():  # the ONNX file's calibration is not the converted file's
+        target.with_suffix(".toml").write_text(without_precision(card.read_text()))
     log.info("converted %s to %s (%s)", onnx_path, target, fmt)
     return target

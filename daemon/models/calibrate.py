@@ -52,7 +52,14 @@ import numpy as np
 from daemon.compat import tomllib
 from daemon.engines import registry
 from daemon.engines.base import device_kind
-from daemon.engines.card import MeasuredPrecision, ModelCard, PrecisionCard, card_path, load_card
+from daemon.engines.card import (
+    MeasuredPrecision,
+    ModelCard,
+    PrecisionCard,
+    card_path,
+    load_card,
+    without_precision,
+)
 from daemon.engines.network import Network
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
@@ -615,9 +622,6 @@ def _kept(old: PrecisionCard | None, new: list[MeasuredPrecision]) -> list[Measu
 
 # -- the card's [precision] section, rewritten in place -------------------------------------
 
-_SECTION = re.compile(r"^\[\[?precision[.\]]")
-_TABLE = re.compile(r"^\[")
-
 
 def _value(v: Any) -> str:
     if isinstance(v, str):
@@ -651,14 +655,7 @@ def render(p: PrecisionCard) -> str:
 def write_precision(model: Path, p: PrecisionCard) -> None:
     """Replace the card's ``[precision]`` tables (kept elsewhere as they are) and check it."""
     path = card_path(model)
-    text = path.read_text() if path.is_file() else ""
-    kept, skipping = [], False
-    for line in text.splitlines():
-        if _TABLE.match(line):
-            skipping = bool(_SECTION.match(line))
-        if not skipping:
-            kept.append(line)
-    body = "\n".join(kept).rstrip("\n")
+    body = without_precision(path.read_text()).rstrip("\n") if path.is_file() else ""
     new = (body + "\n\n" if body else "") + render(p)
     ModelCard.model_validate(tomllib.loads(new))  # never write a card echod cannot read
     tmp = path.with_name(f".{path.name}.partial")
