@@ -270,8 +270,8 @@ class PyTorchEngine(Engine):
             module = module.to(dev)
             if dtype != torch.float32:
                 module = module.to(dtype)
-            if kind == "cuda":  # NHWC is what cuDNN's tensor-core convolutions want
-                module = module.to(memory_format=torch.channels_last)
+            if kind == "cuda":
+                module = _tensor_core_layout(torch, module, len(inputs[0].shape))
             if hasattr(module, "eval") and model.suffix not in _EXPORTED:
                 module.eval()
         except Exception as exc:
@@ -515,6 +515,20 @@ def _program_specs(torch: Any, program: Any) -> tuple[list[TensorSpec], list[Ten
         for n, node in zip(sig.user_outputs, nodes[-len(sig.user_outputs) :], strict=True)
     ]
     return inputs, outputs
+
+
+def _tensor_core_layout(torch: Any, module: Any, rank: int) -> Any:
+    """The module's weights channels-last for an input of ``rank`` (NHWC, NDHWC for a 3-D
+    model): what cuDNN's tensor-core convolutions want; as they were where its weights
+    are of mixed rank."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(rank)
+    if fmt is None:
+        return module
+    try:
+        return module.to(memory_format=fmt)
+    except RuntimeError as exc:
+        log.info("pytorch: weights left in their layout (%s)", exc)
+        return module
 
 
 def _merge(found: list[TensorSpec], named: list[TensorSpec]) -> list[TensorSpec]:
