@@ -200,8 +200,12 @@ def ct_frames(n: int, n_calibration: int) -> Frames:
 
 
 def is_volume(model: Path) -> bool:
-    """Whether ``model`` is a 3-D model (its card's input layout)."""
-    return load_card(model).input.layout in ct.LAYOUTS
+    """Whether ``model`` is a 3-D model."""
+    return _volumetric(load_card(model))
+
+
+def _volumetric(card: ModelCard) -> bool:
+    return card.input.layout in ct.LAYOUTS  # what the ct job takes
 
 
 def default_frames(model: Path) -> int:
@@ -216,7 +220,7 @@ def phantom(model: Path, n: int, n_calibration: int) -> Frames:
     bundled view, needle-tip and WSI patch models."""
     card = load_card(model)
     name, role = Path(model).name, card.roles()[0].role
-    if role == "segmentation" and card.input.layout in ct.LAYOUTS:
+    if role == "segmentation" and _volumetric(card):
         return ct_frames(n, n_calibration)
     if name == VIEW:
         return view_frames(n, n_calibration)
@@ -396,7 +400,7 @@ def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Runner | Non
 
 def _runner(opened: Segmenter | Network) -> Runner:
     """What runs the frames: a 3-D segmentation model through the ct job's steps."""
-    if isinstance(opened, Segmenter) and opened.card.input.layout in ct.LAYOUTS:
+    if isinstance(opened, Segmenter) and _volumetric(opened.card):
         try:
             return Patches(opened)
         except BaseException:
