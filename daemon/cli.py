@@ -355,6 +355,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """The precision ladder of one model, written to its card (daemon/models/calibrate.py)."""
+    from daemon.engines.card import load_card
+    from daemon.engines.precision import unit
     from daemon.errors import ConfigError, ModelError
     from daemon.models import calibrate
 
@@ -376,7 +378,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         tolerance=args.tolerance,
     )
-    rows = [("ENGINE", "DEVICE", "PRECISION", "DROP", "FRAMES/S", "AGREEMENT", "FILE")]
+    per = f"{unit(load_card(args.model)).upper()}/S"
+    rows = [("ENGINE", "DEVICE", "PRECISION", "DROP", per, "AGREEMENT", "FILE")]
     for m in result.measured:
         agree = " ".join(f"{k}={v:.4f}" for k, v in m.agreement.items())
         drop, fps = f"{m.drop:.4f}", f"{m.fps:.1f}"

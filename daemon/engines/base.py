@@ -35,6 +35,7 @@ import numpy as np
 from daemon.errors import EngineError
 
 Layout = Literal["NC", "NCHW", "NHWC", "NCDHW", "NDHWC"]
+VOLUME_LAYOUTS: tuple[Layout, ...] = ("NCDHW", "NDHWC")  # 3-D images (CT patches)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.engines.base import device_kind
+from daemon.engines.base import VOLUME_LAYOUTS, device_kind
 from daemon.engines.card import MeasuredPrecision, ModelCard, card_path
 from daemon.errors import ModelError
 
@@ -48,8 +48,13 @@ _MEASURE = {
 }  # what daemon/models/calibrate.py measures of a model's first output
 
 
-def _text(row: MeasuredPrecision) -> str:
-    return f"{row.precision} ({row.fps:.0f} frames/s, drop {row.drop:.4f})"
+def unit(card: ModelCard) -> str:
+    """What a row's ``fps`` counts: frames, a 3-D model's patches."""
+    return "patches" if card.input.layout in VOLUME_LAYOUTS else "frames"
+
+
+def _text(row: MeasuredPrecision, per: str) -> str:
+    return f"{row.precision} ({row.fps:.0f} {per}/s, drop {row.drop:.4f})"
 
 
 def choose(card: ModelCard, model: Path, engine: str, device: str, requested: str) -> Choice:
@@ -88,9 +93,10 @@ def choose(card: ModelCard, model: Path, engine: str, device: str, requested: st
     if not usable:
         return Choice("auto", "auto", model, f"none within tolerance ({'; '.join(refused)})")
     best = max(usable, key=lambda m: m.fps)
-    slower = [_text(m) for m in usable if m is not best]
+    per = unit(card)
+    slower = [_text(m, per) for m in usable if m is not best]
     measure = _MEASURE.get(card.roles()[0].role, "drop")
-    reason = f"fastest within {measure} <= {tol}: {_text(best)}"
+    reason = f"fastest within {measure} <= {tol}: {_text(best, per)}"
     if slower:
         reason += f"; slower: {', '.join(slower)}"
     if refused:

@@ -51,7 +51,7 @@ import numpy as np
 
 from daemon.compat import tomllib
 from daemon.engines import registry
-from daemon.engines.base import device_kind
+from daemon.engines.base import VOLUME_LAYOUTS, device_kind
 from daemon.engines.card import (
     MeasuredPrecision,
     ModelCard,
@@ -61,6 +61,7 @@ from daemon.engines.card import (
     without_precision,
 )
 from daemon.engines.network import Network
+from daemon.engines.precision import unit
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
 from daemon.models import NEEDLE, VIEW, WSI
@@ -205,7 +206,7 @@ def is_volume(model: Path) -> bool:
 
 
 def _volumetric(card: ModelCard) -> bool:
-    return card.input.layout in ct.LAYOUTS  # what the ct job takes
+    return card.input.layout in VOLUME_LAYOUTS
 
 
 def default_frames(model: Path) -> int:
@@ -597,8 +598,8 @@ def calibrate(
             )
         )
         log.info(
-            "%s %s: drop %.4f, %.1f frames/s, agreement %s",
-            v.engine, v.precision, drop, fps[v], agreement,
+            "%s %s: drop %.4f, %.1f %s/s, agreement %s",
+            v.engine, v.precision, drop, fps[v], unit(card), agreement,
         )  # fmt: skip
     old = card.precision.tolerance if card.precision else 0.01
     result = PrecisionCard(

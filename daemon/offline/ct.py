@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
+from daemon.engines.base import VOLUME_LAYOUTS
 from daemon.engines.card import ClassCard, ModelCard, load_card
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import ModelError
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 Size3 = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
 PAD_HU: dict[str, tiling.Pad] = {"air": volumes.AIR_HU, "edge": "edge", "reflect": "reflect"}
 _CV_MAX_CHANNELS = 512  # cv2.resize takes the slices of a patch as channels up to this
-LAYOUTS = ("NCDHW", "NDHWC")  # a 3-D model's input layouts (the card's [input] layout)
 
 
 class CtOptions(KindOptions):
@@ -124,7 +124,7 @@ class Network:
         self.seg = seg
         self.card: ModelCard = seg.card
         spec = seg.input
-        if len(spec.shape) != 5 or spec.layout not in LAYOUTS:
+        if len(spec.shape) != 5 or spec.layout not in VOLUME_LAYOUTS:
             raise ModelError(
                 f"model {seg.model.name} input {spec.describe()}: the ct job needs a 3-D "
                 "model (NCDHW or NDHWC; set layout under [input] in its card)"
