@@ -346,6 +346,7 @@ def test_calibrate_a_3d_model_on_ct_phantom_slabs_and_the_ct_job_says_what_runs(
     best = max((m for m in got.values() if m.drop <= result.tolerance), key=lambda m: m.fps)
     assert engine["precision"] == best.precision
     assert engine["precision_reason"].startswith("fastest within Dice drop <= 0.01")
+    assert f"{best.precision} ({best.fps:.1f} patches/s" in engine["precision_reason"]
 
 
 @ORT

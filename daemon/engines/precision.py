@@ -54,7 +54,8 @@ def unit(card: ModelCard) -> str:
 
 
 def _text(row: MeasuredPrecision, per: str) -> str:
-    return f"{row.precision} ({row.fps:.0f} {per}/s, drop {row.drop:.4f})"
+    rate = f"{row.fps:.1f}" if row.fps < 100 else f"{row.fps:.0f}"
+    return f"{row.precision} ({rate} {per}/s, drop {row.drop:.4f})"
 
 
 def choose(card: ModelCard, model: Path, engine: str, device: str, requested: str) -> Choice:
