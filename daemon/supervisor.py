@@ -518,6 +518,8 @@ class Supervisor:
         for w in self.workers.values():
             if w.done is not None or w.retiring:
                 continue
+            if w.killing is not None:  # found hung: no ping until it is replaced
+                return False
             if w.ready:
                 late = now - w.heartbeat > self._patience(w) + TICK_S
             else:

@@ -106,6 +106,27 @@ def test_watchdog_stops_while_a_stage_hangs_and_resumes_after_its_restart(
     assert "WATCHDOG=1" in got[restart:], "the pings came back"
 
 
+def test_a_stage_found_hung_stops_the_pings_at_once(tmp_path: Path) -> None:
+    """The watchdog's question and the hang check agree: from the moment a stage is found
+    hung (killing), no ping, although its silence is still within the ping's slack (a
+    ping slipped out there under load: the socket test above caught it once)."""
+    import time
+
+    from daemon import config
+    from daemon.stage import StageSpec
+    from daemon.supervisor import Supervisor, Worker
+
+    sup = Supervisor(config.load(None, {"paths.state_dir": str(tmp_path)}))
+    w = sup.workers["infer"] = Worker(StageSpec("infer", "infer"), ready=True)
+    now = time.monotonic()
+    w.heartbeat = now - sup._patience(w) - 0.05  # stale: the hang check has fired
+    assert sup._healthy(now)  # the ping's own slack alone would still allow one
+    w.killing = now
+    assert not sup._healthy(now)
+    w.killing, w.heartbeat = None, now  # replaced: fresh again
+    assert sup._healthy(now)
+
+
 def test_an_engine_build_extends_the_start_timeout(
     run_echod: type[Echod], systemd: tuple[NotifySocket, dict[str, str]], tmp_path: Path
 ) -> None:
