@@ -189,7 +189,7 @@ def ct_on_cuda(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     from daemon.engines.reference import export_torch
     from daemon.models import BUNDLED, CT, calibrate
 
-    model = export_torch(BUNDLED / CT, tmp_path_factory.mktemp("ct") / "ct.pt2", "pt2")
+    model = export_torch(BUNDLED / CT, tmp_path_factory.mktemp("ct") / "ct-nodule-seg.pt2", "pt2")
     assert load_card(model).precision is None  # the ONNX file's rows stay with it
     return model, calibrate.calibrate(
         model, calibrate.phantom(model, 8, 4), device="cuda", rounds=2

@@ -326,7 +326,7 @@ def test_calibrate_a_3d_model_on_ct_phantom_slabs_and_the_ct_job_says_what_runs(
     from daemon.phantoms.ct import ct_phantom, write_image
 
     model = bundled_copy(tmp_path, "ct-nodule-seg.onnx")
-    assert calibrate.is_volume(model) and calibrate.default_frames(model) == 24
+    assert load_card(model).input.volumetric and calibrate.default_frames(model) == 24
     frames = calibrate.phantom(model, 2, 2)
     assert [t.shape for t in frames.truth] == [(32, 512, 512)] * 2  # a patch each, with truth
     assert any((t == 1).any() for t in frames.truth) and "seeds 50000-50001" in frames.text
@@ -401,6 +401,21 @@ def test_a_classifier_without_a_simulator_needs_a_recording(tmp_path: Path) -> N
     refused = r"no simulator here makes frames for its classification output.*--data FILE"
     with pytest.raises(ModelError, match=refused):
         calibrate.phantom(model, 4, 4)
+
+
+def test_a_3d_model_of_its_own_needs_a_ct_volume(tmp_path: Path) -> None:
+    """CT phantom slabs are the bundled CT model's: another 3-D model (its classes are
+    not lung nodules) is sent to --data, a copy of the bundled one keeps its slabs."""
+    from daemon.models import BUNDLED, CT
+
+    model = tmp_path / "liver.onnx"
+    shutil.copy((BUNDLED / CT).with_suffix(".toml"), model.with_suffix(".toml"))
+    model.write_bytes(b"")
+    with pytest.raises(ModelError, match=r"on a CT volume of its own domain: --data FILE"):
+        calibrate.phantom(model, 1, 1)
+    copy = tmp_path / "ct-nodule-seg.pt2"  # the bundled model in another format
+    shutil.copy((BUNDLED / CT).with_suffix(".toml"), copy.with_suffix(".toml"))
+    assert calibrate.phantom(copy, 1, 1).text.startswith("1 CT phantom slabs")
 
 
 def test_calibrate_takes_only_engines_that_load_the_file(tmp_path: Path) -> None:

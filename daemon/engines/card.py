@@ -84,7 +84,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from daemon.compat import tomllib
-from daemon.engines.base import Layout
+from daemon.engines.base import VOLUME_LAYOUTS, Layout
 from daemon.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,11 @@ class InputCard(_Strict):
     # frames per input: 1 is one frame; S > 1 feeds the last S frames, oldest first, as
     # (1, S, C, H, W) ("NSCHW") or (1, S, H, W, C) ("NSHWC")
     sequence: Annotated[int, Field(ge=1, le=64)] = 1
+
+    @property
+    def volumetric(self) -> bool:
+        """A 3-D model's (CT patches; what the ct job takes)."""
+        return self.layout in VOLUME_LAYOUTS
 
 
 class OutputCard(_Strict):

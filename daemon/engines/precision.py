@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.engines.base import VOLUME_LAYOUTS, device_kind
+from daemon.engines.base import device_kind
 from daemon.engines.card import MeasuredPrecision, ModelCard, card_path
 from daemon.errors import ModelError
 
@@ -50,7 +50,7 @@ _MEASURE = {
 
 def unit(card: ModelCard) -> str:
     """What a row's ``fps`` counts: frames, a 3-D model's patches."""
-    return "patches" if card.input.layout in VOLUME_LAYOUTS else "frames"
+    return "patches" if card.input.volumetric else "frames"
 
 
 def _text(row: MeasuredPrecision, per: str) -> str:

@@ -51,7 +51,7 @@ import numpy as np
 
 from daemon.compat import tomllib
 from daemon.engines import registry
-from daemon.engines.base import VOLUME_LAYOUTS, device_kind
+from daemon.engines.base import device_kind
 from daemon.engines.card import (
     MeasuredPrecision,
     ModelCard,
@@ -64,7 +64,7 @@ from daemon.engines.network import Network
 from daemon.engines.precision import unit
 from daemon.engines.segmenter import Segmenter
 from daemon.errors import EngineError, ModelError
-from daemon.models import NEEDLE, VIEW, WSI
+from daemon.models import CT, NEEDLE, VIEW, WSI
 from daemon.offline import ct, tiling
 
 
@@ -200,40 +200,35 @@ def ct_frames(n: int, n_calibration: int) -> Frames:
     return Frames([v.hu for v in held], [v.labels for v in held], cal, text)
 
 
-def is_volume(model: Path) -> bool:
-    """Whether ``model`` is a 3-D model."""
-    return _volumetric(load_card(model))
-
-
-def _volumetric(card: ModelCard) -> bool:
-    return card.input.layout in VOLUME_LAYOUTS
-
-
 def default_frames(model: Path) -> int:
     """Validation frames by default: 300, a 3-D model's 24 patches (about a second each
     at f32 on two cores)."""
-    return 24 if is_volume(model) else FRAMES
+    return 24 if load_card(model).input.volumetric else FRAMES
+
+
+_SIMULATED = {
+    Path(VIEW).stem: view_frames,
+    Path(NEEDLE).stem: needle_frames,
+    Path(WSI).stem: patch_frames,
+    Path(CT).stem: ct_frames,
+}  # the bundled models by stem (a .pt2 made from one has its simulator too)
 
 
 def phantom(model: Path, n: int, n_calibration: int) -> Frames:
-    """Simulator frames for ``model``: the ultrasound phantom for a 2-D segmentation
-    model, CT phantom slabs for a 3-D one, the view, needle and tissue phantoms for the
-    bundled view, needle-tip and WSI patch models."""
+    """Simulator frames for ``model``: the bundled view, needle-tip, WSI patch and CT
+    models' own simulators; the ultrasound phantom for any other 2-D segmentation model.
+    Any other model needs data of its own domain (a 3-D one's classes are not the CT
+    phantom's nodules: measured against them, it would look perfect)."""
     card = load_card(model)
     name, role = Path(model).name, card.roles()[0].role
-    if role == "segmentation" and _volumetric(card):
-        return ct_frames(n, n_calibration)
-    if name == VIEW:
-        return view_frames(n, n_calibration)
-    if name == NEEDLE:
-        return needle_frames(n, n_calibration)
-    if name == WSI:
-        return patch_frames(n, n_calibration)
-    if role == "segmentation":
+    if (frames := _SIMULATED.get(Path(model).stem)) is not None:
+        return frames(n, n_calibration)
+    if role == "segmentation" and not card.input.volumetric:
         return phantom_frames(n, n_calibration)
+    what = "a CT volume" if card.input.volumetric else "a recording"
     raise ModelError(
         f"model {name}: no simulator here makes frames for its {role} output; "
-        "calibrate it on a recording of its own domain: --data FILE"
+        f"calibrate it on {what} of its own domain: --data FILE"
     )
 
 
@@ -266,7 +261,8 @@ def volume_frames(path: Path, n: int) -> Frames:
 
 def data_frames(model: Path, path: Path, n: int) -> Frames:
     """``--data PATH``: a CT volume's patches for a 3-D model, else a recording's frames."""
-    return volume_frames(path, n) if is_volume(model) else recording_frames(path, n)
+    volumetric = load_card(model).input.volumetric
+    return volume_frames(path, n) if volumetric else recording_frames(path, n)
 
 
 def _quantize_openvino(model: Path, inputs: list[np.ndarray], out: Path) -> Path | None:
@@ -401,7 +397,7 @@ def _open(v: Variant, card: ModelCard, model: Path, device: str) -> Runner | Non
 
 def _runner(opened: Segmenter | Network) -> Runner:
     """What runs the frames: a 3-D segmentation model through the ct job's steps."""
-    if isinstance(opened, Segmenter) and _volumetric(opened.card):
+    if isinstance(opened, Segmenter) and opened.card.input.volumetric:
         try:
             return Patches(opened)
         except BaseException:
